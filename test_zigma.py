@@ -1,0 +1,405 @@
+"""Tests for ZigMa. Run: pytest test_zigma.py (CPU, tiny models, a few minutes on 2 cores)."""
+
+import math
+
+import pytest
+import torch
+
+import zigma
+from zigma import (Scan, ZigMa, ZigMaBlock, ZigMaConfig, flow_loss, guided_velocity, layer_scans, sample,
+                   selective_scan, selective_scan_reference, sweep_paths, volume_path, zigzag_paths)
+
+
+def tiny_config(**fields) -> ZigMaConfig:
+    defaults = dict(input_size=8, in_channels=3, patch_size=2, dim=32, depth=3, d_state=4)
+    return ZigMaConfig(**{**defaults, **fields})
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Overwrite the zero-initialised (adaLN-Zero) weights, so that every block really computes something."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return model
+
+
+def grid_distance(a: int, b: int, w: int) -> int:
+    return abs(a // w - b // w) + abs(a % w - b % w)
+
+
+# ---------------------------------------------------------------------------- scan orders
+
+@pytest.mark.parametrize("h, w", [(1, 1), (1, 5), (4, 1), (2, 2), (3, 5), (4, 4), (6, 3)])
+def test_zigzag_paths_are_continuous_permutations(h, w):
+    paths = zigzag_paths(h, w)
+    assert paths.shape == (8, h * w)
+    for k, path in enumerate(paths.tolist()):
+        assert sorted(path) == list(range(h * w)), f"path {k} of {h}x{w} is not a permutation"
+        jumps = [grid_distance(a, b, w) for a, b in zip(path, path[1:])]
+        assert all(d == 1 for d in jumps), f"path {k} of {h}x{w} jumps: {jumps}"
+
+
+def test_zigzag_paths_start_at_four_corners_in_both_directions():
+    h, w = 4, 6
+    paths = zigzag_paths(h, w)
+    corners = {0, w - 1, (h - 1) * w, h * w - 1}
+    assert {p[0].item() for p in paths} == corners
+    assert len({tuple(p.tolist()) for p in paths}) == 8, "the eight paths must differ"
+    # Row-major paths take a horizontal first step, column-major ones a vertical one.
+    first_steps = [abs(p[1].item() - p[0].item()) for p in paths]
+    assert first_steps == [1, w] * 4
+
+
+def test_sweep_paths_are_raster_permutations():
+    h, w = 3, 5
+    paths = sweep_paths(h, w)
+    for path in paths.tolist():
+        assert sorted(path) == list(range(h * w))
+    assert paths[0].tolist() == list(range(h * w)), "the first sweep is the plain raster order"
+    jumps = [grid_distance(a, b, w) for a, b in zip(paths[0].tolist(), paths[0].tolist()[1:])]
+    assert max(jumps) > 1, "a raster scan jumps at the end of each row"
+
+
+def test_volume_zigzag_is_continuous_in_space_and_time():
+    frames, h, w = 4, 3, 5
+    for path2d in zigzag_paths(h, w):
+        path = volume_path(path2d, frames, snake=True).tolist()
+        assert sorted(path) == list(range(frames * h * w))
+        for a, b in zip(path, path[1:]):
+            (ta, ra), (tb, rb) = divmod(a, h * w), divmod(b, h * w)
+            assert abs(ta - tb) + grid_distance(ra, rb, w) == 1, f"3D path jumps from {a} to {b}"
+
+
+@pytest.mark.parametrize("axis, order_length", [("space", 12), ("time", 3), ("volume", 36)])
+def test_scan_round_trip_restores_token_order(axis, order_length):
+    grid = (3, 3, 4)
+    scan = Scan(grid, axis, torch.randperm(order_length))
+    x = torch.randn(2, 36, 5)
+    sequences = scan.to_sequences(x)
+    assert sequences.shape[1] == order_length
+    assert torch.equal(scan.from_sequences(sequences, batch=2), x)
+
+
+def test_scan_sequences_follow_the_path():
+    grid = (1, 3, 4)
+    path = zigzag_paths(3, 4)[1]
+    x = torch.arange(12.0).view(1, 12, 1)  # token i carries the value i
+    sequence = Scan(grid, "space", path).to_sequences(x)
+    assert sequence.flatten().long().tolist() == path.tolist()
+
+
+def test_temporal_scans_alternate_direction_and_spatial_layers_cycle_paths():
+    scans = layer_scans((4, 3, 3), depth=12, scan="zigzag", scan_paths=2, pattern="sst")
+    spatial = [s for s in scans if s.axis == "space"]
+    temporal = [s for s in scans if s.axis == "time"]
+    assert len(spatial) == 8 and len(temporal) == 4
+    paths = zigzag_paths(3, 3)
+    for j, s in enumerate(spatial):
+        assert torch.equal(s.order, paths[j % 2]), f"spatial layer {j} should read path {j % 2}"
+    assert [s.order.tolist() for s in temporal] == [[0, 1, 2, 3], [3, 2, 1, 0]] * 2
+
+
+def test_scan_orders_are_buffers_in_the_state_dict():
+    model = ZigMa(tiny_config(depth=8))
+    state = model.state_dict()
+    for i in range(8):
+        assert torch.equal(state[f"scans.{i}.order"], zigzag_paths(4, 4)[i]), f"layer {i} should read path {i}"
+        assert torch.equal(state[f"scans.{i}.inverse"], torch.argsort(zigzag_paths(4, 4)[i]))
+    model.to(torch.float64)
+    assert model.scans[0].order.dtype == torch.long, "orders must stay integer under .to(dtype)"
+
+
+# ---------------------------------------------------------------------------- selective scan
+
+def scan_inputs(batch=2, width=5, state=4, length=75, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = dict(u=(batch, width, length), delta=(batch, width, length), A=(width, state),
+                  B=(batch, state, length), C=(batch, state, length), D=(width,), z=(batch, width, length),
+                  delta_bias=(width,))
+    inputs = {name: torch.randn(shape, generator=g, dtype=dtype) for name, shape in shapes.items()}
+    inputs["A"] = -torch.rand((width, state), generator=g, dtype=dtype) * 2  # Mamba's A is negative
+    return {name: x.requires_grad_() for name, x in inputs.items()}
+
+
+def values_and_gradients(function, inputs, delta_softplus, use_optional):
+    names = list(inputs) if use_optional else ["u", "delta", "A", "B", "C"]
+    args = {name: inputs[name] for name in names}
+    y = function(**args, delta_softplus=delta_softplus)
+    weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
+    grads = torch.autograd.grad((y * weights).sum(), [args[n] for n in names])
+    return y, dict(zip(names, grads))
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("length", [1, 31, 75])  # shorter than, not a multiple of, and over a chunk
+@pytest.mark.parametrize("use_optional, delta_softplus", [(True, True), (False, False), (True, False)])
+def test_selective_scan_equals_sequential_reference(length, use_optional, delta_softplus):
+    inputs = scan_inputs(length=length)
+    y, grads = values_and_gradients(selective_scan, inputs, delta_softplus, use_optional)
+    y_ref, grads_ref = values_and_gradients(selective_scan_reference, inputs, delta_softplus, use_optional)
+    assert relative_error(y, y_ref) < 1e-12, "values differ from the reference"
+    for name in grads:
+        assert relative_error(grads[name], grads_ref[name]) < 1e-12, f"gradient of {name} differs"
+
+
+def test_selective_scan_float32_within_1e5_of_float64_reference():
+    inputs = scan_inputs(batch=2, width=16, state=8, length=200)
+    as32 = {name: x.detach().float().requires_grad_() for name, x in inputs.items()}
+    y, grads = values_and_gradients(selective_scan, as32, True, True)
+    y_ref, grads_ref = values_and_gradients(selective_scan_reference, inputs, True, True)
+    assert y.dtype == torch.float32
+    assert relative_error(y.double(), y_ref) < 1e-5
+    for name in grads:
+        assert relative_error(grads[name].double(), grads_ref[name]) < 1e-5, f"gradient of {name} differs"
+
+
+def test_selective_scan_stays_finite_with_large_decay():
+    batch, width, state, length = 1, 2, 4, 4096
+    u = torch.randn(batch, width, length, requires_grad=True)
+    delta = torch.full((batch, width, length), 10.0, requires_grad=True)
+    A = torch.full((width, state), -100.0, requires_grad=True)
+    B, C = torch.randn(batch, state, length), torch.randn(batch, state, length)
+    y = selective_scan(u, delta, A, B, C)
+    y.sum().backward()
+    assert torch.isfinite(y).all() and torch.isfinite(u.grad).all() and torch.isfinite(A.grad).all()
+    # exp(-1000) is 0: each state forgets the past, so y_t = C_t . (delta_t B_t u_t).
+    expected = 10 * u.detach() * (B * C).sum(1, keepdim=True)
+    assert torch.allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_selective_scan_accepts_half_precision(dtype):
+    inputs = scan_inputs(length=40, dtype=torch.float32)
+    low = {name: x.detach().to(dtype) for name, x in inputs.items()}
+    y = selective_scan(**low, delta_softplus=True)
+    assert y.dtype == dtype
+    y_ref = selective_scan_reference(**{name: x.float() for name, x in low.items()}, delta_softplus=True)
+    assert relative_error(y.float(), y_ref) < 1e-2
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and zigma.fused_selective_scan is not None),
+                    reason="needs CUDA and mamba-ssm")
+def test_fused_scan_equals_pure_torch_scan():
+    inputs = {name: x.detach().float().cuda().requires_grad_() for name, x in scan_inputs(width=64, state=16, length=300).items()}
+    y, grads = values_and_gradients(zigma.fused_selective_scan, inputs, True, True)
+    y_ref, grads_ref = values_and_gradients(selective_scan, inputs, True, True)
+    assert relative_error(y, y_ref) < 1e-4
+    for name in grads:
+        assert relative_error(grads[name], grads_ref[name]) < 1e-3, f"gradient of {name} differs"
+
+
+# ---------------------------------------------------------------------------- the network
+
+@pytest.mark.parametrize("fields, x_shape, condition", [
+    (dict(), (2, 3, 8, 8), {}),
+    (dict(in_channels=1, patch_size=4, pos_embed="sincos"), (2, 1, 8, 8), {}),
+    (dict(num_classes=5, pos_embed="none"), (2, 3, 8, 8), dict(y=torch.tensor([0, 4]))),
+    (dict(context_dim=12), (2, 3, 8, 8), dict(context=torch.randn(2, 7, 12))),
+    (dict(frames=3, num_classes=2, context_dim=12), (2, 3, 3, 8, 8), dict(y=torch.tensor([1, 0]), context=torch.randn(2, 4, 12))),
+    (dict(frames=2, video_scan="v", scan="sweep", pos_embed="sincos"), (2, 2, 3, 8, 8), {}),
+])
+def test_model_output_has_the_input_shape(fields, x_shape, condition):
+    model = randomize(ZigMa(tiny_config(**fields)))
+    out = model(torch.randn(x_shape), torch.rand(x_shape[0]), **condition)
+    assert out.shape == x_shape and torch.isfinite(out).all()
+
+
+def test_model_starts_at_zero_velocity():
+    model = ZigMa(tiny_config(num_classes=3))
+    out = model(torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([0, 1]))
+    assert torch.equal(out, torch.zeros_like(out)), "adaLN-Zero and the zero output layer make the first output 0"
+
+
+def test_labels_and_context_change_the_output():
+    model = randomize(ZigMa(tiny_config(num_classes=3, context_dim=8)))
+    x, t, context = torch.randn(1, 3, 8, 8), torch.rand(1), torch.randn(1, 2, 8)
+    out = model(x, t, torch.tensor([0]), context)
+    assert not torch.allclose(out, model(x, t, torch.tensor([1]), context)), "the label is ignored"
+    assert not torch.allclose(out, model(x, t, torch.tensor([0]), context + 1)), "the context is ignored"
+
+
+def video_model_and_input():
+    model = randomize(ZigMa(tiny_config(frames=4, video_scan="st", depth=2)))
+    return model, torch.randn(1, 4 * 16, model.config.dim), torch.randn(1, model.config.dim)
+
+
+def test_spatial_layer_does_not_mix_frames():
+    model, tokens, c = video_model_and_input()
+    block, scan = model.blocks[0], model.scans[0]
+    assert scan.axis == "space"
+    changed = tokens.clone()
+    changed[:, 2 * 16:3 * 16] += torch.randn(1, 16, tokens.shape[-1])  # frame 2 only
+    difference = (block(changed, c, scan) - block(tokens, c, scan)).abs().amax(-1).view(4, 16)  # (T, H*W)
+    assert (difference[[0, 1, 3]] == 0).all(), "a spatial layer let frame 2 reach another frame"
+    assert (difference[2] > 0).all(), "every token of frame 2 should change"
+
+
+def test_temporal_layer_mixes_only_the_same_position():
+    model, tokens, c = video_model_and_input()
+    block, scan = model.blocks[1], model.scans[1]
+    assert scan.axis == "time"
+    changed = tokens.clone()
+    changed[:, 1 * 16 + 5] += torch.randn(tokens.shape[-1])  # position 5 of frame 1
+    difference = (block(changed, c, scan) - block(tokens, c, scan)).abs().amax(-1).view(4, 16)  # (T, H*W)
+    others = [p for p in range(16) if p != 5]
+    assert (difference[:, others] == 0).all(), "a temporal layer mixed different positions"
+    # The first temporal layer reads time forwards: frame 1 reaches frames 1, 2, 3 and not frame 0.
+    assert difference[0, 5] == 0 and (difference[1:, 5] > 0).all()
+
+
+def test_block_works_on_its_own():
+    dim, h, w = 16, 3, 5
+    block = randomize(ZigMaBlock(dim, d_state=4))
+    scan = Scan((1, h, w), "space", zigzag_paths(h, w)[3])
+    tokens = torch.randn(2, h * w, dim, requires_grad=True)
+    out = block(tokens, torch.randn(2, dim), scan)
+    out.sum().backward()
+    assert out.shape == tokens.shape and torch.isfinite(tokens.grad).all()
+    # The scan is causal along its path: the token read first depends on no other token.
+    first = scan.order[0].item()
+    grad_first = torch.autograd.grad(block(tokens, torch.ones(2, dim), scan)[0, first].sum(), tokens)[0]
+    assert (grad_first[0, [i for i in range(h * w) if i != first]] == 0).all()
+
+
+def expected_parameters(dim, depth, patch, channels, tokens, d_state=16, expand=2, frequency_dim=256):
+    """Parameter count of a ZigMa from its definition, counted by hand."""
+    inner, rank = expand * dim, math.ceil(dim / 16)
+    mixer = (dim * 2 * inner  # in_proj
+             + inner * 4 + inner  # depthwise conv, kernel 4
+             + inner * (rank + 2 * d_state)  # x_proj
+             + rank * inner + inner  # dt_proj
+             + inner * d_state + inner  # A_log, D
+             + inner * dim)  # out_proj
+    block = mixer + dim * 3 * dim + 3 * dim  # adaLN: shift, scale, gate
+    embeddings = (channels * patch * patch * dim + dim  # patch embedding
+                  + frequency_dim * dim + dim + dim * dim + dim  # timestep MLP
+                  + tokens * dim)  # learned positions
+    final = dim * 2 * dim + 2 * dim + dim * patch * patch * channels + patch * patch * channels
+    return embeddings + depth * block + final
+
+
+@pytest.mark.parametrize("name", sorted(zigma.PRESETS))
+def test_preset_parameter_counts(name):
+    with torch.device("meta"):
+        model = ZigMa(zigma.preset_config(name, input_size=32, in_channels=4))
+    preset = zigma.PRESETS[name]
+    tokens = (32 // preset["patch_size"]) ** 2
+    expected = expected_parameters(preset["dim"], preset["depth"], preset["patch_size"], 4, tokens)
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_presets_are_sized_like_dit():
+    # DiT-S/2, B/2, L/2, XL/2 have 33M, 130M, 458M and 675M parameters; ZigMa's presets land within 15%.
+    for size, dit in [("S", 33e6), ("B", 130e6), ("L", 458e6), ("XL", 675e6)]:
+        with torch.device("meta"):
+            model = ZigMa(zigma.preset_config(f"ZigMa-{size}/2", input_size=32, in_channels=4))
+        count = sum(p.numel() for p in model.parameters())
+        assert abs(count / dit - 1) < 0.15, f"ZigMa-{size}/2 has {count / 1e6:.0f}M parameters"
+
+
+# ---------------------------------------------------------------------------- flow matching
+
+class TrueVelocity(torch.nn.Module):
+    """The exact velocity field when the data is one image: v = (data - x_t) / (1 - t)."""
+
+    def __init__(self, data):
+        super().__init__()
+        self.data = data
+
+    def forward(self, x, t, y=None, context=None):
+        return (self.data - x) / (1 - t.view(-1, 1, 1, 1))
+
+
+def test_flow_loss_follows_the_time_convention():
+    data = torch.randn(1, 3, 8, 8).expand(64, -1, -1, -1)
+    torch.manual_seed(0)
+    assert flow_loss(TrueVelocity(data[:1]), data) < 1e-8, "x_t = (1 - t) noise + t data, v = data - noise"
+    reversed_time = lambda x, t, *_: TrueVelocity(data[:1])(x, 1 - t)  # noqa: E731
+    assert flow_loss(reversed_time, data) > 0.1
+
+
+def test_sampler_integrates_from_noise_at_0_to_data_at_1():
+    data = torch.randn(1, 3, 8, 8)
+    out = sample(TrueVelocity(data), torch.randn(4, 3, 8, 8), steps=10)
+    assert torch.allclose(out, data.expand(4, -1, -1, -1), atol=1e-5), "the exact field must land on the data"
+
+
+def test_heun_is_more_accurate_than_euler():
+    decay = lambda x, t: -x  # noqa: E731  dx/dt = -x, solved by x(1) = x(0) / e
+    noise = torch.randn(2, 3, 4, 4)
+    exact = noise / math.e
+    euler_error = (sample(decay, noise, steps=8) - exact).abs().max()
+    heun_error = (sample(decay, noise, steps=8, method="heun") - exact).abs().max()
+    assert heun_error < euler_error / 5, f"Heun {heun_error:.2e} vs Euler {euler_error:.2e}"
+
+
+def test_sampler_returns_finite_samples_of_the_right_shape():
+    model = randomize(ZigMa(tiny_config(num_classes=2)))
+    noise = torch.randn(3, 3, 8, 8)
+    out = sample(model, noise, steps=4, y=torch.tensor([0, 1, 1]), cfg_scale=4.0, method="heun")
+    assert out.shape == noise.shape and torch.isfinite(out).all()
+
+
+def test_guidance_at_scale_one_equals_conditional_sampling():
+    model = randomize(ZigMa(tiny_config(num_classes=3, context_dim=8)))
+    noise, y, context = torch.randn(2, 3, 8, 8), torch.tensor([2, 0]), torch.randn(2, 5, 8)
+    guided = sample(model, noise, steps=3, y=y, context=context, cfg_scale=1.0)
+    conditional = sample(lambda x, t: model(x, t, y, context), noise, steps=3)
+    assert torch.allclose(guided, conditional, rtol=1e-5, atol=1e-4)
+
+
+def test_guidance_extrapolates_from_the_null_condition():
+    model = randomize(ZigMa(tiny_config(num_classes=3)))
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    v_cond, v_null = model(x, t, y), model(x, t, torch.tensor([3, 3]))  # 3 = the null label
+    assert torch.allclose(guided_velocity(model, x, t, y, cfg_scale=4.0), v_null + 4 * (v_cond - v_null), atol=1e-5)
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model and records the labels it is called with."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.labels = model, []
+
+    def null_conditions(self, *args):
+        return self.model.null_conditions(*args)
+
+    def forward(self, x, t, y=None, context=None):
+        self.labels.append(y)
+        return self.model(x, t, y, context)
+
+
+def test_labels_are_dropped_in_training_and_not_in_sampling():
+    recorder = Recorder(ZigMa(tiny_config(num_classes=3)))
+    y = torch.randint(0, 3, (2000,))
+    torch.manual_seed(0)
+    flow_loss(recorder, torch.randn(2000, 3, 2, 2).repeat(1, 1, 4, 4), y, drop_prob=0.25)
+    dropped = (recorder.labels[-1] == 3).float().mean().item()
+    assert abs(dropped - 0.25) < 0.04, f"{dropped:.2f} of the labels were dropped, expected 0.25"
+    sample(recorder, torch.randn(4, 3, 8, 8), steps=2, y=y[:4], cfg_scale=2.0)
+    for labels in recorder.labels[1:]:
+        assert torch.equal(labels[:4], y[:4]), "sampling must keep the labels of the conditional half"
+        assert (labels[4:] == 3).all(), "the unconditional half gets the null label"
+
+
+def test_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = ZigMa(tiny_config(dim=64, depth=2, d_state=8))
+    x = torch.randn(4, 3, 8, 8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # Fixed noise and times, so that the loss can go to zero on this batch.
+    noise, t = torch.randn_like(x), torch.rand(4)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * noise + t.view(-1, 1, 1, 1) * x
+    losses = []
+    for _ in range(200):
+        loss = torch.nn.functional.mse_loss(model(x_t, t), x - noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.05 * losses[0], f"loss went from {losses[0]:.3f} to {losses[-1]:.3f}"
