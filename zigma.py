@@ -199,10 +199,12 @@ CHUNK = 32  # tokens per chunk of the fast scan; it keeps L / CHUNK states for t
 
 
 def _chunk_states(u, delta, A, B, h):
-    """Run the recurrence over one chunk from state h. Returns the decays and the states, (c, B, E, N) each."""
-    delta_t = delta.permute(2, 0, 1)  # (c, B, E)
-    decay = torch.exp(delta_t[..., None] * A)  # (c, B, E, N): exp(delta_t A)
-    states = (delta_t * u.permute(2, 0, 1))[..., None] * B.permute(2, 0, 1)[:, :, None, :]  # (c, B, E, N)
+    """Run the recurrence over one chunk from state h (B, E, N); inputs are time-major: u, delta (c, B, E), B (c, B, N).
+
+    Returns the decays exp(delta_t A) and the states h_t, (c, B, E, N) each, contiguous so every step's slice is too.
+    """
+    decay = torch.exp(delta[..., None] * A)  # (c, B, E, N)
+    states = (delta * u)[..., None] * B[:, :, None, :]  # (c, B, E, N): delta_t B_t u_t
     states[0].addcmul_(decay[0], h)  # h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t, in place
     for t in range(1, states.shape[0]):
         states[t].addcmul_(decay[t], states[t - 1])
@@ -215,38 +217,41 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
     The forward pass loops over tokens, storing only the state that enters each chunk. The backward pass
     recomputes a chunk's states from there and runs the recurrence in reverse:
         dh_t = C_t dy_t + exp(delta_{t+1} A) dh_{t+1}
-    so (B, E, N, L) never exists; the largest tensors are (CHUNK, B, E, N).
+    so (L, B, E, N) never exists; the largest tensors are (CHUNK, B, E, N). Inside, tensors are time-major
+    (L first), so that a chunk and a step are contiguous slices.
     """
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
-        h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (B, E, N)
-        y = torch.empty_like(u)  # (B, E, L)
+        u, delta, B, C = (x.permute(2, 0, 1).contiguous() for x in (u, delta, B, C))  # (L, B, E) or (L, B, N)
+        h = u.new_zeros(u.shape[1], u.shape[2], A.shape[1])  # (B, E, N)
+        y = torch.empty_like(u)  # (L, B, E)
         entering = []  # the state entering each chunk
-        for start in range(0, u.shape[2], CHUNK):
+        for start in range(0, u.shape[0], CHUNK):
             chunk = slice(start, start + CHUNK)
             entering.append(h)
-            _, states = _chunk_states(u[..., chunk], delta[..., chunk], A, B[..., chunk], h)
-            y[..., chunk] = torch.einsum("cben,bnc->bec", states, C[..., chunk])  # (B, E, c)
+            _, states = _chunk_states(u[chunk], delta[chunk], A, B[chunk], h)  # (c, B, E, N)
+            y[chunk] = torch.matmul(states, C[chunk, :, :, None]).squeeze(-1)  # (c, B, E): C_t . h_t
             h = states[-1]
         ctx.save_for_backward(u, delta, A, B, C, torch.stack(entering))
-        return y
+        return y.permute(1, 2, 0)  # (B, E, L)
 
     @staticmethod
     def backward(ctx, grad_y):  # (B, E, L)
-        u, delta, A, B, C, entering = ctx.saved_tensors
+        u, delta, A, B, C, entering = ctx.saved_tensors  # time-major, as in forward
+        grad_y = grad_y.permute(2, 0, 1).contiguous()  # (L, B, E)
         grad_u, grad_delta = torch.empty_like(u), torch.empty_like(delta)
         grad_B, grad_C = torch.empty_like(B), torch.empty_like(C)
         grad_A = torch.zeros_like(A)
         carry = torch.zeros_like(entering[0])  # (B, E, N): gradient reaching the chunk's last state from later ones
-        starts = list(range(0, u.shape[2], CHUNK))
+        starts = list(range(0, u.shape[0], CHUNK))
         for i in reversed(range(len(starts))):
             chunk = slice(starts[i], starts[i] + CHUNK)
-            u_c, delta_c, B_c, C_c, grad_y_c = u[..., chunk], delta[..., chunk], B[..., chunk], C[..., chunk], grad_y[..., chunk]
+            u_c, delta_c, B_c, C_c, grad_y_c = u[chunk], delta[chunk], B[chunk], C[chunk], grad_y[chunk]
             decay, states = _chunk_states(u_c, delta_c, A, B_c, entering[i])  # (c, B, E, N) each
-            grad_C[..., chunk] = torch.einsum("cben,bec->bnc", states, grad_y_c)
+            grad_C[chunk] = torch.matmul(states.transpose(-1, -2), grad_y_c[..., None]).squeeze(-1)  # (c, B, N)
             # dh_t: directly from y_t = C_t . h_t, and through h_{t+1} = exp(delta_{t+1} A) h_t + ...
-            grad_h = torch.einsum("bec,bnc->cben", grad_y_c, C_c)  # (c, B, E, N)
+            grad_h = grad_y_c[..., None] * C_c[:, :, None, :]  # (c, B, E, N)
             grad_h[-1] += carry
             for t in range(grad_h.shape[0] - 1, 0, -1):
                 grad_h[t - 1].addcmul_(decay[t], grad_h[t])
@@ -255,13 +260,13 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
             grad_log_decay = grad_h * decay  # (c, B, E, N)
             grad_log_decay[1:] *= states[:-1]
             grad_log_decay[0] *= entering[i]
-            grad_A += torch.einsum("cben,bec->en", grad_log_decay, delta_c)
+            grad_A += (grad_log_decay * delta_c[..., None]).sum((0, 1))  # (E, N)
             # d loss / d (delta_t u_t), through the input term delta_t B_t u_t
-            grad_delta_u = torch.einsum("cben,bnc->bec", grad_h, B_c)  # (B, E, c)
-            grad_B[..., chunk] = torch.einsum("cben,bec->bnc", grad_h, delta_c * u_c)
-            grad_u[..., chunk] = grad_delta_u * delta_c
-            grad_delta[..., chunk] = grad_delta_u * u_c + torch.einsum("cben,en->bec", grad_log_decay, A)
-        return grad_u, grad_delta, grad_A, grad_B, grad_C
+            grad_delta_u = torch.matmul(grad_h, B_c[..., None]).squeeze(-1)  # (c, B, E)
+            grad_B[chunk] = torch.matmul(grad_h.transpose(-1, -2), (delta_c * u_c)[..., None]).squeeze(-1)  # (c, B, N)
+            grad_u[chunk] = grad_delta_u * delta_c
+            grad_delta[chunk] = grad_delta_u * u_c + (grad_log_decay * A).sum(-1)
+        return tuple(g.permute(1, 2, 0) for g in (grad_u, grad_delta)) + (grad_A,) + tuple(g.permute(1, 2, 0) for g in (grad_B, grad_C))
 
 
 @torch.compiler.disable  # a Python loop over tokens: torch.compile would unroll it
