@@ -403,3 +403,143 @@ def test_model_overfits_one_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.05 * losses[0], f"loss went from {losses[0]:.3f} to {losses[-1]:.3f}"
+
+
+# ---------------------------------------------------------------------------- train.py and sample.py
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+import sample as sample_script  # noqa: E402
+import train  # noqa: E402
+from train import UserError  # noqa: E402
+
+TINY_RUN = ["--model", "ZigMa-Tiny/2", "--image-size", "8", "--batch-size", "4", "--workers", "0",
+            "--sample-steps", "2", "--sample-every", "2", "--ckpt-every", "2", "--log-every", "1"]
+
+
+def make_image_folder(folder: Path) -> Path:
+    """A few small images in the formats and modes train.py must read, in nested folders, plus non-images."""
+    rng = torch.Generator().manual_seed(0)
+    pixels = lambda: (torch.rand(12, 10, 3, generator=rng) * 255).byte().numpy()  # noqa: E731
+    (folder / "a" / "b").mkdir(parents=True)
+    Image.fromarray(pixels()).save(folder / "rgb.png")
+    Image.fromarray(pixels()).convert("L").save(folder / "a" / "gray.jpg")
+    Image.fromarray(pixels()).convert("RGBA").save(folder / "a" / "alpha.webp")
+    Image.fromarray(pixels()).convert("CMYK").save(folder / "a" / "b" / "cmyk.JPEG")
+    Image.fromarray(pixels()).convert("P").save(folder / "a" / "b" / "palette.bmp")
+    frames = [Image.fromarray(pixels()).convert("P") for _ in range(3)]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=Path(__file__).parent)
+
+
+def test_image_folder_reads_every_format_as_rgb(tmp_path):
+    dataset = train.ImageFolder(make_image_folder(tmp_path / "data"), image_size=8)
+    assert len(dataset) == 6
+    for i in range(len(dataset)):
+        image = dataset[i]
+        assert image.shape == (3, 8, 8) and image.min() >= -1 and image.max() <= 1
+
+
+def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    (data / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.warns(UserWarning, match="broken.png"):
+        dataset = train.ImageFolder(data, image_size=8)
+    assert len(dataset) == 6
+
+
+def test_smiley_faces_are_deterministic_images():
+    faces = train.SmileyFaces(image_size=16)
+    assert faces[3].shape == (3, 16, 16) and torch.equal(faces[3], faces[3])
+    assert not torch.equal(faces[3], faces[4]) and faces[3].min() >= -1 and faces[3].max() <= 1
+
+
+def test_train_resume_and_sample_end_to_end(tmp_path):
+    data, out = make_image_folder(tmp_path / "data"), tmp_path / "out"
+    train.main(["--data", str(data), "--out", str(out), "--steps", "2", *TINY_RUN])
+    first = train.load_checkpoint(out / "ckpt.pt")
+    assert first["step"] == 2 and first["args"]["data"] == str(data)
+    train.main(["--data", str(data), "--out", str(out), "--steps", "4", *TINY_RUN])  # resumes
+    second = train.load_checkpoint(out / "ckpt.pt")
+    assert second["step"] == 4
+    assert not torch.equal(first["ema"]["final_layer.linear.weight"], second["ema"]["final_layer.linear.weight"])
+    assert second["optimizer"]["state"][0]["step"] == 4, "the optimizer state must carry over"
+    assert (out / "samples_0000002.png").exists() and (out / "samples_0000004.png").exists()
+    assert len((out / "log.jsonl").read_text().splitlines()) >= 1
+    sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "3", "--steps", "2", "--batch-size", "2",
+                        "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "each")])
+    assert Image.open(tmp_path / "grid.png").size[0] > 8
+    assert sorted(p.name for p in (tmp_path / "each").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert Image.open(tmp_path / "each" / "000002.png").size == (8, 8)
+
+
+def test_sampling_is_reproducible_with_a_seed(tmp_path):
+    out = tmp_path / "out"
+    train.main(["--out", str(out), "--steps", "1", *TINY_RUN])
+    grids = []
+    for name in ("a.png", "b.png"):
+        sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--steps", "2", "--seed", "7", "--out", str(tmp_path / name)])
+        grids.append((tmp_path / name).read_bytes())
+    assert grids[0] == grids[1]
+
+
+@pytest.mark.parametrize("files, message", [
+    (None, "not a folder"),
+    ({}, "holds no images"),
+    ({"x.jpg": "not a jpeg", "y.txt": "text"}, "could be read"),
+])
+@pytest.mark.filterwarnings("ignore:skipping")
+def test_bad_data_folder_is_a_clear_error(tmp_path, files, message):
+    data = tmp_path / "data"
+    if files is not None:
+        data.mkdir()
+        for name, text in files.items():
+            (data / name).write_text(text)
+    with pytest.raises(UserError, match=message):
+        train.main(["--data", str(data), "--out", str(tmp_path / "out"), *TINY_RUN])
+
+
+def test_image_size_must_be_a_multiple_of_the_patch(tmp_path):
+    with pytest.raises(UserError, match="not a multiple"):
+        train.main(["--out", str(tmp_path), "--model", "ZigMa-Tiny/4", "--image-size", "10"])
+
+
+def test_resuming_with_another_model_is_refused(tmp_path):
+    train.main(["--out", str(tmp_path), "--steps", "1", *TINY_RUN])
+    with pytest.raises(UserError, match="different model"):
+        train.main(["--out", str(tmp_path), "--steps", "2", *TINY_RUN, "--model", "ZigMa-Tiny/4"])
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint"):
+        sample_script.main(["--ckpt", str(tmp_path / "missing.pt")])
+    (tmp_path / "corrupt.pt").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        sample_script.main(["--ckpt", str(tmp_path / "corrupt.pt")])
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="not a ZigMa checkpoint"):
+        sample_script.main(["--ckpt", str(tmp_path / "other.pt")])
+    train.main(["--out", str(tmp_path / "run"), "--steps", "1", *TINY_RUN])
+    checkpoint = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    checkpoint["config"]["dim"] = 64  # weights of one width, config of another
+    torch.save(checkpoint, tmp_path / "mismatch.pt")
+    with pytest.raises(UserError, match="does not match"):
+        sample_script.main(["--ckpt", str(tmp_path / "mismatch.pt")])
+
+
+def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):
+    (tmp_path / "corrupt.pt").write_bytes(b"garbage")
+    for result in (run_script("train.py", "--data", str(tmp_path / "missing")),
+                   run_script("sample.py", "--ckpt", str(tmp_path / "corrupt.pt"))):
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
