@@ -3,8 +3,11 @@
     python sample.py                                                   # out/ckpt.pt -> samples.png
     python sample.py --ckpt out/ckpt.pt --n 64 --steps 50 --out samples.png
     python sample.py --ckpt out/ckpt.pt --n 10000 --batch-size 250 --out-dir fid_samples   # one PNG each, for FID
+    python sample.py --ckpt out/ckpt.pt --class smiling --cfg 3        # class-conditional; --class takes a name or index
+    python sample.py --ckpt out/ckpt.pt --prompt "a pink frowning face" --prompt "a yellow smiling face" --cfg 3
 
-Sampling integrates the learned ODE from noise (t = 0) to data (t = 1) with the EMA weights.
+Sampling integrates the learned ODE from noise (t = 0) to data (t = 1) with the EMA weights. A video
+checkpoint writes an animated grid GIF (--out samples.gif) and, with --out-dir, one GIF per clip.
 """
 
 import argparse
@@ -14,7 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from train import UserError, load_checkpoint, model_from_checkpoint, pick_device, save_grid
+from train import (UserError, load_checkpoint, load_pretrained_text_encoder, networks_from_checkpoint, pick_device,
+                   save_samples)
 from zigma import sample
 
 GRID_LIMIT = 256  # samples in the grid image; --out-dir takes any number
@@ -26,13 +30,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
     parser.add_argument("--steps", type=int, default=50, help="ODE steps (default: 50)")
     parser.add_argument("--method", default="euler", choices=["euler", "heun"], help="ODE solver; Heun costs two model calls a step (default: euler)")
-    parser.add_argument("--out", type=Path, default=Path("samples.png"), help="a grid of the first 256 samples (default: samples.png)")
-    parser.add_argument("--out-dir", type=Path, help="also write every sample as its own PNG here")
+    parser.add_argument("--out", type=Path, help="a grid of the first 256 samples (default: samples.png, or samples.gif for video)")
+    parser.add_argument("--out-dir", type=Path, help="also write every sample as its own PNG (GIF for video) here")
     parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples (default: 0)")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per model call (default: 64)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    parser.add_argument("--class", dest="class_", help="class name or index for every sample (default: all classes in turn)")
+    parser.add_argument("--prompt", action="append", help="a caption to sample (repeatable; samples cycle through them)")
+    parser.add_argument("--prompts", type=Path, help="a file of captions, one per line")
+    parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale; 1 = none (default: 1)")
     return parser.parse_args(argv)
+
+
+def labels_for(args, class_names: list[str] | None) -> torch.Tensor | None:
+    """One label per sample: --class, or every class in turn; None for an unconditional model."""
+    if class_names is None:
+        if args.class_ is not None:
+            raise UserError(f"{args.ckpt} was trained without classes; leave out --class")
+        return None
+    if args.class_ is None:
+        return torch.arange(args.n) % len(class_names)
+    if args.class_ in class_names:
+        return torch.full((args.n,), class_names.index(args.class_))
+    if args.class_.isdigit() and int(args.class_) < len(class_names):
+        return torch.full((args.n,), int(args.class_))
+    raise UserError(f"unknown class {args.class_!r}; the classes are {', '.join(class_names)} (or 0 to {len(class_names) - 1})")
+
+
+def prompts_for(args, conditioning: dict) -> list[str] | None:
+    """One caption per sample, cycling through --prompt and --prompts; None when there are none."""
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        if not args.prompts.is_file():
+            raise UserError(f"--prompts {args.prompts} is not a file")
+        prompts += [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+    if not prompts:
+        return None
+    if not (conditioning["vocabulary"] or conditioning["text_encoder"]):
+        raise UserError(f"{args.ckpt} was trained without captions; leave out --prompt")
+    return [prompts[i % len(prompts)] for i in range(args.n)]
 
 
 def main(argv=None):
@@ -41,27 +78,38 @@ def main(argv=None):
         raise UserError("--n, --steps and --batch-size must be positive")
     device = pick_device(args.device)
     checkpoint = load_checkpoint(args.ckpt)
-    model = model_from_checkpoint(checkpoint, args.ckpt, "model" if args.no_ema else "ema").to(device).eval()
+    conditioning = checkpoint["conditioning"]
+    labels, prompts = labels_for(args, conditioning["class_names"]), prompts_for(args, conditioning)
+    networks = networks_from_checkpoint(checkpoint, args.ckpt, "model" if args.no_ema else "ema").to(device).eval()
+    model = networks["zigma"]
+    encode = networks["text"] if "text" in networks else load_pretrained_text_encoder(conditioning["text_encoder"])
+    if encode is not None:
+        encode.to(device)
     config = model.config
-    shape = (config.in_channels, config.input_size, config.input_size)
-    print(f"{args.ckpt}: step {checkpoint['step']}, {args.n} samples, {args.steps} {args.method} steps, on {device}")
+    video = config.frames > 0
+    shape = ((config.frames,) if video else ()) + (config.in_channels, config.input_size, config.input_size)
+    out = args.out or Path("samples.gif" if video else "samples.png")
+    print(f"{args.ckpt}: step {checkpoint['step']}, {args.n} samples, {args.steps} {args.method} steps, cfg {args.cfg}, on {device}")
 
     generator = torch.Generator(device).manual_seed(args.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if args.out_dir:
         args.out_dir.mkdir(parents=True, exist_ok=True)
-    samples = []
+    grid = []
     for start in tqdm(range(0, args.n, args.batch_size)):
-        count = min(args.batch_size, args.n - start)
-        noise = torch.randn(count, *shape, generator=generator, device=device)
-        with autocast:
-            images = sample(model, noise, steps=args.steps, method=args.method).float().cpu()
+        batch = slice(start, min(start + args.batch_size, args.n))
+        noise = torch.randn(batch.stop - start, *shape, generator=generator, device=device)
+        y = labels[batch].to(device) if labels is not None else None
+        with torch.no_grad(), autocast:
+            context = encode(prompts[batch]) if prompts else None
+            samples = sample(model, noise, steps=args.steps, y=y, context=context, cfg_scale=args.cfg, method=args.method)
+        samples = samples.float().cpu()
         if args.out_dir:
-            for i, image in enumerate(images):
-                save_grid(image[None], args.out_dir / f"{start + i:06d}.png")
-        samples.append(images)
-    save_grid(torch.cat(samples)[:GRID_LIMIT], args.out)
-    print(f"wrote {args.out}" + (f" and {args.n} PNGs in {args.out_dir}" if args.out_dir else ""))
+            for i, one in enumerate(samples):
+                save_samples(one[None], args.out_dir / f"{start + i:06d}.{'gif' if video else 'png'}")
+        grid.append(samples[:max(0, GRID_LIMIT - start)])
+    save_samples(torch.cat(grid), out)
+    print(f"wrote {out}" + (f" and {args.n} files in {args.out_dir}" if args.out_dir else ""))
 
 
 if __name__ == "__main__":

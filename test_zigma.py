@@ -445,7 +445,7 @@ def test_image_folder_reads_every_format_as_rgb(tmp_path):
     dataset = train.ImageFolder(make_image_folder(tmp_path / "data"), image_size=8)
     assert len(dataset) == 6
     for i in range(len(dataset)):
-        image = dataset[i]
+        image = dataset[i]["x"]
         assert image.shape == (3, 8, 8) and image.min() >= -1 and image.max() <= 1
 
 
@@ -459,8 +459,9 @@ def test_unreadable_images_are_skipped_with_a_warning(tmp_path):
 
 def test_smiley_faces_are_deterministic_images():
     faces = train.SmileyFaces(image_size=16)
-    assert faces[3].shape == (3, 16, 16) and torch.equal(faces[3], faces[3])
-    assert not torch.equal(faces[3], faces[4]) and faces[3].min() >= -1 and faces[3].max() <= 1
+    face = faces[3]["x"]
+    assert face.shape == (3, 16, 16) and torch.equal(face, faces[3]["x"])
+    assert not torch.equal(face, faces[5]["x"]) and face.min() >= -1 and face.max() <= 1
 
 
 def test_train_resume_and_sample_end_to_end(tmp_path):
@@ -471,7 +472,7 @@ def test_train_resume_and_sample_end_to_end(tmp_path):
     train.main(["--data", str(data), "--out", str(out), "--steps", "4", *TINY_RUN])  # resumes
     second = train.load_checkpoint(out / "ckpt.pt")
     assert second["step"] == 4
-    assert not torch.equal(first["ema"]["final_layer.linear.weight"], second["ema"]["final_layer.linear.weight"])
+    assert not torch.equal(first["ema"]["zigma.final_layer.linear.weight"], second["ema"]["zigma.final_layer.linear.weight"])
     assert second["optimizer"]["state"][0]["step"] == 4, "the optimizer state must carry over"
     assert (out / "samples_0000002.png").exists() and (out / "samples_0000004.png").exists()
     assert len((out / "log.jsonl").read_text().splitlines()) >= 1
@@ -543,3 +544,176 @@ def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):
         assert result.returncode != 0
         assert "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# ---------------------------------------------------------------------------- video
+
+def make_clip_folder(folder: Path, frames: int = 5) -> Path:
+    """Two clips of a bright column moving right: one GIF, one folder of PNG frames; plus a 2-frame GIF."""
+    def frame(t):
+        pixels = torch.zeros(8, 8, 3, dtype=torch.uint8)
+        pixels[:, t % 8] = 255
+        return Image.fromarray(pixels.numpy())
+    folder.mkdir(parents=True)
+    images = [frame(t) for t in range(frames)]
+    images[0].save(folder / "moving.gif", save_all=True, append_images=images[1:], duration=100)
+    (folder / "frames").mkdir()
+    for t, image in enumerate(images):
+        image.save(folder / "frames" / f"{t:03d}.png")
+    images[0].save(folder / "short.gif", save_all=True, append_images=images[1:2], duration=100)
+    return folder
+
+
+def column_positions(clip: torch.Tensor) -> list[int]:
+    """Where the bright column is in each frame of a (T, 3, H, W) clip."""
+    return clip[:, 0].mean(1).argmax(-1).tolist()
+
+
+def test_clips_load_from_gifs_and_frame_folders(tmp_path):
+    data = make_clip_folder(tmp_path / "clips")
+    with pytest.warns(UserWarning, match="short.gif: 2 frames"):
+        dataset = train.ClipFolder(data, image_size=8, frames=3, stride=2)
+    assert len(dataset) == 2, "the GIF and the frame folder are clips; the short GIF is skipped"
+    for index in range(2):
+        for _ in range(5):
+            positions = column_positions(dataset[index]["x"])
+            steps = [b - a for a, b in zip(positions, positions[1:])]
+            assert steps in ([2, 2], [-2, -2]), f"frames out of order, or flipped differently: {positions}"
+
+
+def test_clips_shorter_than_needed_are_refused(tmp_path):
+    data = make_clip_folder(tmp_path / "clips")
+    with pytest.raises(UserError, match="no clip has the 9 frames"), pytest.warns(UserWarning):
+        train.ClipFolder(data, image_size=8, frames=5, stride=2)
+
+
+def test_moving_shapes_move():
+    clip = train.MovingShapes(image_size=16, frames=4)[0]["x"]
+    assert clip.shape == (4, 3, 16, 16)
+    assert all((clip[t] != clip[t + 1]).any() for t in range(3)), "consecutive frames should differ"
+
+
+def test_video_train_resume_and_sample_end_to_end(tmp_path):
+    data, out = make_clip_folder(tmp_path / "clips"), tmp_path / "out"
+    video_run = ["--data", str(data), "--out", str(out), "--frames", "3", "--video-scan", "st", *TINY_RUN]
+    with pytest.warns(UserWarning):
+        train.main([*video_run, "--steps", "2"])
+        train.main([*video_run, "--steps", "3"])
+    checkpoint = train.load_checkpoint(out / "ckpt.pt")
+    assert checkpoint["step"] == 3 and checkpoint["config"]["frames"] == 3 and checkpoint["config"]["video_scan"] == "st"
+    assert (out / "samples_0000002.gif").exists()
+    sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--steps", "2", "--out", str(tmp_path / "grid.gif"),
+                        "--out-dir", str(tmp_path / "each")])
+    with Image.open(tmp_path / "grid.gif") as grid:
+        assert grid.n_frames == 3
+    with Image.open(tmp_path / "each" / "000001.gif") as clip:
+        assert clip.n_frames == 3 and clip.size == (8, 8)
+
+
+def test_builtin_video_data_trains_with_a_3d_zigzag(tmp_path):
+    train.main(["--out", str(tmp_path), "--frames", "2", "--video-scan", "v", "--steps", "1", *TINY_RUN])
+    checkpoint = train.load_checkpoint(tmp_path / "ckpt.pt")
+    assert checkpoint["ema"]["zigma.scans.0.order"].numel() == 2 * 4 * 4, "a volume scan reads the whole clip"
+
+
+# ---------------------------------------------------------------------------- conditioning
+
+def make_class_folder(folder: Path) -> Path:
+    for name in ("cats", "dogs"):
+        (folder / name / "inner").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (200 * (name == "cats"), 100, i * 50)).save(folder / name / "inner" / f"{i}.png")
+    return folder
+
+
+def test_class_conditional_run_keeps_class_names_and_samples_by_name(tmp_path):
+    data, out = make_class_folder(tmp_path / "data"), tmp_path / "out"
+    train.main(["--data", str(data), "--out", str(out), "--class-cond", "--steps", "2", *TINY_RUN])
+    checkpoint = train.load_checkpoint(out / "ckpt.pt")
+    assert checkpoint["conditioning"]["class_names"] == ["cats", "dogs"]
+    assert checkpoint["config"]["num_classes"] == 2
+    for chosen in ("dogs", "0", None):
+        sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--steps", "2", "--cfg", "3",
+                            "--out", str(tmp_path / "s.png"), *(["--class", chosen] if chosen else [])])
+    with pytest.raises(UserError, match="unknown class 'birds'; the classes are cats, dogs"):
+        sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--class", "birds"])
+    with pytest.raises(UserError, match="trained without captions"):
+        sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--prompt", "a cat"])
+
+
+def test_class_cond_needs_class_folders(tmp_path):
+    with pytest.raises(UserError, match="one subfolder per class"):
+        train.main(["--data", str(make_image_folder(tmp_path / "data")), "--out", str(tmp_path / "out"), "--class-cond", *TINY_RUN])
+
+
+def test_captioned_run_keeps_its_vocabulary_and_samples_prompts(tmp_path):
+    data, out = make_class_folder(tmp_path / "data"), tmp_path / "out"
+    for image in data.rglob("*.png"):
+        image.with_suffix(".txt").write_text(f"A photo of {image.parts[-3]}, number {image.stem}")
+    (data / "cats" / "inner" / "1.txt").unlink()
+    with pytest.warns(UserWarning, match="1 of 4 images have no caption file"):
+        train.main(["--data", str(data), "--out", str(out), "--captions", "--steps", "2", *TINY_RUN])
+    checkpoint = train.load_checkpoint(out / "ckpt.pt")
+    vocabulary = checkpoint["conditioning"]["vocabulary"]
+    assert {"a", "photo", "of", "cats", "dogs", "number", "0", "1"} <= set(vocabulary)
+    networks = train.networks_from_checkpoint(checkpoint, out / "ckpt.pt")
+    assert networks["text"].vocabulary == vocabulary, "the encoder is rebuilt with the saved vocabulary"
+    (tmp_path / "prompts.txt").write_text("a photo of dogs\n\na photo of unseen words\n")
+    sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "3", "--steps", "2", "--cfg", "2", "--prompt", "cats",
+                        "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "s.png")])
+    assert (tmp_path / "s.png").exists()
+
+
+def test_captions_are_refused_when_no_image_has_one(tmp_path):
+    with pytest.raises(UserError, match="no image has a caption file"):
+        train.main(["--data", str(make_class_folder(tmp_path / "data")), "--out", str(tmp_path / "out"), "--captions", *TINY_RUN])
+
+
+def test_caption_encoder_gives_context_for_any_caption():
+    vocabulary = zigma.CaptionEncoder.build_vocabulary(["a red ball", "A blue ball!"])
+    assert vocabulary == zigma.CaptionEncoder.special + ["a", "ball", "blue", "red"]
+    encoder = zigma.CaptionEncoder(vocabulary, dim=16)
+    context = encoder(["a red ball", "", "a green cube"])
+    assert context.shape == (3, 4, 16) and torch.isfinite(context).all(), "the empty caption still has its start token"
+    alone, padded = encoder(["a ball"]), encoder(["a ball", "a red red ball"])[:1, :3]
+    assert torch.allclose(alone, padded, atol=1e-5), "padding must not change a caption's tokens"
+
+
+def test_builtin_faces_train_with_classes_and_captions(tmp_path):
+    train.main(["--out", str(tmp_path), "--class-cond", "--captions", "--steps", "1", *TINY_RUN])
+    conditioning = train.load_checkpoint(tmp_path / "ckpt.pt")["conditioning"]
+    assert conditioning["class_names"] == ["smiling", "frowning"] and "frowning" in conditioning["vocabulary"]
+
+
+def make_tiny_pretrained_text_model(folder: Path) -> Path:
+    """A randomly initialised BERT of width 24, saved locally like any pretrained model."""
+    transformers = pytest.importorskip("transformers")
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "cats", "dogs"]))
+    transformers.BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    config = transformers.BertConfig(vocab_size=10, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    transformers.BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_pretrained_text_encoder_loads_from_a_local_folder_and_stays_frozen(tmp_path):
+    encoder = zigma.PretrainedTextEncoder(str(make_tiny_pretrained_text_model(tmp_path / "bert")))
+    context = encoder(["a photo of cats", "dogs"])
+    assert context.shape[0] == 2 and context.shape[2] == encoder.dim == 24
+    assert not any(p.requires_grad for p in encoder.parameters())
+    encoder.train()
+    assert not encoder.encoder.training, "a frozen encoder stays in eval mode"
+
+
+def test_captioned_run_with_a_pretrained_encoder(tmp_path):
+    bert = make_tiny_pretrained_text_model(tmp_path / "bert")
+    data, out = make_class_folder(tmp_path / "data"), tmp_path / "out"
+    for image in data.rglob("*.png"):
+        image.with_suffix(".txt").write_text(f"a photo of {image.parts[-3]}")
+    train.main(["--data", str(data), "--out", str(out), "--captions", "--text-encoder", str(bert), "--steps", "1", *TINY_RUN])
+    checkpoint = train.load_checkpoint(out / "ckpt.pt")
+    assert checkpoint["conditioning"]["text_encoder"] == str(bert) and checkpoint["config"]["context_dim"] == 24
+    assert not any(key.startswith("text.") for key in checkpoint["model"]), "frozen weights stay out of the checkpoint"
+    sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--steps", "2", "--prompt", "a photo of dogs",
+                        "--out", str(tmp_path / "s.png")])
+    assert (tmp_path / "s.png").exists()
