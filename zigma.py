@@ -157,12 +157,12 @@ def layer_scans(grid: tuple[int, int, int], depth: int, scan: str, scan_paths: i
         seen[kind] += 1
         if kind == "s":
             scans.append(Scan(grid, "space", paths[j % scan_paths]))
-            continue
-        if kind == "t":
-            order = torch.arange(frames, device="cpu")
+        elif kind == "t":
+            forwards = torch.arange(frames, device="cpu")
+            scans.append(Scan(grid, "time", forwards.flip(0) if j % 2 else forwards))
         else:
-            order = volume_path(paths[(j // 2) % scan_paths], frames, snake)
-        scans.append(Scan(grid, "time" if kind == "t" else "volume", order.flip(0) if j % 2 else order))
+            forwards = volume_path(paths[(j // 2) % scan_paths], frames, snake)
+            scans.append(Scan(grid, "volume", forwards.flip(0) if j % 2 else forwards))
     return scans
 
 
