@@ -122,8 +122,8 @@ def scan_inputs(batch=2, width=5, state=4, length=75, dtype=torch.float64, seed=
     return {name: x.requires_grad_() for name, x in inputs.items()}
 
 
-def values_and_gradients(function, inputs, delta_softplus, use_optional):
-    names = list(inputs) if use_optional else ["u", "delta", "A", "B", "C"]
+def values_and_gradients(function, inputs, delta_softplus, optional=("D", "z", "delta_bias")):
+    names = ["u", "delta", "A", "B", "C", *optional]
     args = {name: inputs[name] for name in names}
     y = function(**args, delta_softplus=delta_softplus)
     weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(y.dtype)
@@ -135,12 +135,14 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("length", [1, 31, 75])  # shorter than, not a multiple of, and over a chunk
-@pytest.mark.parametrize("use_optional, delta_softplus", [(True, True), (False, False), (True, False)])
-def test_selective_scan_equals_sequential_reference(length, use_optional, delta_softplus):
+@pytest.mark.parametrize("length", [1, 16, 75])  # shorter than a chunk, one chunk, chunks and a part
+@pytest.mark.parametrize("optional, delta_softplus", [
+    (("D", "z", "delta_bias"), True), ((), False), (("D", "z", "delta_bias"), False),
+    (("D", "delta_bias"), True), (("z",), True)])
+def test_selective_scan_equals_sequential_reference(length, optional, delta_softplus):
     inputs = scan_inputs(length=length)
-    y, grads = values_and_gradients(selective_scan, inputs, delta_softplus, use_optional)
-    y_ref, grads_ref = values_and_gradients(selective_scan_reference, inputs, delta_softplus, use_optional)
+    y, grads = values_and_gradients(selective_scan, inputs, delta_softplus, optional)
+    y_ref, grads_ref = values_and_gradients(selective_scan_reference, inputs, delta_softplus, optional)
     assert relative_error(y, y_ref) < 1e-12, "values differ from the reference"
     for name in grads:
         assert relative_error(grads[name], grads_ref[name]) < 1e-12, f"gradient of {name} differs"
@@ -149,8 +151,8 @@ def test_selective_scan_equals_sequential_reference(length, use_optional, delta_
 def test_selective_scan_float32_within_1e5_of_float64_reference():
     inputs = scan_inputs(batch=2, width=16, state=8, length=200)
     as32 = {name: x.detach().float().requires_grad_() for name, x in inputs.items()}
-    y, grads = values_and_gradients(selective_scan, as32, True, True)
-    y_ref, grads_ref = values_and_gradients(selective_scan_reference, inputs, True, True)
+    y, grads = values_and_gradients(selective_scan, as32, True)
+    y_ref, grads_ref = values_and_gradients(selective_scan_reference, inputs, True)
     assert y.dtype == torch.float32
     assert relative_error(y.double(), y_ref) < 1e-5
     for name in grads:
@@ -185,8 +187,8 @@ def test_selective_scan_accepts_half_precision(dtype):
                     reason="needs CUDA and mamba-ssm")
 def test_fused_scan_equals_pure_torch_scan():
     inputs = {name: x.detach().float().cuda().requires_grad_() for name, x in scan_inputs(width=64, state=16, length=300).items()}
-    y, grads = values_and_gradients(zigma.fused_selective_scan, inputs, True, True)
-    y_ref, grads_ref = values_and_gradients(selective_scan, inputs, True, True)
+    y, grads = values_and_gradients(zigma.fused_selective_scan, inputs, True)
+    y_ref, grads_ref = values_and_gradients(selective_scan, inputs, True)
     assert relative_error(y, y_ref) < 1e-4
     for name in grads:
         assert relative_error(grads[name], grads_ref[name]) < 1e-3, f"gradient of {name} differs"

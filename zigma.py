@@ -197,7 +197,12 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return y.to(dtype)
 
 
-CHUNK = 32  # tokens per chunk of the fast scan; it keeps L / CHUNK states for the backward pass
+CHUNK = 16  # tokens per chunk of the fast scan; it keeps L / CHUNK states for the backward pass
+
+
+def _time_major(x: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, E, L) or (B, N, L) as a contiguous (L, B, E) or (L, B, N) tensor, so that every token's slice is contiguous."""
+    return None if x is None else x.permute(2, 0, 1).contiguous()
 
 
 def _chunk_states(u, delta, A, B, h):
@@ -214,43 +219,61 @@ def _chunk_states(u, delta, A, B, h):
 
 
 class _ChunkedSelectiveScan(torch.autograd.Function):
-    """y_t = C_t . h_t with a hand-written backward that keeps one state per chunk, not one per token.
+    """The selective scan with a hand-written backward that keeps one state per chunk, not one per token.
 
     The forward pass loops over tokens, storing only the state that enters each chunk. The backward pass
     recomputes a chunk's states from there and runs the recurrence in reverse:
         dh_t = C_t dy_t + exp(delta_{t+1} A) dh_{t+1}
     so (L, B, E, N) never exists; the largest tensors are (CHUNK, B, E, N). Inside, tensors are time-major
-    (L first), so that a chunk and a step are contiguous slices.
+    (L first), so that a chunk and a step are contiguous slices. The softplus, the D skip and the z gate
+    are differentiated here too, chunk by chunk: the backward pass keeps only the inputs (u, delta, z in
+    time-major copies) and the chunk-entering states.
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C):
-        u, delta, B, C = (x.permute(2, 0, 1).contiguous() for x in (u, delta, B, C))  # (L, B, E) or (L, B, N)
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        u, delta, B, C, z = (_time_major(x) for x in (u, delta, B, C, z))  # (L, B, E) or (L, B, N)
+        if delta_bias is not None:
+            delta = delta + delta_bias
         h = u.new_zeros(u.shape[1], u.shape[2], A.shape[1])  # (B, E, N)
-        y = torch.empty_like(u)  # (L, B, E)
+        out = torch.empty_like(u)  # (L, B, E)
         entering = []  # the state entering each chunk
         for start in range(0, u.shape[0], CHUNK):
             chunk = slice(start, start + CHUNK)
             entering.append(h)
-            _, states = _chunk_states(u[chunk], delta[chunk], A, B[chunk], h)  # (c, B, E, N)
-            y[chunk] = torch.matmul(states, C[chunk, :, :, None]).squeeze(-1)  # (c, B, E): C_t . h_t
-            h = states[-1]
-        ctx.save_for_backward(u, delta, A, B, C, torch.stack(entering))
-        return y.permute(1, 2, 0)  # (B, E, L)
+            delta_c = F.softplus(delta[chunk]) if delta_softplus else delta[chunk]  # (c, B, E)
+            _, states = _chunk_states(u[chunk], delta_c, A, B[chunk], h)  # (c, B, E, N)
+            y_c = torch.matmul(states, C[chunk, :, :, None]).squeeze(-1)  # (c, B, E): y_t = C_t . h_t
+            if D is not None:
+                y_c += D * u[chunk]
+            out[chunk] = y_c if z is None else y_c * F.silu(z[chunk])
+            h = states[-1].clone()  # a copy: a view would keep the whole chunk alive
+        ctx.delta_softplus, ctx.has_delta_bias = delta_softplus, delta_bias is not None
+        ctx.save_for_backward(u, delta, A, B, C, D, z, torch.stack(entering))
+        return out.permute(1, 2, 0)  # (B, E, L)
 
     @staticmethod
-    def backward(ctx, grad_y):  # (B, E, L)
-        u, delta, A, B, C, entering = ctx.saved_tensors  # time-major, as in forward
-        grad_y = grad_y.permute(2, 0, 1).contiguous()  # (L, B, E)
-        grad_u, grad_delta = torch.empty_like(u), torch.empty_like(delta)
-        grad_B, grad_C = torch.empty_like(B), torch.empty_like(C)
+    def backward(ctx, grad_out):  # (B, E, L)
+        u, delta, A, B, C, D, z, entering = ctx.saved_tensors  # time-major, as in forward; delta before softplus
+        grad_out = _time_major(grad_out)  # (L, B, E)
+        grad_u, grad_delta, grad_B, grad_C = (torch.empty_like(x) for x in (u, delta, B, C))
+        grad_z = None if z is None else torch.empty_like(z)
         grad_A = torch.zeros_like(A)
+        grad_D = None if D is None else torch.zeros_like(D)
         carry = torch.zeros_like(entering[0])  # (B, E, N): gradient reaching the chunk's last state from later ones
         starts = list(range(0, u.shape[0], CHUNK))
         for i in reversed(range(len(starts))):
             chunk = slice(starts[i], starts[i] + CHUNK)
-            u_c, delta_c, B_c, C_c, grad_y_c = u[chunk], delta[chunk], B[chunk], C[chunk], grad_y[chunk]
+            u_c, B_c, C_c, grad_y_c = u[chunk], B[chunk], C[chunk], grad_out[chunk]
+            delta_c = F.softplus(delta[chunk]) if ctx.delta_softplus else delta[chunk]  # (c, B, E)
             decay, states = _chunk_states(u_c, delta_c, A, B_c, entering[i])  # (c, B, E, N) each
+            if z is not None:  # back through the gate: out_t = (y_t + D u_t) silu(z_t)
+                y_c = torch.matmul(states, C_c[..., None]).squeeze(-1)  # (c, B, E)
+                if D is not None:
+                    y_c += D * u_c
+                z_c, sigmoid = z[chunk], torch.sigmoid(z[chunk])
+                grad_z[chunk] = grad_y_c * y_c * sigmoid * (1 + z_c * (1 - sigmoid))  # silu' = sigmoid (1 + z (1 - sigmoid))
+                grad_y_c = grad_y_c * z_c * sigmoid  # times silu(z_t)
             grad_C[chunk] = torch.matmul(states.transpose(-1, -2), grad_y_c[..., None]).squeeze(-1)  # (c, B, N)
             # dh_t: directly from y_t = C_t . h_t, and through h_{t+1} = exp(delta_{t+1} A) h_t + ...
             grad_h = grad_y_c[..., None] * C_c[:, :, None, :]  # (c, B, E, N)
@@ -258,17 +281,25 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
             for t in range(grad_h.shape[0] - 1, 0, -1):
                 grad_h[t - 1].addcmul_(decay[t], grad_h[t])
             carry = decay[0] * grad_h[0]
-            # d loss / d (delta_t A) = dh_t * h_{t-1} * exp(delta_t A)
-            grad_log_decay = grad_h * decay  # (c, B, E, N)
-            grad_log_decay[1:] *= states[:-1]
-            grad_log_decay[0] *= entering[i]
-            grad_A += (grad_log_decay * delta_c[..., None]).sum((0, 1))  # (E, N)
-            # d loss / d (delta_t u_t), through the input term delta_t B_t u_t
+            # d loss / d (delta_t u_t) and d loss / d B_t, through the input term delta_t B_t u_t
             grad_delta_u = torch.matmul(grad_h, B_c[..., None]).squeeze(-1)  # (c, B, E)
             grad_B[chunk] = torch.matmul(grad_h.transpose(-1, -2), (delta_c * u_c)[..., None]).squeeze(-1)  # (c, B, N)
             grad_u[chunk] = grad_delta_u * delta_c
-            grad_delta[chunk] = grad_delta_u * u_c + (grad_log_decay * A).sum(-1)
-        return tuple(g.permute(1, 2, 0) for g in (grad_u, grad_delta)) + (grad_A,) + tuple(g.permute(1, 2, 0) for g in (grad_B, grad_C))
+            if D is not None:  # through the skip D u_t
+                grad_u[chunk] += grad_y_c * D
+                grad_D += (grad_y_c * u_c).sum((0, 1))
+            # d loss / d (delta_t A) = dh_t * exp(delta_t A) * h_{t-1}, in grad_h's memory
+            grad_log_decay = grad_h.mul_(decay)  # (c, B, E, N)
+            grad_log_decay[1:] *= states[:-1]
+            grad_log_decay[0] *= entering[i]
+            grad_A += (grad_log_decay * delta_c[..., None]).sum((0, 1))  # (E, N)
+            grad_delta[chunk] = grad_delta_u * u_c + (grad_log_decay * A).sum(-1)  # (c, B, E)
+            if ctx.delta_softplus:
+                grad_delta[chunk] *= torch.sigmoid(delta[chunk])  # softplus' = sigmoid
+        grad_delta_bias = grad_delta.sum((0, 1)) if ctx.has_delta_bias else None
+        grad_u, grad_delta, grad_B, grad_C, grad_z = (
+            None if g is None else g.permute(1, 2, 0) for g in (grad_u, grad_delta, grad_B, grad_C, grad_z))  # (B, E, L) or (B, N, L)
+        return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_delta_bias, None
 
 
 @torch.compiler.disable  # a Python loop over tokens: torch.compile would unroll it
@@ -280,16 +311,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     dtype = u.dtype
     compute = torch.promote_types(dtype, torch.float32)
     with torch.autocast(u.device.type, enabled=False):
-        u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
-        if delta_bias is not None:
-            delta = delta + delta_bias[:, None]
-        if delta_softplus:
-            delta = F.softplus(delta)
-        y = _ChunkedSelectiveScan.apply(u, delta, A, B, C)  # (B, E, L)
-        if D is not None:
-            y = y + D[:, None] * u
-        if z is not None:
-            y = y * F.silu(z)
+        inputs = (None if x is None else x.to(compute) for x in (u, delta, A, B, C, D, z, delta_bias))
+        y = _ChunkedSelectiveScan.apply(*inputs, delta_softplus)  # (B, E, L)
     return y.to(dtype)
 
 
