@@ -218,6 +218,12 @@ def _chunk_states(u, delta, A, B, h):
     return decay, states
 
 
+def _chunk_output(states, C, D, u):
+    """y_t = C_t . h_t + D u_t over one chunk, (c, B, E), from states (c, B, E, N); the z gate comes after."""
+    y = torch.matmul(states, C[..., None]).squeeze(-1)  # (c, B, E)
+    return y if D is None else y + D * u
+
+
 class _ChunkedSelectiveScan(torch.autograd.Function):
     """The selective scan with a hand-written backward that keeps one state per chunk, not one per token.
 
@@ -243,9 +249,7 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
             entering.append(h)
             delta_c = F.softplus(delta[chunk]) if delta_softplus else delta[chunk]  # (c, B, E)
             _, states = _chunk_states(u[chunk], delta_c, A, B[chunk], h)  # (c, B, E, N)
-            y_c = torch.matmul(states, C[chunk, :, :, None]).squeeze(-1)  # (c, B, E): y_t = C_t . h_t
-            if D is not None:
-                y_c += D * u[chunk]
+            y_c = _chunk_output(states, C[chunk], D, u[chunk])  # (c, B, E)
             out[chunk] = y_c if z is None else y_c * F.silu(z[chunk])
             h = states[-1].clone()  # a copy: a view would keep the whole chunk alive
         ctx.delta_softplus, ctx.has_delta_bias = delta_softplus, delta_bias is not None
@@ -268,9 +272,7 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
             delta_c = F.softplus(delta[chunk]) if ctx.delta_softplus else delta[chunk]  # (c, B, E)
             decay, states = _chunk_states(u_c, delta_c, A, B_c, entering[i])  # (c, B, E, N) each
             if z is not None:  # back through the gate: out_t = (y_t + D u_t) silu(z_t)
-                y_c = torch.matmul(states, C_c[..., None]).squeeze(-1)  # (c, B, E)
-                if D is not None:
-                    y_c += D * u_c
+                y_c = _chunk_output(states, C_c, D, u_c)  # (c, B, E)
                 z_c, sigmoid = z[chunk], torch.sigmoid(z[chunk])
                 grad_z[chunk] = grad_y_c * y_c * sigmoid * (1 + z_c * (1 - sigmoid))  # silu' = sigmoid (1 + z (1 - sigmoid))
                 grad_y_c = grad_y_c * z_c * sigmoid  # times silu(z_t)
