@@ -17,20 +17,21 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from train import (UserError, load_checkpoint, load_pretrained_text_encoder, networks_from_checkpoint, pick_device,
-                   save_samples)
-from zigma import sample
+from train import (IMAGE_EXTENSIONS, ArgumentParser, UserError, load_checkpoint, load_pretrained_text_encoder, networks_from_checkpoint,
+                   pick_device, save_samples, warn)
+from zigma import CaptionEncoder, sample
 
 GRID_LIMIT = 256  # samples in the grid image; --out-dir takes any number
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", type=Path, default=Path("out/ckpt.pt"), help="checkpoint from train.py (default: out/ckpt.pt)")
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, default=Path("out/ckpt.pt"), help="checkpoint from train.py, or its --out folder (default: out/ckpt.pt)")
     parser.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
     parser.add_argument("--steps", type=int, default=50, help="ODE steps (default: 50)")
     parser.add_argument("--method", default="euler", choices=["euler", "heun"], help="ODE solver; Heun costs two model calls a step (default: euler)")
-    parser.add_argument("--out", type=Path, help="a grid of the first 256 samples (default: samples.png, or samples.gif for video)")
+    parser.add_argument("--out", type=Path, help="a grid of the first 256 samples, .png, .jpg, .webp or .bmp; .gif for video "
+                        "(default: samples.png, or samples.gif for video)")
     parser.add_argument("--out-dir", type=Path, help="also write every sample as its own PNG (GIF for video) here")
     parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples (default: 0)")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
@@ -69,40 +70,71 @@ def prompts_for(args, conditioning: dict) -> list[str] | None:
         return None
     if not (conditioning["vocabulary"] or conditioning["text_encoder"]):
         raise UserError(f"{args.ckpt} was trained without captions; leave out --prompt")
+    if conditioning["vocabulary"]:
+        known = set(conditioning["vocabulary"])
+        unknown = sorted({word for prompt in prompts for word in CaptionEncoder.words(prompt)} - known)
+        if unknown:
+            warn(f"the model never saw the words {', '.join(unknown)} in training; it reads them as 'unknown'")
     return [prompts[i % len(prompts)] for i in range(args.n)]
+
+
+def output_path(args, video: bool) -> Path:
+    """The grid's file, checked before any sampling: an extension PIL writes, in a folder that exists or is made now."""
+    out = args.out or Path("samples.gif" if video else "samples.png")
+    allowed = [".gif"] if video else sorted(IMAGE_EXTENSIONS - {".gif"})
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name a file in it, or use --out-dir for one file per sample")
+    if out.suffix.lower() not in allowed:
+        raise UserError(f"--out {out}: write {'clips' if video else 'images'} to a file ending in {', '.join(allowed)}")
+    for folder in (out.parent, args.out_dir):
+        if folder is not None:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise UserError(f"cannot make the folder {folder}: {error.strerror}")
+    return out
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.n < 1 or args.steps < 1 or args.batch_size < 1:
-        raise UserError("--n, --steps and --batch-size must be positive")
+        raise UserError("--n, --steps and --batch-size must be 1 or more")
+    if not args.cfg >= 0:
+        raise UserError(f"--cfg must be 0 or more (1 is no guidance), not {args.cfg}")
+    if args.ckpt.is_dir():
+        args.ckpt = args.ckpt / "ckpt.pt"  # a training run's --out folder
     device = pick_device(args.device)
     checkpoint = load_checkpoint(args.ckpt)
     conditioning = checkpoint["conditioning"]
+    video = checkpoint["config"]["frames"] > 0
+    out = output_path(args, video)
     labels, prompts = labels_for(args, conditioning["class_names"]), prompts_for(args, conditioning)
+    captioned = bool(conditioning["vocabulary"] or conditioning["text_encoder"])
+    if args.cfg != 1 and labels is None and prompts is None:
+        raise UserError("--cfg guides towards a prompt: add --prompt, or leave out --cfg" if captioned else
+                        f"{args.ckpt} was trained without classes or captions, so --cfg has nothing to guide towards; leave it out")
+    if captioned and prompts is None:
+        print(f"{args.ckpt} was trained on captions; without --prompt its samples are not conditioned on one")
     networks = networks_from_checkpoint(checkpoint, args.ckpt, "model" if args.no_ema else "ema").to(device).eval()
     model = networks["zigma"]
     encode = networks["text"] if "text" in networks else load_pretrained_text_encoder(conditioning["text_encoder"])
     if encode is not None:
         encode.to(device)
     config = model.config
-    video = config.frames > 0
     shape = ((config.frames,) if video else ()) + (config.in_channels, config.input_size, config.input_size)
-    out = args.out or Path("samples.gif" if video else "samples.png")
     print(f"{args.ckpt}: step {checkpoint['step']}, {args.n} samples, {args.steps} {args.method} steps, cfg {args.cfg}, on {device}")
 
     generator = torch.Generator(device).manual_seed(args.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    if args.out_dir:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
     grid = []
     for start in tqdm(range(0, args.n, args.batch_size)):
         batch = slice(start, min(start + args.batch_size, args.n))
         noise = torch.randn(batch.stop - start, *shape, generator=generator, device=device)
         y = labels[batch].to(device) if labels is not None else None
         with torch.no_grad(), autocast:
-            context = encode(prompts[batch]) if prompts else None
-            samples = sample(model, noise, steps=args.steps, y=y, context=context, cfg_scale=args.cfg, method=args.method)
+            context, context_mask = encode(prompts[batch]) if prompts else (None, None)
+            samples = sample(model, noise, steps=args.steps, y=y, context=context, context_mask=context_mask,
+                             cfg_scale=args.cfg, method=args.method)
         samples = samples.float().cpu()
         if args.out_dir:
             for i, one in enumerate(samples):

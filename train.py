@@ -20,25 +20,42 @@ import math
 import os
 import sys
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image, ImageSequence
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from zigma import PRESETS, CaptionEncoder, PretrainedTextEncoder, ZigMa, ZigMaConfig, flow_loss, preset_config, sample
+from zigma import (PRESETS, CaptionEncoder, PretrainedTextEncoder, ZigMa, ZigMaConfig, flow_loss, preset_config, sample,
+                   selective_scan, selective_scan_for)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
 
 class UserError(Exception):
     """A mistake in the command line or the files it names: reported in one sentence, without a traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is a UserError (one sentence) rather than the whole usage text."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def warn(message: str) -> None:
+    """One line on stderr, written so that it does not break a progress bar."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 #################################################################################
@@ -59,21 +76,37 @@ def frame_count(path: Path) -> int:
         return 0
 
 
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited over: white
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any image as 8-bit RGB: 16-bit grey scaled down (not clipped to white), transparency composited over white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale PNGs and TIFFs
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    if "A" in image.getbands() or "transparency" in image.info:  # RGBA, LA, PA, or a palette with a transparent colour
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, BACKGROUND + (255,)), image).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_frames(path: Path, first: int = 0, count: int = 1, stride: int = 1) -> list[Image.Image]:
     """Frames first, first + stride, ... of an image file, as RGB; a still image has only frame 0."""
     with Image.open(path) as image:
         frames = []
         for i in range(first, first + count * stride, stride):
             image.seek(i)
-            frames.append(image.convert("RGB"))
+            frames.append(to_rgb(image))
         return frames
 
 
 def class_names_of(root: Path, paths: list[Path]) -> list[str]:
     """The first-level subfolders of root that the paths lie in: the class names of --class-cond."""
-    names = {p.relative_to(root).parts[0] for p in paths if len(p.relative_to(root).parts) > 1}
-    if not names or any(len(p.relative_to(root).parts) == 1 for p in paths):
-        raise UserError(f"--class-cond needs one subfolder per class in {root}, with every image inside one")
+    stray = [p for p in paths if len(p.relative_to(root).parts) == 1]
+    if stray:
+        raise UserError(f"--class-cond needs every image inside a class subfolder of {root}, but {stray[0]} lies at its top")
+    names = {p.relative_to(root).parts[0] for p in paths}
+    if not names:
+        raise UserError(f"--class-cond needs one subfolder per class in {root}")
     return sorted(names)
 
 
@@ -84,7 +117,7 @@ def read_captions(images: list[Path]) -> list[str]:
     if missing == len(captions):
         raise UserError("--captions: no image has a caption file (NAME.txt beside NAME.png)")
     if missing:
-        warnings.warn(f"{missing} of {len(captions)} images have no caption file; they get the empty caption")
+        warn(f"{missing} of {plural(len(captions), 'image')} have no caption file; they get the empty caption")
     return [c or "" for c in captions]
 
 
@@ -100,7 +133,7 @@ class ImageFolder(Dataset):
             raise UserError(f"--data {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         self.files = [p for p in files if frame_count(p)]
         for p in sorted(set(files) - set(self.files)):
-            warnings.warn(f"skipping {p}: not a readable image")
+            warn(f"skipping {p}: not a readable image")
         if not self.files:
             raise UserError(f"--data {folder}: none of its {len(files)} image files could be read")
         self.class_names = class_names_of(folder, self.files) if class_cond else None
@@ -121,7 +154,7 @@ class ImageFolder(Dataset):
         try:
             x = self.transform(load_frames(self.files[index])[0])  # (3, S, S)
         except Exception as error:  # a file that passed the header check but does not decode
-            warnings.warn(f"skipping {self.files[index]}: {error}")
+            warn(f"skipping {self.files[index]}: {error}")
             return self[(index + 1) % len(self)]
         item = {"x": x}
         if self.labels is not None:
@@ -148,15 +181,15 @@ class ClipFolder(Dataset):
             elif frame_count(p):
                 by_folder.setdefault(p.parent, []).append(p)
             else:
-                warnings.warn(f"skipping {p}: not a readable image")
+                warn(f"skipping {p}: not a readable image")
         self.clips += [(paths, len(paths)) for paths in by_folder.values()]
         if not self.clips:
             raise UserError(f"--data {folder} holds no clips (animated GIFs, or folders of frame images)")
         span = (frames - 1) * stride + 1  # frames a training example covers
         too_short = [c for c in self.clips if c[1] < span]
         for paths, available in too_short:
-            warnings.warn(f"skipping {paths[0] if len(paths) == 1 else paths[0].parent}: {available} frames, "
-                          f"fewer than the {span} that --frames {frames} --frame-stride {stride} needs")
+            warn(f"skipping {paths[0] if len(paths) == 1 else paths[0].parent}: {plural(available, 'frame')}, "
+                 f"fewer than the {span} that --frames {frames} --frame-stride {stride} needs")
         self.clips = [c for c in self.clips if c[1] >= span]
         if not self.clips:
             raise UserError(f"--data {folder}: no clip has the {span} frames that --frames {frames} --frame-stride {stride} needs")
@@ -287,6 +320,9 @@ def pick_device(name: str | None) -> torch.device:
     if name:
         try:
             device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device {name} is not a device name; use cuda, mps or cpu (or cuda:1, ...)")
+        try:
             torch.empty(0, device=device)
         except Exception:
             raise UserError(f"--device {name} is not available on this machine")
@@ -316,7 +352,9 @@ def load_checkpoint(path: Path) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         raise UserError(f"{path} is not a readable checkpoint (corrupt or not written by train.py)")
-    missing = {"model", "ema", "config", "step", "conditioning"} - set(checkpoint) if isinstance(checkpoint, dict) else {"all"}
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} is not a ZigMa checkpoint from train.py (it holds a {type(checkpoint).__name__}, not a dict)")
+    missing = {"model", "ema", "config", "step", "conditioning"} - set(checkpoint)
     if missing:
         raise UserError(f"{path} is not a ZigMa checkpoint from train.py (it lacks {', '.join(sorted(missing))})")
     return checkpoint
@@ -375,22 +413,23 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="folder of images (or clips), searched recursively; default: built-in synthetic data")
     parser.add_argument("--out", type=Path, default=Path("out"), help="where checkpoint, samples and log go (default: out)")
     parser.add_argument("--model", default="ZigMa-Tiny/4", choices=sorted(PRESETS), help="preset (default: ZigMa-Tiny/4, small enough for a CPU)")
     parser.add_argument("--image-size", type=int, default=32, help="images are resized and cropped to this side (default: 32)")
     parser.add_argument("--scan", default="zigzag", choices=["zigzag", "sweep"], help="token paths (default: zigzag)")
-    parser.add_argument("--scan-paths", type=int, default=8, help="K: layer i reads path i mod K (1, 2 or 8; default: 8)")
+    parser.add_argument("--scan-paths", type=int, default=8, choices=[1, 2, 8],
+                        help="K: layer i reads path i mod K, the paper's Zigzag-1, -2 and -8 (default: 8)")
     video = parser.add_argument_group("video")
     video.add_argument("--frames", type=int, default=0, help="train on clips of this many frames (default: 0, images)")
-    video.add_argument("--frame-stride", type=int, default=1, help="take every this-many-th frame of a clip (default: 1)")
-    video.add_argument("--video-scan", default="sst", help="layer pattern: s spatial, t temporal, v whole clip; "
+    video.add_argument("--frame-stride", type=int, help="with --frames: take every this-many-th frame of a clip (default: 1)")
+    video.add_argument("--video-scan", help="with --frames: the layer pattern, s spatial, t temporal, v whole clip; "
                        "'sst' is the paper's factorized scan, 'v' with --scan zigzag a 3D zigzag (default: sst)")
     conditioning = parser.add_argument_group("conditioning")
     conditioning.add_argument("--class-cond", action="store_true", help="condition on classes: the first-level subfolders of --data")
     conditioning.add_argument("--captions", action="store_true", help="condition on captions: NAME.txt beside each image NAME.png")
-    conditioning.add_argument("--text-encoder", default="learned", help="'learned' (built in) or a transformers model name or path, frozen (default: learned)")
+    conditioning.add_argument("--text-encoder", help="with --captions: 'learned' (built in) or a transformers model name or path, frozen (default: learned)")
     conditioning.add_argument("--cond-drop", type=float, default=0.1, help="probability of dropping the label or caption, for guidance (default: 0.1)")
     training = parser.add_argument_group("training")
     training.add_argument("--steps", type=int, default=2000, help="total optimizer steps; a larger value resumes a run (default: 2000)")
@@ -408,7 +447,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     progress.add_argument("--sample-steps", type=int, default=50, help="Euler steps for those samples (default: 50)")
     progress.add_argument("--ckpt-every", type=int, default=500, help="save the checkpoint every this many steps (default: 500)")
     progress.add_argument("--log-every", type=int, default=10, help="append the loss to log.jsonl every this many steps (default: 10)")
-    return parser.parse_args(argv)
+    return check_arguments(parser.parse_args(argv))
+
+
+def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """One sentence for an option out of range, or one that does nothing without another; then the defaults that depend on others."""
+    for name in ("image_size", "steps", "batch_size", "sample_every", "sample_steps", "ckpt_every", "log_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be 1 or more, not {getattr(args, name)}")
+    for name in ("lr", "grad_clip"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    for name in ("cond_drop", "ema_decay"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"--{name.replace('_', '-')} must be between 0 and 1, not {getattr(args, name)}")
+    for name in ("weight_decay", "workers", "frames"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
+    patch = PRESETS[args.model]["patch_size"]
+    if args.image_size % patch:
+        raise UserError(f"--image-size {args.image_size} is not a multiple of {args.model}'s patch size {patch}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file; name a folder")
+    if not args.frames:
+        for name in ("frame_stride", "video_scan"):
+            if getattr(args, name) is not None:
+                raise UserError(f"--{name.replace('_', '-')} applies to clips only: add --frames, or leave it out")
+    if args.text_encoder is not None and not args.captions:
+        raise UserError("--text-encoder applies to captions only: add --captions, or leave it out")
+    if args.frame_stride is not None and args.frame_stride < 1:
+        raise UserError(f"--frame-stride must be 1 or more, not {args.frame_stride}")
+    if args.video_scan is not None and (not args.video_scan or set(args.video_scan) - set("stv")):
+        raise UserError(f"--video-scan takes the letters s, t and v, not {args.video_scan!r}")
+    args.frame_stride, args.video_scan = args.frame_stride or 1, args.video_scan or "sst"
+    args.text_encoder = args.text_encoder or "learned"
+    return args
 
 
 def build_dataset(args) -> Dataset:
@@ -420,6 +493,8 @@ def build_dataset(args) -> Dataset:
                 raise UserError("the built-in moving shapes have no classes; pass --data with one subfolder per class")
             return MovingShapes(args.image_size, args.frames)
         return SmileyFaces(args.image_size, class_cond=args.class_cond, captions=args.captions)
+    if not args.data.exists():
+        raise UserError(f"--data {args.data} does not exist")
     if not args.data.is_dir():
         raise UserError(f"--data {args.data} is not a folder; point it at a folder of images")
     if args.frames:
@@ -438,19 +513,67 @@ def build_conditioning(args, dataset) -> dict:
 
 
 def build_config(args, conditioning: dict, text_dim: int) -> ZigMaConfig:
-    patch = PRESETS[args.model]["patch_size"]
-    if args.image_size % patch:
-        raise UserError(f"--image-size {args.image_size} is not a multiple of {args.model}'s patch size {patch}")
-    if not 1 <= args.scan_paths <= 8:
-        raise UserError(f"--scan-paths must be between 1 and 8, not {args.scan_paths}")
-    if not args.video_scan or set(args.video_scan) - set("stv"):
-        raise UserError(f"--video-scan takes the letters s, t and v, not {args.video_scan!r}")
-    if args.frames < 0 or args.frame_stride < 1:
-        raise UserError("--frames must be 0 (images) or more, and --frame-stride 1 or more")
     class_names = conditioning["class_names"]
     return preset_config(args.model, input_size=args.image_size, in_channels=3, scan=args.scan, scan_paths=args.scan_paths,
                          frames=args.frames, video_scan=args.video_scan, num_classes=len(class_names) if class_names else 0,
                          context_dim=text_dim if args.captions else 0)
+
+
+def parameter_groups(networks: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's groups: weight decay on the weight matrices of linear, convolution and attention layers only, as in
+    Mamba and nanoGPT; never on biases, embedding tables, positions, the null conditions, A_log or D."""
+    matrices = []
+    for module in networks.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            matrices.append(module.weight)
+        elif isinstance(module, nn.MultiheadAttention):  # the caption encoder's query, key and value projections
+            matrices.append(module.in_proj_weight)
+    decayed = {id(p) for p in matrices}
+    return [{"params": matrices, "weight_decay": weight_decay},
+            {"params": [p for p in networks.parameters() if id(p) not in decayed], "weight_decay": 0.0}]
+
+
+# What sets each field of the model's config, for the message when a resumed checkpoint differs.
+MODEL_OPTIONS = ["model", "image_size", "scan", "scan_paths", "frames", "video_scan", "class_cond", "captions", "text_encoder"]
+# Options that may change when a run resumes: they take effect, and a line says so.
+TRAINING_OPTIONS = ["data", "batch_size", "lr", "weight_decay", "grad_clip", "ema_decay", "cond_drop"]
+
+
+def as_option(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"{flag} {value}"
+
+
+def check_resumed_options(checkpoint: dict, path: Path, args) -> None:
+    """Refuse to resume a checkpoint trained with other model options, naming the option; say which training options changed."""
+    before, now = checkpoint.get("args", {}), saved_arguments(args)
+    for name in MODEL_OPTIONS:
+        if name in before and before[name] != now[name]:
+            raise UserError(f"{path} was trained with {as_option(name, before[name])}, but this run has "
+                            f"{as_option(name, now[name])}; pass the options it was trained with, or another --out")
+    for name in TRAINING_OPTIONS:
+        if name in before and before[name] != now[name]:
+            print(f"resuming with {as_option(name, now[name])} (the checkpoint was trained with {before[name]})")
+
+
+def check_resumed_model(checkpoint: dict, path: Path, config: ZigMaConfig, conditioning: dict) -> None:
+    """Refuse to resume a checkpoint whose classes, caption words or model differ from what the options and data give."""
+    classes_before, classes_now = checkpoint["conditioning"]["class_names"], conditioning["class_names"]
+    if classes_before != classes_now:
+        raise UserError(f"{path} was trained on the classes {', '.join(classes_before or ['none'])}, "
+                        f"but --data has {', '.join(classes_now or ['none'])}; pass its data, or another --out")
+    if checkpoint["conditioning"]["vocabulary"] != conditioning["vocabulary"]:
+        raise UserError(f"the captions in --data use other words than those {path} was trained on; pass its data, or another --out")
+    changed = [field for field, value in asdict(config).items() if checkpoint["config"].get(field) != value]
+    if changed:
+        raise UserError(f"{path} holds a model with another {', '.join(changed)} than these options give; pass another --out")
+
+
+def saved_arguments(args) -> dict:
+    """The arguments as the checkpoint keeps them: paths as strings."""
+    return {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()}
 
 
 def preview_conditions(dataset, count: int) -> tuple[torch.Tensor | None, list[str] | None]:
@@ -464,6 +587,13 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
+    ckpt_path = args.out / "ckpt.pt"
+    checkpoint = load_checkpoint(ckpt_path) if ckpt_path.exists() else None  # resume
+    if checkpoint is not None:
+        check_resumed_options(checkpoint, ckpt_path, args)
+        if checkpoint["step"] >= args.steps:
+            print(f"{ckpt_path} is already at step {checkpoint['step']}; pass a larger --steps to train on")
+            return
     dataset = build_dataset(args)
     conditioning = build_conditioning(args, dataset)
     pretrained = load_pretrained_text_encoder(conditioning["text_encoder"])  # a frozen encoder, kept out of the checkpoint
@@ -476,29 +606,28 @@ def main(argv=None):
     ema = copy.deepcopy(networks).requires_grad_(False)  # the EMA weights are what we sample from
     if pretrained:
         pretrained.to(device)
-    optimizer = torch.optim.AdamW(networks.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(networks, args.weight_decay), lr=args.lr)
     step = 0
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = args.out / "ckpt.pt"
-    if ckpt_path.exists():  # resume
-        checkpoint = load_checkpoint(ckpt_path)
-        if checkpoint["config"] != asdict(config) or checkpoint["conditioning"] != conditioning:
-            raise UserError(f"{ckpt_path} holds a different model or conditioning (trained with --model {checkpoint['args'].get('model')}); "
-                            "pass the same model and data options, or another --out")
+    if checkpoint is not None:
+        check_resumed_model(checkpoint, ckpt_path, config, conditioning)
         networks.load_state_dict(checkpoint["model"])
         ema.load_state_dict(checkpoint["ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        chosen = [{"lr": group["lr"], "weight_decay": group["weight_decay"]} for group in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except ValueError:
+            raise UserError(f"{ckpt_path} holds the optimizer of an older train.py; sample from it, or train in another --out")
+        for group, values in zip(optimizer.param_groups, chosen):
+            group.update(values)  # this run's --lr and --weight-decay, not the checkpoint's
         step = checkpoint["step"]
         print(f"resuming from {ckpt_path} at step {step}")
-    if step >= args.steps:
-        print(f"{ckpt_path} is already at step {step}; pass a larger --steps to train on")
-        return
+    args.out.mkdir(parents=True, exist_ok=True)
 
     def checkpoint_now():
-        arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         save_checkpoint({"model": networks.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                         "step": step, "config": asdict(config), "conditioning": conditioning, "args": arguments}, ckpt_path)
+                         "step": step, "config": asdict(config), "conditioning": conditioning,
+                         "args": saved_arguments(args)}, ckpt_path)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     preview_labels, preview_captions = preview_conditions(dataset, 16)
@@ -509,8 +638,8 @@ def main(argv=None):
         y = preview_labels.to(device) if preview_labels is not None else None
         encode = ema["text"] if "text" in ema else pretrained
         with autocast:
-            context = encode(preview_captions) if preview_captions else None
-            samples = sample(ema["zigma"], noise, steps=args.sample_steps, y=y, context=context)
+            context, context_mask = encode(preview_captions) if preview_captions else (None, None)
+            samples = sample(ema["zigma"], noise, steps=args.sample_steps, y=y, context=context, context_mask=context_mask)
         save_samples(samples, args.out / f"samples_{step:07d}.{'gif' if args.frames else 'png'}")
 
     if device.type == "cuda":
@@ -519,8 +648,9 @@ def main(argv=None):
     model = networks["zigma"]
     train_model = torch.compile(model) if args.compile else model
     encode = networks["text"] if "text" in networks else pretrained
+    scan_name = "pure torch" if selective_scan_for(device) is selective_scan else "mamba-ssm's fused kernel"
     print(f"{args.model}: {sum(p.numel() for p in networks.parameters()) / 1e6:.2f}M parameters, "
-          f"{len(dataset)} training {'clips' if args.frames else 'images'}, on {device}")
+          f"{plural(len(dataset), 'training clip' if args.frames else 'training image')}, on {device}, selective scan in {scan_name}")
 
     progress = tqdm(total=args.steps, initial=step, dynamic_ncols=True)
     started, examples_seen = time.perf_counter(), 0
@@ -530,8 +660,8 @@ def main(argv=None):
                 x = batch["x"].to(device, non_blocking=True)
                 y = batch["y"].to(device) if "y" in batch else None
                 with autocast:
-                    context = encode(batch["caption"]) if "caption" in batch else None
-                    loss = flow_loss(train_model, x, y, context, drop_prob=args.cond_drop)
+                    context, context_mask = encode(batch["caption"]) if "caption" in batch else (None, None)
+                    loss = flow_loss(train_model, x, y, context, context_mask, drop_prob=args.cond_drop)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(networks.parameters(), args.grad_clip)  # clip before the step

@@ -35,14 +35,13 @@ Time convention (the linear stochastic interpolant with velocity prediction):
 
 import math
 import re
-import sys
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.autograd.function import once_differentiable
 
 try:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as fused_selective_scan
@@ -257,6 +256,7 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
         return out.permute(1, 2, 0)  # (B, E, L)
 
     @staticmethod
+    @once_differentiable  # the backward pass is written by hand from saved tensors: a second derivative through it would be wrong
     def backward(ctx, grad_out):  # (B, E, L)
         u, delta, A, B, C, D, z, entering = ctx.saved_tensors  # time-major, as in forward; delta before softplus
         grad_out = _time_major(grad_out)  # (L, B, E)
@@ -318,9 +318,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return y.to(dtype)
 
 
-@cache
-def announce_scan_path(name: str) -> None:
-    print(f"zigma: the selective scan runs on {name}", file=sys.stderr)
+def selective_scan_for(device: torch.device):
+    """The scan the Mamba layers run on a device: mamba-ssm's fused kernel on CUDA where it is installed, else selective_scan."""
+    return fused_selective_scan if fused_selective_scan is not None and device.type == "cuda" else selective_scan
 
 
 #################################################################################
@@ -360,13 +360,7 @@ class MambaMixer(nn.Module):
         delta = self.dt_proj.weight @ delta.transpose(1, 2)  # (B, E, L); the bias is added inside the scan
         B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (B, N, L) each
         A = -torch.exp(self.A_log.float())  # (E, N)
-        if fused_selective_scan is not None and x.is_cuda:
-            announce_scan_path("mamba-ssm's fused CUDA kernel")
-            scan = fused_selective_scan
-        else:
-            announce_scan_path(f"pure torch ({x.device.type})")
-            scan = selective_scan
-        y = scan(x.contiguous(), delta.contiguous(), A, B, C, self.D.float(), z.contiguous(),
+        y = selective_scan_for(x.device)(x.contiguous(), delta.contiguous(), A, B, C, self.D.float(), z.contiguous(),
                  delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (B, E, L)
         return self.out_proj(y.transpose(1, 2))  # (B, L, D)
 
@@ -389,10 +383,13 @@ class CrossAttention(nn.Module):
         self.to_kv = nn.Linear(context_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # (B, L, D), (B, S, context_dim)
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, L, D); context: (B, S, context_dim); context_mask: (B, S), True for real tokens, False for padding."""
         q = rearrange(self.to_q(x), "b l (h e) -> b h l e", h=self.heads)  # (B, heads, L, D/heads)
         k, v = rearrange(self.to_kv(context), "b s (two h e) -> two b h s e", two=2, h=self.heads)  # (B, heads, S, D/heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, D/heads)
+        # Padding must not be attended to, or a caption's result would depend on the others in its batch.
+        attn_mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, L, D/heads)
         return self.proj(rearrange(out, "b h l e -> b l (h e)"))  # (B, L, D)
 
 
@@ -400,7 +397,8 @@ class ZigMaBlock(nn.Module):
     """A Mamba layer that reads the tokens in its scan's order, with DiT's adaLN-Zero conditioning.
 
     Usable on its own: tokens (B, T*H*W, D) in row-major (t, h, w) order, a condition vector (B, D),
-    the layer's Scan, and optionally context tokens (B, S, context_dim) for cross-attention.
+    the layer's Scan, and optionally context tokens (B, S, context_dim) for cross-attention with their
+    mask (B, S) (True for real tokens; None: all are).
     """
 
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2, context_dim: int = 0):
@@ -414,7 +412,8 @@ class ZigMaBlock(nn.Module):
         branches = 2 if context_dim else 1
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * branches * dim))  # shift, scale, gate
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, scan: Scan, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, scan: Scan, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         modulation = self.adaLN_modulation(c).chunk(6 if self.cross_attention else 3, dim=1)  # (B, D) each
         shift, scale, gate = modulation[:3]
         h = scan.to_sequences(modulate(self.norm1(x), shift, scale))  # (sequences, L, D) in scan order
@@ -423,7 +422,7 @@ class ZigMaBlock(nn.Module):
         if self.cross_attention is not None:
             assert context is not None, "this block has cross-attention: pass context tokens"
             shift, scale, gate = modulation[3:]
-            x = x + gate[:, None] * self.cross_attention(modulate(self.norm2(x), shift, scale), context)
+            x = x + gate[:, None] * self.cross_attention(modulate(self.norm2(x), shift, scale), context, context_mask)
         return x  # (B, T*H*W, D)
 
 
@@ -442,8 +441,9 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,)
         half = self.frequency_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)  # (half,)
-        angles = 1000 * t.float()[:, None] * freqs  # (B, half)
-        return self.mlp(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))  # (B, D)
+        angles = 1000 * t.to(torch.promote_types(t.dtype, torch.float32))[:, None] * freqs  # (B, half), float32 or more
+        frequencies = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, frequency_dim)
+        return self.mlp(frequencies.to(self.mlp[0].weight.dtype))  # (B, D)
 
 
 def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -562,7 +562,11 @@ class ZigMa(nn.Module):
         # The Mamba mixers keep Mamba's own initialisation (MambaMixer.__init__).
 
     def null_conditions(self, batch: int, context_length: int = 1):
-        """The "no label" labels (B,) and "no text" context (B, S, context_dim) used for guidance; None where unused."""
+        """The "no label" labels (B,) and "no text" context (B, S, context_dim) used for guidance; None where unused.
+
+        The null context is one learned token repeated S times. It needs no mask: attending to S copies of
+        one token gives the same result as attending to one.
+        """
         y = None
         if self.y_embedder is not None:
             y = torch.full((batch,), self.config.num_classes, device=self.y_embedder.weight.device)
@@ -572,8 +576,9 @@ class ZigMa(nn.Module):
         return y, context
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, H, W) images or (B, T, C, H, W) clips; t: (B,) in [0, 1]; y: (B,) labels; context: (B, S, context_dim).
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) images or (B, T, C, H, W) clips; t: (B,) in [0, 1]; y: (B,) labels;
+        context: (B, S, context_dim) text tokens; context_mask: (B, S), False where the context is padding.
 
         A missing y or context means the null condition. Returns the velocity, shaped like x.
         """
@@ -583,6 +588,7 @@ class ZigMa(nn.Module):
         assert video == (config.frames > 0), f"expected {'clips (B, T, C, H, W)' if config.frames else 'images (B, C, H, W)'}, got {tuple(x.shape)}"
         assert y is None or self.y_embedder is not None, "this model has no classes: leave y out"
         assert context is None or self.null_context is not None, "this model has no cross-attention: leave context out"
+        assert context_mask is None or context is not None, "a context mask needs its context"
         batch = x.shape[0]
         null_y, null_context = self.null_conditions(batch)
         y = null_y if y is None else y
@@ -596,7 +602,7 @@ class ZigMa(nn.Module):
         if y is not None:
             c = c + self.y_embedder(y)  # (B, D)
         for block, scan in zip(self.blocks, self.scans):
-            tokens = block(tokens, c, scan, context)  # (B, T*H*W, D)
+            tokens = block(tokens, c, scan, context, context_mask)  # (B, T*H*W, D)
         out = self.final_layer(tokens, c)  # (B, T*H*W, p*p*C)
         p = config.patch_size
         out = rearrange(out, "b (t h w) (p q c) -> b t c (h p) (w q)", t=frames, h=h, w=w, p=p, q=p)  # (B, T, C, H*p, W*p)
@@ -628,7 +634,7 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
 #                     Flow matching: the loss and the sampler                   #
 #################################################################################
 
-def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, drop_prob: float = 0.1) -> torch.Tensor:
+def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=None, drop_prob: float = 0.1) -> torch.Tensor:
     """Velocity-matching loss on the linear path x_t = (1 - t) noise + t x, t ~ U[0, 1] per example.
 
     For classifier-free guidance, each example's label and context are replaced by the null condition
@@ -646,26 +652,31 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, drop_prob: fl
             y = torch.where(drop, null_y, y)
         if context is not None:
             context = torch.where(drop[:, None, None], null_context, context)
-    v = model(x_t, t, y, context)
+            if context_mask is not None:
+                context_mask = context_mask | drop[:, None]  # the null context has no padding
+    v = model(x_t, t, y, context, context_mask)
     return F.mse_loss(v.float(), (x - noise).float())
 
 
-def guided_velocity(model: ZigMa, x, t, y=None, context=None, cfg_scale: float = 1.0) -> torch.Tensor:
-    """The velocity at (x, t); with a label or context, classifier-free guided:
+def guided_velocity(model: ZigMa, x, t, y=None, context=None, context_mask=None, cfg_scale: float = 1.0) -> torch.Tensor:
+    """The velocity at (x, t); with a label or context and cfg_scale != 1, classifier-free guided:
     v = v_null + cfg_scale * (v_cond - v_null), both passes in one batch.
     """
     if y is None and context is None:
         return model(x, t)
+    if cfg_scale == 1:  # no guidance: v = v_cond, one pass
+        return model(x, t, y, context, context_mask)
     batch = x.shape[0]
     null_y, null_context = model.null_conditions(batch, context.shape[1] if context is not None else 1)
     both_y = torch.cat([y, null_y]) if y is not None else None
     both_context = torch.cat([context, null_context]) if context is not None else None
-    v_cond, v_null = model(torch.cat([x, x]), torch.cat([t, t]), both_y, both_context).chunk(2)
+    both_mask = torch.cat([context_mask, torch.ones_like(context_mask)]) if context_mask is not None else None
+    v_cond, v_null = model(torch.cat([x, x]), torch.cat([t, t]), both_y, both_context, both_mask).chunk(2)
     return v_null + cfg_scale * (v_cond - v_null)
 
 
 @torch.no_grad()
-def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=None,
+def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=None, context_mask=None,
            cfg_scale: float = 1.0, method: str = "euler") -> torch.Tensor:
     """Integrate dx/dt = v(x, t) from noise at t = 0 to data at t = 1 with `steps` Euler or Heun steps."""
     assert method in ("euler", "heun"), f"method must be 'euler' or 'heun', not {method!r}"
@@ -673,9 +684,9 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
     times = torch.linspace(0, 1, steps + 1, device=noise.device)
     for t, t_next in zip(times[:-1], times[1:]):
         dt = t_next - t
-        v = guided_velocity(model, x, t.expand(x.shape[0]), y, context, cfg_scale)
+        v = guided_velocity(model, x, t.expand(x.shape[0]), y, context, context_mask, cfg_scale)
         if method == "heun":  # average the slopes at both ends of the step
-            v_next = guided_velocity(model, x + dt * v, t_next.expand(x.shape[0]), y, context, cfg_scale)
+            v_next = guided_velocity(model, x + dt * v, t_next.expand(x.shape[0]), y, context, context_mask, cfg_scale)
             v = (v + v_next) / 2
         x = x + dt * v
     return x
@@ -712,12 +723,14 @@ class CaptionEncoder(nn.Module):
     def build_vocabulary(cls, captions: list[str]) -> list[str]:
         return cls.special + sorted({word for caption in captions for word in cls.words(caption)})
 
-    def forward(self, captions: list[str]) -> torch.Tensor:
+    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context tokens (B, S, D) of the captions, padded to the longest, and their mask (B, S): False on padding."""
         rows = [[2] + [self.index.get(word, 1) for word in self.words(c)][:self.max_words] for c in captions]
         length = max(len(row) for row in rows)
         tokens = torch.tensor([row + [0] * (length - len(row)) for row in rows], device=self.position.device)  # (B, S)
+        mask = tokens != 0  # (B, S)
         x = self.embed(tokens) + self.position[:, :length]  # (B, S, D)
-        return self.transformer(x, src_key_padding_mask=tokens == 0)  # (B, S, D)
+        return self.transformer(x, src_key_padding_mask=~mask), mask  # (B, S, D), (B, S)
 
 
 class PretrainedTextEncoder(nn.Module):
@@ -736,7 +749,8 @@ class PretrainedTextEncoder(nn.Module):
         return super().train(False)  # frozen: always in eval mode
 
     @torch.no_grad()
-    def forward(self, captions: list[str]) -> torch.Tensor:
+    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context tokens (B, S, hidden) of the captions, padded to the longest, and their mask (B, S): False on padding."""
         device = next(self.encoder.parameters()).device
         tokens = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt").to(device)
-        return self.encoder(**tokens).last_hidden_state  # (B, S, hidden)
+        return self.encoder(**tokens).last_hidden_state, tokens["attention_mask"].bool()  # (B, S, hidden), (B, S)

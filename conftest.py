@@ -1,0 +1,24 @@
+"""Options for checking that test_zigma.py holds from any random state and in any order:
+
+    pytest test_zigma.py --reseed 3 --reverse    # torch.manual_seed(3) before every test, tests in reverse order
+"""
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reseed", type=int, metavar="SEED", help="seed torch's global generator with SEED before every test")
+    parser.addoption("--reverse", action="store_true", help="run the tests in reverse order")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
+@pytest.fixture(autouse=True)
+def reseed_before_each_test(request):
+    seed = request.config.getoption("--reseed")
+    if seed is not None:
+        torch.manual_seed(seed)
