@@ -135,17 +135,76 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+# The fast scan cuts the tokens into blocks of chunks (zigma.scan_plan), by device: every plan is tested here, on
+# the CPU. "cuda" is the plan of GPUs and MPS; (12, 4) is blocks of 12 tokens in 3 chunks of 4, as a big batch gets.
+SCAN_PLANS = ["cpu", "cuda", (12, 4)]
+
+
+def use_scan_plan(monkeypatch, plan):
+    planner = zigma.scan_plan
+    if isinstance(plan, tuple):
+        monkeypatch.setattr(zigma, "scan_plan", lambda length, per_token, device_type: plan)
+    else:
+        monkeypatch.setattr(zigma, "scan_plan", lambda length, per_token, device_type: planner(length, per_token, plan))
+
+
+@pytest.mark.parametrize("plan", SCAN_PLANS)
+@pytest.mark.parametrize("length", [1, 7, 75, 300, 1025])  # none a multiple of a chunk or block
+def test_selective_scan_equals_sequential_reference_for_every_plan(monkeypatch, plan, length):
+    inputs = scan_inputs(length=length)
+    y_ref, grads_ref = values_and_gradients(selective_scan_reference, inputs, True)
+    use_scan_plan(monkeypatch, plan)
+    y, grads = values_and_gradients(selective_scan, inputs, True)
+    assert relative_error(y, y_ref) < 1e-12, "values differ from the reference"
+    for name in grads:
+        assert relative_error(grads[name], grads_ref[name]) < 1e-12, f"gradient of {name} differs"
+
+
+@pytest.mark.parametrize("plan", SCAN_PLANS)
 @pytest.mark.parametrize("length", [1, 16, 75])  # shorter than a chunk, one chunk, chunks and a part
 @pytest.mark.parametrize("optional, delta_softplus", [
-    (("D", "z", "delta_bias"), True), ((), False), (("D", "z", "delta_bias"), False),
-    (("D", "delta_bias"), True), (("z",), True)])
-def test_selective_scan_equals_sequential_reference(length, optional, delta_softplus):
+    ((), False), (("D", "z", "delta_bias"), False), (("D", "delta_bias"), True), (("z",), True)])
+def test_selective_scan_equals_sequential_reference_without_some_inputs(monkeypatch, plan, length, optional, delta_softplus):
+    use_scan_plan(monkeypatch, plan)
     inputs = scan_inputs(length=length)
     y, grads = values_and_gradients(selective_scan, inputs, delta_softplus, optional)
     y_ref, grads_ref = values_and_gradients(selective_scan_reference, inputs, delta_softplus, optional)
     assert relative_error(y, y_ref) < 1e-12, "values differ from the reference"
     for name in grads:
         assert relative_error(grads[name], grads_ref[name]) < 1e-12, f"gradient of {name} differs"
+
+
+def test_selective_scan_takes_the_mixers_channels_last_views():
+    # The Mamba mixer passes (b, e, l) views of (b, l, e) tensors; z is a view of a wider one.
+    inputs = scan_inputs(length=75)
+    y_ref, grads_ref = values_and_gradients(selective_scan_reference, inputs, True)
+    views = {}
+    for name, x in inputs.items():
+        if x.dim() == 3:
+            wide = torch.cat([x.detach().transpose(1, 2), torch.randn_like(x.detach().transpose(1, 2))], dim=-1)
+            views[name] = wide.requires_grad_()[..., :x.shape[1]].transpose(1, 2)  # (b, x, l) view of (b, l, 2x)
+            assert views[name].stride(1) == 1 and torch.equal(views[name], x)
+        else:
+            views[name] = x
+    y, grads = values_and_gradients(selective_scan, views, True)
+    assert relative_error(y, y_ref) < 1e-12
+    assert y.stride(1) == 1, "the output comes back in u's layout, so that the mixer's out_proj needs no copy"
+    for name in grads:
+        assert relative_error(grads[name], grads_ref[name]) < 1e-12, f"gradient of {name} differs"
+
+
+def test_causal_conv1d_equals_conv1d():
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).double()
+    x = torch.randn(2, 9, 6, generator=g, dtype=torch.float64, requires_grad=True)  # (B, L, E)
+    weights = torch.randn(2, 9, 6, generator=g, dtype=torch.float64)
+    out = zigma.causal_conv1d(x, conv.weight, conv.bias)
+    reference = conv(x.transpose(1, 2))[..., :9].transpose(1, 2)  # padded on both sides, the first L outputs kept
+    assert relative_error(out, reference) < 1e-14
+    grads = torch.autograd.grad((out * weights).sum(), [x, conv.weight, conv.bias])
+    grads_ref = torch.autograd.grad((reference * weights).sum(), [x, conv.weight, conv.bias])
+    for name, a, b in zip(["x", "weight", "bias"], grads, grads_ref):
+        assert relative_error(a, b) < 1e-14, f"gradient of {name} differs"
 
 
 def test_selective_scan_float32_within_1e5_of_float64_reference():
@@ -159,7 +218,9 @@ def test_selective_scan_float32_within_1e5_of_float64_reference():
         assert relative_error(grads[name].double(), grads_ref[name]) < 1e-5, f"gradient of {name} differs"
 
 
-def test_selective_scan_stays_finite_with_large_decay():
+@pytest.mark.parametrize("plan", SCAN_PLANS)
+def test_selective_scan_stays_finite_with_large_decay(monkeypatch, plan):
+    use_scan_plan(monkeypatch, plan)
     batch, width, state, length = 1, 2, 4, 4096
     u = torch.randn(batch, width, length, requires_grad=True)
     delta = torch.full((batch, width, length), 10.0, requires_grad=True)
@@ -168,6 +229,7 @@ def test_selective_scan_stays_finite_with_large_decay():
     y = selective_scan(u, delta, A, B, C)
     y.sum().backward()
     assert torch.isfinite(y).all() and torch.isfinite(u.grad).all() and torch.isfinite(A.grad).all()
+    assert torch.isfinite(delta.grad).all()
     # exp(-1000) is 0: each state forgets the past, so y_t = C_t . (delta_t B_t u_t).
     expected = 10 * u.detach() * (B * C).sum(1, keepdim=True)
     assert torch.allclose(y, expected, rtol=1e-5, atol=1e-5)
@@ -184,9 +246,12 @@ def test_selective_scan_refuses_a_second_derivative():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_selective_scan_accepts_half_precision(dtype):
     inputs = scan_inputs(length=40, dtype=torch.float32)
-    low = {name: x.detach().to(dtype) for name, x in inputs.items()}
+    low = {name: x.detach().to(dtype).requires_grad_() for name, x in inputs.items()}
     y = selective_scan(**low, delta_softplus=True)
     assert y.dtype == dtype
+    y.sum().backward()
+    for name, x in low.items():
+        assert x.grad.dtype == dtype and torch.isfinite(x.grad).all(), f"the gradient of {name} in {x.grad.dtype}"
     y_ref = selective_scan_reference(**{name: x.float() for name, x in low.items()}, delta_softplus=True)
     assert relative_error(y.float(), y_ref) < 1e-2
 
@@ -407,6 +472,33 @@ def test_labels_are_dropped_in_training_and_not_in_sampling():
     for labels in recorder.labels[1:]:
         assert torch.equal(labels[:4], y[:4]), "sampling must keep the labels of the conditional half"
         assert (labels[4:] == 3).all(), "the unconditional half gets the null label"
+
+
+def test_training_step_under_bfloat16_autocast():
+    # As train.py runs on CUDA: the linear layers in bfloat16, the selective scan in float32 inside.
+    model = randomize(ZigMa(tiny_config(context_dim=8)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 8, 8), torch.rand(2), context=torch.randn(2, 3, 8))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out.float().square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()), name
+
+
+def test_gradient_checkpointing_changes_no_gradient():
+    torch.manual_seed(0)
+    model = randomize(ZigMa(tiny_config(num_classes=2, context_dim=8))).double()
+    x, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    y, context = torch.tensor([0, 1]), torch.randn(2, 3, 8, dtype=torch.float64)
+    gradients = []
+    for checkpointing in (False, True):
+        model.grad_checkpointing = checkpointing
+        model.zero_grad()
+        model(x, t, y, context).square().sum().backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name in gradients[0]:
+        assert relative_error(gradients[1][name], gradients[0][name]) < 1e-12, f"gradient of {name} differs"
 
 
 def test_model_overfits_one_batch():
@@ -667,6 +759,28 @@ def test_weight_decay_applies_to_weight_matrices_only():
     for n, p in networks.named_parameters():
         expected = before[n] * (1 - 0.1 * 0.5) if n in decayed else before[n]
         assert torch.allclose(p, expected, rtol=1e-6, atol=0), f"{n} moved wrongly"
+
+
+@pytest.mark.parametrize("most, cores, busy_elsewhere, threads", [
+    (2, 2, 0.0, 2), (2, 2, 0.3, 2), (2, 2, 1.0, 1), (2, 2, 2.0, 1), (16, 16, 1.0, 15), (4, 16, 0.0, 4), (16, 16, 3.8, 12)])
+def test_spare_threads_leave_busy_cores_alone(most, cores, busy_elsewhere, threads):
+    assert train.spare_threads(most, cores, busy_elsewhere) == threads
+
+
+def test_cpu_threads_follow_the_load_of_other_processes(monkeypatch):
+    threads = [2]
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads[-1])
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    readings = iter([(0, 0, 0), (150, 200, 50), (300, 400, 150), (300, 400, 150)])  # (busy, all, ours) ticks
+    monkeypatch.setattr(train.CPUThreads, "ticks", lambda self: next(readings))
+    counter = train.CPUThreads(every=0)
+    counter.cores = [0, 1]
+    counter.update()  # 100 of 200 ticks went to another process: one core's worth
+    assert threads[-1] == 1
+    counter.update()  # all 150 busy ticks were ours
+    assert threads[-1] == 2
+    counter.update()  # no ticks passed: nothing to judge by
+    assert threads == [2, 1, 2]
 
 
 def test_sixteen_bit_and_transparent_images_are_read_correctly(tmp_path):

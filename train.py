@@ -14,6 +14,7 @@ a command resumes from OUT/ckpt.pt; a larger --steps trains on. Sample from a ch
 """
 
 import argparse
+import collections
 import copy
 import json
 import math
@@ -334,6 +335,53 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device("cpu")
 
 
+def spare_threads(most: int, cores: int, busy_elsewhere: float) -> int:
+    """Threads for torch: the cores that other processes leave free (busy_elsewhere is in cores), 1 to most."""
+    return max(1, min(most, round(cores - busy_elsewhere)))
+
+
+class CPUThreads:
+    """Keeps torch's CPU thread count at the cores that other processes leave free, measured every few seconds.
+
+    Every parallel operation waits for its slowest thread. With a core taken by another process, each of the
+    thousands of small operations of a step waits for a descheduled thread, and training runs 10-20x slower;
+    one thread fewer runs at the speed of the cores that are free. Linux only (it reads /proc); elsewhere it
+    leaves the thread count alone.
+    """
+
+    def __init__(self, every: float = 2.0):
+        self.cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.most, self.every = torch.get_num_threads(), every
+        self.last, self.checked = self.ticks(), time.monotonic()
+
+    def ticks(self) -> tuple[int, int, int] | None:
+        """(busy, all) clock ticks of this process's cores, and this process's own ticks; None without /proc."""
+        try:
+            with open("/proc/stat") as f:
+                rows = {line.split()[0]: [int(v) for v in line.split()[1:9]] for line in f if line.startswith("cpu")}
+            with open("/proc/self/stat") as f:
+                ours = sum(int(v) for v in f.read().rsplit(")", 1)[1].split()[11:13])  # utime + stime
+        except (OSError, ValueError, IndexError):
+            return None
+        counts = [rows[f"cpu{core}"] for core in self.cores if f"cpu{core}" in rows]
+        idle = sum(c[3] + c[4] for c in counts)  # idle and iowait
+        total = sum(sum(c) for c in counts)  # user nice system idle iowait irq softirq steal
+        return total - idle, total, ours
+
+    def update(self) -> None:
+        if time.monotonic() - self.checked < self.every:
+            return
+        now = self.ticks()
+        if now is None or self.last is None or not self.cores:
+            return
+        busy, total, ours = (a - b for a, b in zip(now, self.last))
+        self.last, self.checked = now, time.monotonic()
+        if total > 0:
+            threads = spare_threads(self.most, len(self.cores), len(self.cores) * (busy - ours) / total)
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+
+
 def save_checkpoint(checkpoint: dict, path: Path) -> None:
     """Write to a temporary file, then rename over the old one: a crash never leaves a broken checkpoint."""
     temporary = path.with_name(path.name + ".tmp")
@@ -441,6 +489,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     training.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
     training.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    training.add_argument("--grad-checkpointing", action="store_true",
+                          help="recompute each block in the backward pass: less memory, about a third more time")
     training.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
     progress = parser.add_argument_group("progress")
     progress.add_argument("--sample-every", type=int, default=500, help="save samples every this many steps (default: 500)")
@@ -646,6 +696,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model = networks["zigma"]
+    model.grad_checkpointing = args.grad_checkpointing
     train_model = torch.compile(model) if args.compile else model
     encode = networks["text"] if "text" in networks else pretrained
     scan_name = "pure torch" if selective_scan_for(device) is selective_scan else "mamba-ssm's fused kernel"
@@ -653,10 +704,13 @@ def main(argv=None):
           f"{plural(len(dataset), 'training clip' if args.frames else 'training image')}, on {device}, selective scan in {scan_name}")
 
     progress = tqdm(total=args.steps, initial=step, dynamic_ncols=True)
-    started, examples_seen = time.perf_counter(), 0
+    recent = collections.deque([(time.perf_counter(), 0)], maxlen=21)  # (time, examples) after each of the last 20 steps
+    threads = CPUThreads() if device.type == "cpu" else None
     try:
         while step < args.steps:
             for batch in loader:
+                if threads:
+                    threads.update()
                 x = batch["x"].to(device, non_blocking=True)
                 y = batch["y"].to(device) if "y" in batch else None
                 with autocast:
@@ -669,8 +723,8 @@ def main(argv=None):
                 step += 1
                 update_ema(ema, networks, min(args.ema_decay, (1 + step) / (10 + step)))
 
-                examples_seen += x.shape[0]
-                speed = examples_seen / (time.perf_counter() - started)
+                recent.append((time.perf_counter(), recent[-1][1] + x.shape[0]))
+                speed = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])  # over the last 20 steps
                 progress.update()
                 progress.set_postfix(loss=f"{loss.item():.4f}", per_s=f"{speed:.1f}")
                 if step % args.log_every == 0:
