@@ -1,46 +1,63 @@
-"""Benchmark the selective scan and whole-model training, on whatever device runs it.
+"""Benchmark the selective scan, whole-model training against DiT, and training beside a busy CPU.
 
-    python bench.py                                   # both tables on the default device (cuda, else cpu)
-    python bench.py --device cpu --model ZigMa-Tiny/2 # a model size a CPU gets through in minutes
-    python bench.py --only scan --lengths 256 1024 --chunk 64
+    python bench.py                                   # every table on the default device (cuda, else cpu)
+    python bench.py --device cpu --only scan --max-seconds 30
+    python bench.py --device cpu --only model --model ZigMa-S/2 --depth 4 --batch-size 2 --tokens 64
+    python bench.py --only busy                       # a tiny train.py run alone, then beside a busy process
 
 Scan level: one forward + backward of a selective scan with B=8, E=768, N=16 and D, z, delta_bias and
 softplus, for each sequence length L. Every case runs in fresh processes, so that the peak memory of one
 does not hide another's: one for the time (the median of up to five passes after one untimed pass), one
 for the memory. "extra memory" is the peak during forward + backward minus what the inputs held before
 (CPU: the process's peak resident memory, with glibc told to hand freed blocks back at once; CUDA: torch's
-peak allocation). The methods:
+peak allocation). "operations" counts the torch operations dispatched (each a kernel launch on a GPU, but
+for views). The methods:
     reference      zigma.selective_scan_reference: one token at a time, autograd keeps every state
     materialising  the straightforward scan below: (B, E, L, N) decays and inputs, then a loop
-    fast           zigma.selective_scan: the chunked scan with its own backward
+    fast           zigma.selective_scan, by blocks and chunks (zigma.scan_plan picks them by device)
     fused          mamba-ssm's CUDA kernel (CUDA with mamba-ssm installed only)
 A method is skipped at a length where, extrapolated from the shorter one, it would take longer than
---max-seconds or more than half the free memory.
+--max-seconds or more than half the free memory. A second table counts the fast scan's operations under
+each device's plan, on meta tensors, so that a CPU shows what a GPU would launch.
 
-Model level: training images/s (flow loss, backward, AdamW step; bf16 autocast on CUDA, as train.py) of
-a preset at 32 x 32 and 64 x 64 tokens, next to a DiT of the same width and depth whose blocks use
-torch's scaled_dot_product_attention, with everything else (embeddings, final layer) shared.
+Model level: one training step (flow loss, backward, AdamW step; bf16 autocast on CUDA, as train.py) of a
+preset (--depth overrides its depth) at --tokens x --tokens tokens, in fresh processes: the median step
+time over --steps steps, and the extra peak memory of one step over what the model and optimizer hold. Next
+to it, the same with gradient checkpointing, and a DiT of the same width whose blocks use torch's
+scaled_dot_product_attention, with everything else (embeddings, final layer) shared; --dit-depth sets its
+depth (default: the same as ZigMa's).
+
+Busy CPU: train.py's default model on the built-in faces for 40 steps, alone, then beside another process
+that keeps one core busy; the images/s of the last 20 steps of each, and their ratio.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import zigma
 from zigma import PRESETS, ZigMa, flow_loss, modulate, preset_config
 
 SCAN_SIZE = dict(batch=8, inner=768, d_state=16)  # B, E, N
 
+
+#################################################################################
+#                                  Scan level                                   #
+#################################################################################
 
 def selective_scan_materialising(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """The straightforward scan: all decays and inputs as (B, E, L, N) tensors, and autograd keeps every state."""
@@ -123,29 +140,50 @@ def free_bytes(device: torch.device) -> int:
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
+class OperationCount(TorchDispatchMode):
+    """Counts the torch operations dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def scan_operations(length: int, device_type: str) -> int:
+    """The fast scan's operations for one forward + backward at SCAN_SIZE, under device_type's plan, on meta tensors."""
+    inputs = {name: x.detach().to("meta").requires_grad_(name != "A")
+              for name, x in scan_inputs(length, torch.device("cpu"), **SCAN_SIZE).items()}
+    planner = zigma.scan_plan
+    zigma.scan_plan = lambda length, per_token, _: planner(length, per_token, device_type)
+    try:
+        with OperationCount() as counter:  # the autograd Function itself: meta tensors have no autocast to turn off
+            y = zigma._SelectiveScan.apply(*(inputs[name] for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), True)
+            y.backward(torch.empty_like(y))
+    finally:
+        zigma.scan_plan = planner
+    return counter.count
+
+
 def run_scan_case(method: str, length: int, device: torch.device, max_seconds: float) -> dict:
-    """Time one method at one length, in this (fresh) process; returns seconds per forward+backward and extra bytes."""
+    """Time one method at one length, in this (fresh) process; returns seconds per forward+backward, extra bytes
+    and operations."""
     scan = scan_methods(device)[method]
-    warm_up = scan_inputs(2 * zigma.CHUNK, device, **SCAN_SIZE)
+    warm_up = scan_inputs(32, device, **SCAN_SIZE)
     forward_backward(scan, warm_up, torch.randn_like(warm_up["u"]))
     inputs = scan_inputs(length, device, **SCAN_SIZE)
     grad_y = torch.randn(SCAN_SIZE["batch"], SCAN_SIZE["inner"], length, device=device)
     synchronize(device)
-    # The first pass measures the peak memory.
-    if device.type == "cuda":
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        reset_peak_resident()
-        before = resident_bytes()
+    # The first pass measures the peak memory, and counts the operations.
+    before = memory_mark(device)
     start = time.perf_counter()
-    forward_backward(scan, inputs, grad_y)
+    with OperationCount() as counter:
+        forward_backward(scan, inputs, grad_y)
     synchronize(device)
     times = [time.perf_counter() - start]
-    if device.type == "cuda":
-        extra = torch.cuda.max_memory_allocated(device) - before
-    else:
-        extra = resident_bytes("VmHWM") - before
+    extra = peak_since(device, before)
     # Then up to five timed passes, within the time limit; the first pass counts only when it is the only one.
     timed = []
     while len(timed) < 5 and sum(times) + sum(timed) + times[0] < max_seconds:
@@ -153,17 +191,37 @@ def run_scan_case(method: str, length: int, device: torch.device, max_seconds: f
         forward_backward(scan, inputs, grad_y)
         synchronize(device)
         timed.append(time.perf_counter() - start)
-    return dict(seconds=statistics.median(timed or times), extra_bytes=max(extra, 0))
+    return dict(seconds=statistics.median(timed or times), extra_bytes=max(extra, 0), operations=counter.count)
 
 
-def run_in_subprocess(method: str, length: int, args, device: torch.device, memory: bool = False) -> dict:
-    """One scan case in a fresh process. memory=True: one pass only, with glibc returning every freed block
-    over 8 MiB to the system at once (a fixed mmap threshold), so that on the CPU the peak resident memory
-    follows what torch holds, not what the allocator keeps for reuse."""
-    command = [sys.executable, __file__, "--device", str(device), "--chunk", str(args.chunk),
-               "--max-seconds", str(0 if memory else args.max_seconds), "--scan-case", method, str(length)]
+def memory_mark(device: torch.device) -> int:
+    """What is held now, and the start of a new peak: torch's allocation on CUDA, the resident memory on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    reset_peak_resident()
+    return resident_bytes()
+
+
+def peak_since(device: torch.device, before: int) -> int:
+    """How far the memory rose above `before` since memory_mark."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - before
+    return resident_bytes("VmHWM") - before
+
+
+def run_in_subprocess(case: list[str], args, device: torch.device, memory: bool = False) -> dict:
+    """One case (--case ...) in a fresh process. memory=True: one pass only, with glibc returning every freed
+    block over 8 MiB to the system at once (a fixed mmap threshold), so that on the CPU the peak resident
+    memory follows what torch holds, not what the allocator keeps for reuse."""
+    options = ["--device", str(device), "--max-seconds", str(0 if memory else args.max_seconds),
+               "--model", args.model, "--batch-size", str(args.batch_size), "--steps", str(1 if memory else args.steps)]
+    if args.depth:
+        options += ["--depth", str(args.depth)]
+    if args.dit_depth:
+        options += ["--dit-depth", str(args.dit_depth)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(8 << 20)) if memory else None
-    finished = subprocess.run(command, capture_output=True, text=True, env=env)
+    finished = subprocess.run([sys.executable, __file__, *options, "--case", *case], capture_output=True, text=True, env=env)
     if finished.returncode:
         raise RuntimeError(finished.stderr.strip().splitlines()[-1])
     return json.loads(finished.stdout.splitlines()[-1])
@@ -172,8 +230,8 @@ def run_in_subprocess(method: str, length: int, args, device: torch.device, memo
 def scan_table(args, device: torch.device):
     print(f"## Scan: forward + backward, B={SCAN_SIZE['batch']}, E={SCAN_SIZE['inner']}, N={SCAN_SIZE['d_state']}, "
           f"float32, on {device_name(device)}\n")
-    print("| L | method | time | extra memory | vs materialising |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| L | method | time | extra memory | operations | vs materialising |")
+    print("| --- | --- | --- | --- | --- | --- |")
     previous = {}  # method: (length, result) at the last length it ran
     for length in args.lengths:
         results = {}
@@ -184,13 +242,14 @@ def scan_table(args, device: torch.device):
                 # The reference's time grows with L; so does every method's memory (the materialising one linearly).
                 if last["seconds"] * growth > args.max_seconds or last["extra_bytes"] * growth > free_bytes(device) / 2:
                     print(f"| {length} | {method} | skipped: about {last['seconds'] * growth:.0f} s and "
-                          f"{gib(last['extra_bytes'] * growth)} expected | | |")
+                          f"{gib(last['extra_bytes'] * growth)} expected | | | |")
                     continue
             try:
-                result = dict(seconds=run_in_subprocess(method, length, args, device)["seconds"],
-                              extra_bytes=run_in_subprocess(method, length, args, device, memory=True)["extra_bytes"])
+                timed = run_in_subprocess(["scan", method, str(length)], args, device)
+                result = dict(timed, extra_bytes=run_in_subprocess(["scan", method, str(length)], args, device,
+                                                                   memory=True)["extra_bytes"])
             except RuntimeError as error:
-                print(f"| {length} | {method} | failed: {error} | | |")
+                print(f"| {length} | {method} | failed: {error} | | | |")
                 continue
             results[method] = previous[method] = (length, result)
         baseline = results.get("materialising")
@@ -200,9 +259,19 @@ def scan_table(args, device: torch.device):
                 base = baseline[1]
                 ratio = (f"{base['seconds'] / result['seconds']:.1f}x faster, "
                          f"{base['extra_bytes'] / max(result['extra_bytes'], 1):.1f}x less memory")
-            print(f"| {length} | {method} | {seconds(result['seconds'])} | {gib(result['extra_bytes'])} | {ratio} |")
+            print(f"| {length} | {method} | {seconds(result['seconds'])} | {gib(result['extra_bytes'])} | "
+                  f"{result['operations']:,} | {ratio} |")
     print()
     print_scan_agreement(device)
+    print("Operations of the fast scan, one forward + backward, by device plan (zigma.scan_plan):\n")
+    print("| L | CPU plan | GPU and MPS plan |")
+    print("| --- | --- | --- |")
+    for length in args.lengths:
+        plans = [zigma.scan_plan(length, math.prod(SCAN_SIZE.values()), kind) for kind in ("cpu", "cuda")]
+        counts = [f"{scan_operations(length, kind):,} (blocks of {block}, chunks of {chunk})"
+                  for kind, (block, chunk) in zip(("cpu", "cuda"), plans)]
+        print(f"| {length} | {counts[0]} | {counts[1]} |")
+    print()
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -211,7 +280,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def print_scan_agreement(device: torch.device):
     """How far each method is from the reference (values and gradients), and whether a stiff long scan overflows."""
-    inputs = scan_inputs(300, device, batch=2, inner=64, d_state=16, seed=1)  # 300: not a multiple of CHUNK
+    inputs = scan_inputs(300, device, batch=2, inner=64, d_state=16, seed=1)  # 300: a multiple of no plan's block
     grad_y = torch.randn(2, 64, 300, device=device)
     reference = forward_backward(zigma.selective_scan_reference, inputs, grad_y)
     for method, scan in scan_methods(device).items():
@@ -248,7 +317,7 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
-    def forward(self, x, c, scan=None, context=None):  # (B, L, D); the scan order does not matter to attention
+    def forward(self, x, c, scan=None, context=None, context_mask=None):  # (B, L, D); the scan order does not matter to attention
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # (B, D) each
         q, k, v = rearrange(self.qkv(modulate(self.norm1(x), shift1, scale1)), "b l (three h e) -> three b h l e",
                             three=3, h=self.heads)  # (B, heads, L, D/heads) each
@@ -264,11 +333,24 @@ def dit_like(model: ZigMa) -> ZigMa:
     return model
 
 
-def images_per_second(model: nn.Module, args, device: torch.device) -> float:
-    config = model.config
-    model.to(device).train()
+MODEL_KINDS = ["ZigMa", "ZigMa, gradient checkpointing", "DiT"]
+
+
+def build_model(kind: str, args, side: int) -> nn.Module:
+    config = preset_config(args.model, input_size=side * PRESETS[args.model]["patch_size"], in_channels=4)
+    depth = (args.dit_depth or args.depth) if kind == "DiT" else args.depth
+    model = ZigMa(dataclasses.replace(config, depth=depth) if depth else config)
+    model.grad_checkpointing = kind == "ZigMa, gradient checkpointing"
+    return dit_like(model) if kind == "DiT" else model
+
+
+def run_model_case(kind: str, side: int, args, device: torch.device) -> dict:
+    """One training step's time (median of args.steps after a warm-up step) and extra peak memory (of the first
+    step after warm-up, over what the model, its gradients' absence and the optimizer's state hold)."""
+    torch.manual_seed(0)
+    model = build_model(kind, args, side).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(args.batch_size, config.in_channels, config.input_size, config.input_size, device=device)
+    x = torch.randn(args.batch_size, 4, model.config.input_size, model.config.input_size, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def step():
@@ -277,37 +359,73 @@ def images_per_second(model: nn.Module, args, device: torch.device) -> float:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
 
-    step()  # warm-up
-    step()
-    synchronize(device)
-    start = time.perf_counter()
+    step()  # warm-up: the optimizer's state exists from here on
+    before = memory_mark(device)
+    times = []
     for _ in range(args.steps):
+        start = time.perf_counter()
         step()
-    synchronize(device)
-    return args.batch_size * args.steps / (time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+        if len(times) == 1:
+            extra = peak_since(device, before)
+    return dict(seconds=statistics.median(times), extra_bytes=max(extra, 0),
+                parameters=sum(p.numel() for p in model.parameters()))
 
 
 def model_table(args, device: torch.device):
-    patch = PRESETS[args.model]["patch_size"]
-    print(f"## Model: training images/s, {args.model} vs DiT of the same width and depth, batch {args.batch_size}, "
+    depth = args.depth or PRESETS[args.model]["depth"]
+    print(f"## Model: one training step, {args.model} at depth {depth} vs DiT of the same width, batch {args.batch_size}, "
           f"4 input channels, on {device_name(device)}\n")
-    print("| tokens | model | parameters | images/s |")
-    print("| --- | --- | --- | --- |")
-    for side in (32, 64):
-        for name, build in ((args.model, ZigMa), ("DiT, same width and depth", lambda config: dit_like(ZigMa(config)))):
-            torch.manual_seed(0)
-            model = build(preset_config(args.model, input_size=side * patch, in_channels=4))
-            parameters = sum(p.numel() for p in model.parameters())
+    print("| tokens | model | parameters | step time | images/s | extra memory | vs DiT: time, memory |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for side in args.tokens:
+        results = {}
+        for kind in MODEL_KINDS:
             try:
-                speed = f"{images_per_second(model, args, device):.1f}"
-            except torch.OutOfMemoryError:
-                speed = "out of memory"
-            print(f"| {side} x {side} | {name} | {parameters / 1e6:.1f}M | {speed} |")
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                timed = run_in_subprocess(["model", kind, str(side)], args, device)
+                results[kind] = dict(timed, extra_bytes=run_in_subprocess(["model", kind, str(side)], args, device,
+                                                                          memory=True)["extra_bytes"])
+            except RuntimeError as error:
+                print(f"| {side} x {side} | {kind} | failed: {error} | | | | |")
+        for kind, result in results.items():
+            name = kind if kind != "DiT" else f"DiT, depth {args.dit_depth or depth}"
+            versus = ""
+            if "DiT" in results and kind != "DiT":
+                dit = results["DiT"]
+                versus = f"{result['seconds'] / dit['seconds']:.2f}x, {result['extra_bytes'] / dit['extra_bytes']:.2f}x"
+            print(f"| {side} x {side} | {name} | {result['parameters'] / 1e6:.1f}M | {seconds(result['seconds'])} | "
+                  f"{args.batch_size / result['seconds']:.1f} | {gib(result['extra_bytes'])} | {versus} |")
     print()
+
+
+#################################################################################
+#                                   Busy CPU                                    #
+#################################################################################
+
+def training_rate(out: Path) -> float:
+    """train.py's default run on the built-in faces, 40 steps on the CPU: its images/s over the last 20 steps."""
+    command = [sys.executable, str(Path(__file__).with_name("train.py")), "--out", str(out), "--steps", "40",
+               "--device", "cpu", "--workers", "0", "--log-every", "40", "--sample-every", "1000", "--ckpt-every", "1000"]
+    subprocess.run(command, check=True, capture_output=True)
+    return json.loads((out / "log.jsonl").read_text().splitlines()[-1])["examples_per_s"]
+
+
+def busy_table():
+    print(f"## Training beside a busy CPU: train.py's default run, on {device_name(torch.device('cpu'))}\n")
+    with tempfile.TemporaryDirectory() as folder:
+        alone = training_rate(Path(folder) / "alone")
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # keeps one core busy
+        try:
+            beside = training_rate(Path(folder) / "beside")
+        finally:
+            busy.kill()
+    print("| run | images/s |")
+    print("| --- | --- |")
+    print(f"| alone | {alone:.1f} |")
+    print(f"| beside one busy process | {beside:.1f} |")
+    print(f"\nBeside the busy process, training ran {alone / beside:.2f}x slower than alone.\n")
 
 
 def device_name(device: torch.device) -> str:
@@ -327,26 +445,32 @@ def gib(n: float) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda if available, else cpu)")
-    parser.add_argument("--only", choices=["scan", "model"], help="run one table only")
+    parser.add_argument("--only", choices=["scan", "model", "busy"], help="run one table only")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096], help="scan lengths L")
-    parser.add_argument("--chunk", type=int, default=zigma.CHUNK, help="tokens per chunk of the fast scan")
     parser.add_argument("--max-seconds", type=float, default=120, help="skip scan cases expected to take longer")
     parser.add_argument("--model", default="ZigMa-B/2", choices=PRESETS, help="preset for the model table")
+    parser.add_argument("--depth", type=int, help="layers of the model table's ZigMa (default: the preset's)")
+    parser.add_argument("--dit-depth", type=int, help="layers of its DiT (default: the same as ZigMa's)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[32, 64], help="token grid sides for the model table")
     parser.add_argument("--batch-size", type=int, default=8, help="images per training step in the model table")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per model")
-    parser.add_argument("--scan-case", nargs=2, metavar=("METHOD", "L"), help=argparse.SUPPRESS)  # one case, used internally
+    parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)  # one case in this process, used internally
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    zigma.CHUNK = args.chunk
-    if args.scan_case:
-        method, length = args.scan_case
-        print(json.dumps(run_scan_case(method, int(length), device, args.max_seconds)))
+    if args.case:
+        table, what, size = args.case
+        if table == "scan":
+            print(json.dumps(run_scan_case(what, int(size), device, args.max_seconds)))
+        else:
+            print(json.dumps(run_model_case(what, int(size), args, device)))
         return
-    print(f"torch {torch.__version__}, fast-scan chunk {args.chunk}\n")
-    if args.only != "model":
+    print(f"torch {torch.__version__}\n")
+    if args.only in (None, "scan"):
         scan_table(args, device)
-    if args.only != "scan":
+    if args.only in (None, "model"):
         model_table(args, device)
+    if args.only in (None, "busy"):
+        busy_table()
 
 
 if __name__ == "__main__":
