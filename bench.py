@@ -29,6 +29,12 @@ depth (default: the same as ZigMa's).
 
 Busy CPU: train.py's default model on the built-in faces for 40 steps, alone, then beside another process
 that keeps one core busy; the images/s of the last 20 steps of each, and their ratio.
+
+Class labels: do samples show the class asked for? The built-in faces in four moods (smiling, frowning,
+surprised, neutral), --label-images of each, are written to a folder; a small classifier learns the moods
+from other faces. Then train.py --class-cond trains its default model (ZigMa-Tiny/4, 32 x 32, batch 32) on
+the folder, resuming from stage to stage (--label-steps), and after each stage sample.py draws --label-samples
+faces of each mood, at --cfg 1 and 4. The table gives the share that the classifier reads as the mood asked for.
 """
 
 import argparse
@@ -401,6 +407,91 @@ def model_table(args, device: torch.device):
 
 
 #################################################################################
+#                                 Class labels                                  #
+#################################################################################
+
+MOODS = 4  # the built-in faces' moods, the classes of the label table
+
+
+class MoodClassifier(nn.Module):
+    """A small convolutional classifier of the faces' moods, (B, 3, 32, 32) in [-1, 1] -> (B, MOODS) logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16 x 16
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 8 x 8
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, MOODS))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def train_mood_classifier(faces, first: int, steps: int = 300) -> tuple[nn.Module, float]:
+    """A classifier trained on faces first, first + 1, ... (flipped at random), and its accuracy on 400 other faces."""
+    torch.manual_seed(0)
+    classifier, batch = MoodClassifier(), 64
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    for step in range(steps):
+        indices = range(first + step * batch, first + (step + 1) * batch)
+        x = torch.stack([faces[i]["x"] for i in indices])  # (64, 3, 32, 32)
+        x = torch.where(torch.rand(batch, 1, 1, 1) < 0.5, x, x.flip(-1))
+        loss = F.cross_entropy(classifier(x), torch.tensor([faces[i]["y"] for i in indices]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    held_out = range(first + steps * batch, first + steps * batch + 400)
+    return classifier.eval(), mood_accuracy(classifier, torch.stack([faces[i]["x"] for i in held_out]),
+                                            torch.tensor([faces[i]["y"] for i in held_out]))
+
+
+@torch.no_grad()
+def mood_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    return (classifier(images).argmax(-1) == labels).float().mean().item()
+
+
+def read_images(folder: Path) -> torch.Tensor:
+    """The PNGs sample.py wrote, (B, 3, H, W) in [-1, 1]."""
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+    return torch.stack([to_tensor(Image.open(p).convert("RGB")) * 2 - 1 for p in sorted(folder.glob("*.png"))])
+
+
+def labels_table(args):
+    import train
+    root = Path(__file__).parent
+    print(f"## Class labels: train.py --class-cond on the built-in faces in {MOODS} moods, on {device_name(torch.device('cpu'))}\n")
+    faces = train.SmileyFaces(32, class_cond=True, moods=MOODS)
+    with tempfile.TemporaryDirectory() as folder:
+        data, run = Path(folder) / "faces", Path(folder) / "run"
+        for i in range(MOODS * args.label_images):
+            item = faces[i]
+            (data / faces.moods[item["y"]]).mkdir(parents=True, exist_ok=True)
+            train.save_samples(item["x"][None], data / faces.moods[item["y"]] / f"{i:05d}.png")
+        classifier, accuracy = train_mood_classifier(faces, first=MOODS * args.label_images, steps=args.classifier_steps)
+        print(f"The classifier reads {accuracy:.1%} of 400 held-out real faces right.\n")
+        print("| training steps | samples read as their class, cfg 1 | cfg 4 |")
+        print("| --- | --- | --- |")
+        for steps in args.label_steps:
+            subprocess.run([sys.executable, str(root / "train.py"), "--data", str(data), "--class-cond", "--out", str(run),
+                            "--steps", str(steps), "--device", "cpu"], check=True, capture_output=True)
+            row = []
+            for cfg in (1, 4):
+                right = 0
+                for label, mood in enumerate(faces.moods):
+                    out = Path(folder) / f"samples_{steps}_{cfg}_{mood}"
+                    subprocess.run([sys.executable, str(root / "sample.py"), "--ckpt", str(run), "--class", mood,
+                                    "--n", str(args.label_samples), "--cfg", str(cfg), "--seed", str(label),
+                                    "--out", str(out / "grid.png"), "--out-dir", str(out / "each"), "--device", "cpu"],
+                                   check=True, capture_output=True)
+                    images = read_images(out / "each")
+                    right += round(mood_accuracy(classifier, images, torch.full((len(images),), label)) * len(images))
+                row.append(f"{right / (MOODS * args.label_samples):.0%} ({right} of {MOODS * args.label_samples})")
+            print(f"| {steps} | {row[0]} | {row[1]} |", flush=True)
+    print()
+
+
+#################################################################################
 #                                   Busy CPU                                    #
 #################################################################################
 
@@ -445,7 +536,7 @@ def gib(n: float) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda if available, else cpu)")
-    parser.add_argument("--only", choices=["scan", "model", "busy"], help="run one table only")
+    parser.add_argument("--only", choices=["scan", "model", "busy", "labels"], help="run one table only")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096], help="scan lengths L")
     parser.add_argument("--max-seconds", type=float, default=120, help="skip scan cases expected to take longer")
     parser.add_argument("--model", default="ZigMa-B/2", choices=PRESETS, help="preset for the model table")
@@ -454,6 +545,11 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=[32, 64], help="token grid sides for the model table")
     parser.add_argument("--batch-size", type=int, default=8, help="images per training step in the model table")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per model")
+    parser.add_argument("--label-images", type=int, default=1000, help="training faces of each mood in the label table")
+    parser.add_argument("--label-samples", type=int, default=25, help="samples of each mood in the label table")
+    parser.add_argument("--classifier-steps", type=int, default=300, help="training steps of the label table's mood classifier")
+    parser.add_argument("--label-steps", type=int, nargs="+", default=[250, 500, 1000, 2000],
+                        help="training steps after which the label table samples")
     parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)  # one case in this process, used internally
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -471,6 +567,8 @@ def main():
         model_table(args, device)
     if args.only in (None, "busy"):
         busy_table()
+    if args.only in (None, "labels"):
+        labels_table(args)
 
 
 if __name__ == "__main__":

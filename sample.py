@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from train import (IMAGE_EXTENSIONS, ArgumentParser, UserError, load_checkpoint, load_pretrained_text_encoder, networks_from_checkpoint,
-                   pick_device, save_samples, warn)
-from zigma import CaptionEncoder, sample
+from data import (IMAGE_EXTENSIONS, ArgumentParser, CaptionEncoder, UserError, load_checkpoint, load_pretrained_text_encoder,
+                  networks_from_checkpoint, pick_device, save_samples, warn)
+from zigma import sample
 
 GRID_LIMIT = 256  # samples in the grid image; --out-dir takes any number
 

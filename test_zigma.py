@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import data
 import zigma
 from zigma import (Scan, ZigMa, ZigMaBlock, ZigMaConfig, flow_loss, guided_velocity, layer_scans, sample,
                    selective_scan, selective_scan_reference, sweep_paths, volume_path, zigzag_paths)
@@ -534,7 +535,7 @@ from PIL import Image  # noqa: E402
 
 import sample as sample_script  # noqa: E402
 import train  # noqa: E402
-from train import UserError  # noqa: E402
+from data import UserError  # noqa: E402
 
 TINY_RUN = ["--model", "ZigMa-Tiny/2", "--image-size", "8", "--batch-size", "4", "--workers", "0",
             "--sample-steps", "2", "--sample-every", "2", "--ckpt-every", "2", "--log-every", "1"]
@@ -561,7 +562,7 @@ def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_image_folder_reads_every_format_as_rgb(tmp_path):
-    dataset = train.ImageFolder(make_image_folder(tmp_path / "data"), image_size=8)
+    dataset = data.ImageFolder(make_image_folder(tmp_path / "data"), image_size=8)
     assert len(dataset) == 6
     for i in range(len(dataset)):
         image = dataset[i]["x"]
@@ -569,27 +570,27 @@ def test_image_folder_reads_every_format_as_rgb(tmp_path):
 
 
 def test_unreadable_images_are_skipped_with_a_one_line_warning(tmp_path, capsys):
-    data = make_image_folder(tmp_path / "data")
-    (data / "broken.png").write_bytes(b"\x89PNG not really")
-    dataset = train.ImageFolder(data, image_size=8)
+    folder = make_image_folder(tmp_path / "data")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    dataset = data.ImageFolder(folder, image_size=8)
     assert len(dataset) == 6
-    assert capsys.readouterr().err == f"warning: skipping {data / 'broken.png'}: not a readable image\n"
+    assert capsys.readouterr().err == f"warning: skipping {folder / 'broken.png'}: not a readable image\n"
 
 
 def test_smiley_faces_are_deterministic_images():
-    faces = train.SmileyFaces(image_size=16)
+    faces = data.SmileyFaces(image_size=16)
     face = faces[3]["x"]
     assert face.shape == (3, 16, 16) and torch.equal(face, faces[3]["x"])
     assert not torch.equal(face, faces[5]["x"]) and face.min() >= -1 and face.max() <= 1
 
 
 def test_train_resume_and_sample_end_to_end(tmp_path):
-    data, out = make_image_folder(tmp_path / "data"), tmp_path / "out"
-    train.main(["--data", str(data), "--out", str(out), "--steps", "2", *TINY_RUN])
-    first = train.load_checkpoint(out / "ckpt.pt")
-    assert first["step"] == 2 and first["args"]["data"] == str(data)
-    train.main(["--data", str(data), "--out", str(out), "--steps", "4", *TINY_RUN])  # resumes
-    second = train.load_checkpoint(out / "ckpt.pt")
+    folder, out = make_image_folder(tmp_path / "data"), tmp_path / "out"
+    train.main(["--data", str(folder), "--out", str(out), "--steps", "2", *TINY_RUN])
+    first = data.load_checkpoint(out / "ckpt.pt")
+    assert first["step"] == 2 and first["args"]["data"] == str(folder)
+    train.main(["--data", str(folder), "--out", str(out), "--steps", "4", *TINY_RUN])  # resumes
+    second = data.load_checkpoint(out / "ckpt.pt")
     assert second["step"] == 4
     assert not torch.equal(first["ema"]["zigma.final_layer.linear.weight"], second["ema"]["zigma.final_layer.linear.weight"])
     assert second["optimizer"]["state"][0]["step"] == 4, "the optimizer state must carry over"
@@ -619,15 +620,15 @@ def test_sampling_is_reproducible_with_a_seed(tmp_path):
     ({"x.jpg": "not a jpeg", "y.txt": "text"}, "could be read"),
 ])
 def test_bad_data_folder_is_a_clear_error(tmp_path, files, message):
-    data = tmp_path / "data"
+    folder = tmp_path / "data"
     if files == "a file":
-        data.write_text("not a folder")
+        folder.write_text("not a folder")
     elif files is not None:
-        data.mkdir()
+        folder.mkdir()
         for name, text in files.items():
-            (data / name).write_text(text)
+            (folder / name).write_text(text)
     with pytest.raises(UserError, match=message):
-        train.main(["--data", str(data), "--out", str(tmp_path / "out"), *TINY_RUN])
+        train.main(["--data", str(folder), "--out", str(tmp_path / "out"), *TINY_RUN])
 
 
 def test_image_size_must_be_a_multiple_of_the_patch(tmp_path):
@@ -716,18 +717,18 @@ def test_resuming_with_another_model_names_the_option(tmp_path, trained_run, opt
 
 
 def test_resuming_with_a_new_learning_rate_uses_it_and_says_so(tmp_path, trained_run, capsys):
-    out, data = tmp_path / "out", make_class_folder(tmp_path / "data")
+    out, folder = tmp_path / "out", make_class_folder(tmp_path / "data")
     shutil.copytree(trained_run, out)
     train.main(["--out", str(out), "--steps", "2", *TINY_RUN, "--class-cond", "--lr", "0.001", "--weight-decay", "0.1"])
     printed = capsys.readouterr().out
     assert "resuming with --lr 0.001 (the checkpoint was trained with 0.0003)" in printed
     assert "resuming with --weight-decay 0.1 (the checkpoint was trained with 0.0)" in printed
-    checkpoint = train.load_checkpoint(out / "ckpt.pt")
+    checkpoint = data.load_checkpoint(out / "ckpt.pt")
     assert [group["lr"] for group in checkpoint["optimizer"]["param_groups"]] == [0.001, 0.001]
     assert [group["weight_decay"] for group in checkpoint["optimizer"]["param_groups"]] == [0.1, 0.0]
     assert checkpoint["args"]["lr"] == 0.001 and checkpoint["step"] == 2
     with pytest.raises(UserError, match="trained on the classes smiling, frowning, but --data has cats, dogs"):
-        train.main(["--out", str(out), "--steps", "3", *TINY_RUN, "--class-cond", "--data", str(data)])
+        train.main(["--out", str(out), "--steps", "3", *TINY_RUN, "--class-cond", "--data", str(folder)])
 
 
 def test_resuming_on_other_data_says_so(tmp_path, capsys):
@@ -738,8 +739,8 @@ def test_resuming_on_other_data_says_so(tmp_path, capsys):
 
 
 def test_weight_decay_applies_to_weight_matrices_only():
-    vocabulary = zigma.CaptionEncoder.build_vocabulary(["a red ball"])
-    networks = train.build_networks(tiny_config(num_classes=2, context_dim=32), {"vocabulary": vocabulary})
+    vocabulary = data.CaptionEncoder.build_vocabulary(["a red ball"])
+    networks = data.build_networks(tiny_config(num_classes=2, context_dim=32), {"vocabulary": vocabulary})
     groups = train.parameter_groups(networks, weight_decay=0.5)
     name = {id(p): n for n, p in networks.named_parameters()}
     decayed = {name[id(p)] for p in groups[0]["params"]}
@@ -764,7 +765,7 @@ def test_weight_decay_applies_to_weight_matrices_only():
 @pytest.mark.parametrize("most, cores, busy_elsewhere, threads", [
     (2, 2, 0.0, 2), (2, 2, 0.3, 2), (2, 2, 1.0, 1), (2, 2, 2.0, 1), (16, 16, 1.0, 15), (4, 16, 0.0, 4), (16, 16, 3.8, 12)])
 def test_spare_threads_leave_busy_cores_alone(most, cores, busy_elsewhere, threads):
-    assert train.spare_threads(most, cores, busy_elsewhere) == threads
+    assert data.spare_threads(most, cores, busy_elsewhere) == threads
 
 
 def test_cpu_threads_follow_the_load_of_other_processes(monkeypatch):
@@ -772,8 +773,8 @@ def test_cpu_threads_follow_the_load_of_other_processes(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads[-1])
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     readings = iter([(0, 0, 0), (150, 200, 50), (300, 400, 150), (300, 400, 150)])  # (busy, all, ours) ticks
-    monkeypatch.setattr(train.CPUThreads, "ticks", lambda self: next(readings))
-    counter = train.CPUThreads(every=0)
+    monkeypatch.setattr(data.CPUThreads, "ticks", lambda self: next(readings))
+    counter = data.CPUThreads(every=0)
     counter.cores = [0, 1]
     counter.update()  # 100 of 200 ticks went to another process: one core's worth
     assert threads[-1] == 1
@@ -784,12 +785,12 @@ def test_cpu_threads_follow_the_load_of_other_processes(monkeypatch):
 
 
 def test_sixteen_bit_and_transparent_images_are_read_correctly(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16)).save(data / "grey16.png")  # 32896 / 65535: mid-grey
-    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(data / "clear.png")  # fully transparent red
-    Image.new("LA", (8, 8), (0, 128)).save(data / "half.png")  # black at half opacity
-    dataset = train.ImageFolder(data, image_size=8)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16)).save(folder / "grey16.png")  # 32896 / 65535: mid-grey
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(folder / "clear.png")  # fully transparent red
+    Image.new("LA", (8, 8), (0, 128)).save(folder / "half.png")  # black at half opacity
+    dataset = data.ImageFolder(folder, image_size=8)
     images = {p.name: dataset[i]["x"] * 0.5 + 0.5 for i, p in enumerate(dataset.files)}  # back to [0, 1]
     assert torch.allclose(images["grey16.png"], torch.full((3, 8, 8), 128 / 255)), "16-bit grey must not clip to white"
     assert torch.allclose(images["clear.png"], torch.ones(3, 8, 8)), "transparent pixels show the white background"
@@ -869,8 +870,8 @@ def column_positions(clip: torch.Tensor) -> list[int]:
 
 
 def test_clips_load_from_gifs_and_frame_folders(tmp_path, capsys):
-    data = make_clip_folder(tmp_path / "clips")
-    dataset = train.ClipFolder(data, image_size=8, frames=3, stride=2)
+    folder = make_clip_folder(tmp_path / "clips")
+    dataset = data.ClipFolder(folder, image_size=8, frames=3, stride=2)
     warnings = capsys.readouterr().err
     assert "short.gif: 2 frames, fewer than the 5" in warnings and "still.gif: 1 frame, fewer than the 5" in warnings
     assert len(dataset) == 2, "the GIF and the frame folder are clips; the short GIFs are skipped"
@@ -882,23 +883,23 @@ def test_clips_load_from_gifs_and_frame_folders(tmp_path, capsys):
 
 
 def test_clips_shorter_than_needed_are_refused(tmp_path):
-    data = make_clip_folder(tmp_path / "clips")
+    folder = make_clip_folder(tmp_path / "clips")
     with pytest.raises(UserError, match="no clip has the 9 frames"):
-        train.ClipFolder(data, image_size=8, frames=5, stride=2)
+        data.ClipFolder(folder, image_size=8, frames=5, stride=2)
 
 
 def test_moving_shapes_move():
-    clip = train.MovingShapes(image_size=16, frames=4)[0]["x"]
+    clip = data.MovingShapes(image_size=16, frames=4)[0]["x"]
     assert clip.shape == (4, 3, 16, 16)
     assert all((clip[t] != clip[t + 1]).any() for t in range(3)), "consecutive frames should differ"
 
 
 def test_video_train_resume_and_sample_end_to_end(tmp_path):
-    data, out = make_clip_folder(tmp_path / "clips"), tmp_path / "out"
-    video_run = ["--data", str(data), "--out", str(out), "--frames", "3", "--video-scan", "st", *TINY_RUN]
+    folder, out = make_clip_folder(tmp_path / "clips"), tmp_path / "out"
+    video_run = ["--data", str(folder), "--out", str(out), "--frames", "3", "--video-scan", "st", *TINY_RUN]
     train.main([*video_run, "--steps", "2"])
     train.main([*video_run, "--steps", "3"])
-    checkpoint = train.load_checkpoint(out / "ckpt.pt")
+    checkpoint = data.load_checkpoint(out / "ckpt.pt")
     assert checkpoint["step"] == 3 and checkpoint["config"]["frames"] == 3 and checkpoint["config"]["video_scan"] == "st"
     assert (out / "samples_0000002.gif").exists()
     sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--steps", "2", "--out", str(tmp_path / "grid.gif"),
@@ -911,7 +912,7 @@ def test_video_train_resume_and_sample_end_to_end(tmp_path):
 
 def test_builtin_video_data_trains_with_a_3d_zigzag(tmp_path):
     train.main(["--out", str(tmp_path), "--frames", "2", "--video-scan", "v", "--steps", "1", *TINY_RUN])
-    checkpoint = train.load_checkpoint(tmp_path / "ckpt.pt")
+    checkpoint = data.load_checkpoint(tmp_path / "ckpt.pt")
     assert checkpoint["ema"]["zigma.scans.0.order"].numel() == 2 * 4 * 4, "a volume scan reads the whole clip"
 
 
@@ -926,9 +927,9 @@ def make_class_folder(folder: Path) -> Path:
 
 
 def test_class_conditional_run_keeps_class_names_and_samples_by_name(tmp_path):
-    data, out = make_class_folder(tmp_path / "data"), tmp_path / "out"
-    train.main(["--data", str(data), "--out", str(out), "--class-cond", "--steps", "2", *TINY_RUN])
-    checkpoint = train.load_checkpoint(out / "ckpt.pt")
+    folder, out = make_class_folder(tmp_path / "data"), tmp_path / "out"
+    train.main(["--data", str(folder), "--out", str(out), "--class-cond", "--steps", "2", *TINY_RUN])
+    checkpoint = data.load_checkpoint(out / "ckpt.pt")
     assert checkpoint["conditioning"]["class_names"] == ["cats", "dogs"]
     assert checkpoint["config"]["num_classes"] == 2
     for chosen in ("dogs", "0", None):
@@ -946,16 +947,16 @@ def test_class_cond_needs_class_folders(tmp_path):
 
 
 def test_captioned_run_keeps_its_vocabulary_and_samples_prompts(tmp_path, capsys):
-    data, out = make_class_folder(tmp_path / "data"), tmp_path / "out"
-    for image in data.rglob("*.png"):
+    folder, out = make_class_folder(tmp_path / "data"), tmp_path / "out"
+    for image in folder.rglob("*.png"):
         image.with_suffix(".txt").write_text(f"A photo of {image.parts[-3]}, number {image.stem}")
-    (data / "cats" / "inner" / "1.txt").unlink()
-    train.main(["--data", str(data), "--out", str(out), "--captions", "--steps", "2", *TINY_RUN])
+    (folder / "cats" / "inner" / "1.txt").unlink()
+    train.main(["--data", str(folder), "--out", str(out), "--captions", "--steps", "2", *TINY_RUN])
     assert "1 of 4 images have no caption file" in capsys.readouterr().err
-    checkpoint = train.load_checkpoint(out / "ckpt.pt")
+    checkpoint = data.load_checkpoint(out / "ckpt.pt")
     vocabulary = checkpoint["conditioning"]["vocabulary"]
     assert {"a", "photo", "of", "cats", "dogs", "number", "0", "1"} <= set(vocabulary)
-    networks = train.networks_from_checkpoint(checkpoint, out / "ckpt.pt")
+    networks = data.networks_from_checkpoint(checkpoint, out / "ckpt.pt")
     assert networks["text"].vocabulary == vocabulary, "the encoder is rebuilt with the saved vocabulary"
     (tmp_path / "prompts.txt").write_text("a photo of dogs\n\na photo of unseen words\n")
     sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "3", "--steps", "2", "--cfg", "2", "--prompt", "cats",
@@ -969,9 +970,9 @@ def test_captions_are_refused_when_no_image_has_one(tmp_path):
 
 
 def test_caption_encoder_gives_context_for_any_caption():
-    vocabulary = zigma.CaptionEncoder.build_vocabulary(["a red ball", "A blue ball!"])
-    assert vocabulary == zigma.CaptionEncoder.special + ["a", "ball", "blue", "red"]
-    encoder = zigma.CaptionEncoder(vocabulary, dim=16).double()
+    vocabulary = data.CaptionEncoder.build_vocabulary(["a red ball", "A blue ball!"])
+    assert vocabulary == data.CaptionEncoder.special + ["a", "ball", "blue", "red"]
+    encoder = data.CaptionEncoder(vocabulary, dim=16).double()
     context, mask = encoder(["a red ball", "", "a green cube"])
     assert context.shape == (3, 4, 16) and torch.isfinite(context).all(), "the empty caption still has its start token"
     assert mask.tolist() == [[True] * 4, [True, False, False, False], [True, True, True, True]]
@@ -982,7 +983,7 @@ def test_caption_encoder_gives_context_for_any_caption():
 def test_a_prompt_samples_the_same_alone_and_beside_a_longer_prompt():
     torch.manual_seed(0)
     short, long = "a red ball", "a big blue ball on a red table"
-    encoder = zigma.CaptionEncoder(zigma.CaptionEncoder.build_vocabulary([short, long]), dim=16).double()
+    encoder = data.CaptionEncoder(data.CaptionEncoder.build_vocabulary([short, long]), dim=16).double()
     model = randomize(ZigMa(tiny_config(context_dim=16))).double()
     noise, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
     alone, beside = encoder([short]), encoder([short, long])
@@ -1006,7 +1007,7 @@ def test_dropped_captions_see_the_whole_null_context():
 
 def test_builtin_faces_train_with_classes_and_captions(tmp_path):
     train.main(["--out", str(tmp_path), "--class-cond", "--captions", "--steps", "1", *TINY_RUN])
-    conditioning = train.load_checkpoint(tmp_path / "ckpt.pt")["conditioning"]
+    conditioning = data.load_checkpoint(tmp_path / "ckpt.pt")["conditioning"]
     assert conditioning["class_names"] == ["smiling", "frowning"] and "frowning" in conditioning["vocabulary"]
 
 
@@ -1022,7 +1023,7 @@ def make_tiny_pretrained_text_model(folder: Path) -> Path:
 
 
 def test_pretrained_text_encoder_loads_from_a_local_folder_and_stays_frozen(tmp_path):
-    encoder = zigma.PretrainedTextEncoder(str(make_tiny_pretrained_text_model(tmp_path / "bert")))
+    encoder = data.PretrainedTextEncoder(str(make_tiny_pretrained_text_model(tmp_path / "bert")))
     context, mask = encoder(["a photo of cats", "dogs"])
     assert context.shape[0] == 2 and context.shape[2] == encoder.dim == 24
     assert mask.tolist() == [[True] * 6, [True] * 3 + [False] * 3], "[CLS] words [SEP], then padding"
@@ -1033,11 +1034,11 @@ def test_pretrained_text_encoder_loads_from_a_local_folder_and_stays_frozen(tmp_
 
 def test_captioned_run_with_a_pretrained_encoder(tmp_path):
     bert = make_tiny_pretrained_text_model(tmp_path / "bert")
-    data, out = make_class_folder(tmp_path / "data"), tmp_path / "out"
-    for image in data.rglob("*.png"):
+    folder, out = make_class_folder(tmp_path / "data"), tmp_path / "out"
+    for image in folder.rglob("*.png"):
         image.with_suffix(".txt").write_text(f"a photo of {image.parts[-3]}")
-    train.main(["--data", str(data), "--out", str(out), "--captions", "--text-encoder", str(bert), "--steps", "1", *TINY_RUN])
-    checkpoint = train.load_checkpoint(out / "ckpt.pt")
+    train.main(["--data", str(folder), "--out", str(out), "--captions", "--text-encoder", str(bert), "--steps", "1", *TINY_RUN])
+    checkpoint = data.load_checkpoint(out / "ckpt.pt")
     assert checkpoint["conditioning"]["text_encoder"] == str(bert) and checkpoint["config"]["context_dim"] == 24
     assert not any(key.startswith("text.") for key in checkpoint["model"]), "frozen weights stay out of the checkpoint"
     sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--steps", "2", "--prompt", "a photo of dogs",

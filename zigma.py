@@ -15,7 +15,6 @@ The file reads top to bottom:
     4. ZigMa block           ZigMaBlock: adaLN-Zero around a Mamba branch and an optional cross-attention
     5. embeddings, model     ZigMaConfig, ZigMa, presets
     6. flow matching         flow_loss, guided_velocity, sample
-    7. text encoders         CaptionEncoder (built in, learned), PretrainedTextEncoder (transformers, frozen)
 
 Shape letters:
     B  batch                 T  frames of a clip (1 for images)
@@ -34,7 +33,6 @@ Time convention (the linear stochastic interpolant with velocity prediction):
 """
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -820,67 +818,3 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
             v = (v + v_next) / 2
         x = x + dt * v
     return x
-
-
-#################################################################################
-#                          Text encoders for cross-attention                    #
-#################################################################################
-
-class CaptionEncoder(nn.Module):
-    """The built-in text encoder, learned with the model: word embeddings and a small transformer.
-
-    It needs no download. Its vocabulary, the words of the training captions, is saved with the model;
-    index 0 pads, 1 stands for an unknown word, 2 starts every caption (so that "" still has a token).
-    """
-
-    special = ["<pad>", "<unknown>", "<start>"]
-
-    def __init__(self, vocabulary: list[str], dim: int, max_words: int = 32, depth: int = 2):
-        super().__init__()
-        assert vocabulary[:3] == self.special, "the vocabulary starts with the special tokens"
-        self.vocabulary, self.max_words = vocabulary, max_words
-        self.index = {word: i for i, word in enumerate(vocabulary)}
-        self.embed = nn.Embedding(len(vocabulary), dim)
-        self.position = nn.Parameter(torch.randn(1, max_words + 1, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, max(1, dim // 64), 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
-        self.transformer = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
-
-    @staticmethod
-    def words(caption: str) -> list[str]:
-        return re.findall(r"[a-z0-9']+", caption.lower())
-
-    @classmethod
-    def build_vocabulary(cls, captions: list[str]) -> list[str]:
-        return cls.special + sorted({word for caption in captions for word in cls.words(caption)})
-
-    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The context tokens (B, S, D) of the captions, padded to the longest, and their mask (B, S): False on padding."""
-        rows = [[2] + [self.index.get(word, 1) for word in self.words(c)][:self.max_words] for c in captions]
-        length = max(len(row) for row in rows)
-        tokens = torch.tensor([row + [0] * (length - len(row)) for row in rows], device=self.position.device)  # (B, S)
-        mask = tokens != 0  # (B, S)
-        x = self.embed(tokens) + self.position[:, :length]  # (B, S, D)
-        return self.transformer(x, src_key_padding_mask=~mask), mask  # (B, S, D), (B, S)
-
-
-class PretrainedTextEncoder(nn.Module):
-    """A frozen pretrained text encoder from the transformers library (e.g. a CLIP text model), by name or path."""
-
-    def __init__(self, name: str):
-        super().__init__()
-        from transformers import AutoModel, AutoTokenizer  # optional: only this encoder needs transformers
-
-        self.tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModel.from_pretrained(name)
-        self.encoder = (model.text_model if hasattr(model, "text_model") else model).requires_grad_(False).eval()
-        self.dim = self.encoder.config.hidden_size
-
-    def train(self, mode: bool = True):
-        return super().train(False)  # frozen: always in eval mode
-
-    @torch.no_grad()
-    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The context tokens (B, S, hidden) of the captions, padded to the longest, and their mask (B, S): False on padding."""
-        device = next(self.encoder.parameters()).device
-        tokens = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt").to(device)
-        return self.encoder(**tokens).last_hidden_state, tokens["attention_mask"].bool()  # (B, S, hidden), (B, S)

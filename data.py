@@ -1,0 +1,520 @@
+"""What train.py and sample.py share: the data that goes into ZigMa, and the files that come out.
+
+    1. messages        UserError and ArgumentParser: a user's mistake in one sentence; warn
+    2. image folders   ImageFolder (images, with classes or captions) and ClipFolder (GIFs, frame folders)
+    3. built-in data   SmileyFaces and MovingShapes, which need no download
+    4. text encoders   CaptionEncoder (built in, learned with the model), PretrainedTextEncoder (transformers)
+    5. checkpoints     save and load them atomically, rebuild the networks, save sample grids
+    6. devices         pick_device, and CPUThreads, which keeps torch off the cores other processes use
+"""
+
+import argparse
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from zigma import ZigMa, ZigMaConfig
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+
+
+#################################################################################
+#                                    Messages                                   #
+#################################################################################
+
+class UserError(Exception):
+    """A mistake in the command line or the files it names: reported in one sentence, without a traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is a UserError (one sentence) rather than the whole usage text."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def warn(message: str) -> None:
+    """One line on stderr, written so that it does not break a progress bar."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+#################################################################################
+#                                 Image folders                                 #
+#################################################################################
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under folder, recursively, sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def frame_count(path: Path) -> int:
+    """How many frames PIL finds in the file (1 for a still image), or 0 if it is not a readable image."""
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "n_frames", 1)
+    except Exception:
+        return 0
+
+
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited over: white
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any image as 8-bit RGB: 16-bit grey scaled down (not clipped to white), transparency composited over white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale PNGs and TIFFs
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    if "A" in image.getbands() or "transparency" in image.info:  # RGBA, LA, PA, or a palette with a transparent colour
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, BACKGROUND + (255,)), image).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_frames(path: Path, first: int = 0, count: int = 1, stride: int = 1) -> list[Image.Image]:
+    """Frames first, first + stride, ... of an image file, as RGB; a still image has only frame 0."""
+    with Image.open(path) as image:
+        frames = []
+        for i in range(first, first + count * stride, stride):
+            image.seek(i)
+            frames.append(to_rgb(image))
+        return frames
+
+
+def class_names_of(root: Path, paths: list[Path]) -> list[str]:
+    """The first-level subfolders of root that the paths lie in: the class names of --class-cond."""
+    stray = [p for p in paths if len(p.relative_to(root).parts) == 1]
+    if stray:
+        raise UserError(f"--class-cond needs every image inside a class subfolder of {root}, but {stray[0]} lies at its top")
+    names = {p.relative_to(root).parts[0] for p in paths}
+    if not names:
+        raise UserError(f"--class-cond needs one subfolder per class in {root}")
+    return sorted(names)
+
+
+def read_captions(images: list[Path]) -> list[str]:
+    """The caption of each image: the text of the .txt file with the same stem beside it."""
+    captions = [p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else None for p in images]
+    missing = sum(c is None for c in captions)
+    if missing == len(captions):
+        raise UserError("--captions: no image has a caption file (NAME.txt beside NAME.png)")
+    if missing:
+        warn(f"{missing} of {plural(len(captions), 'image')} have no caption file; they get the empty caption")
+    return [c or "" for c in captions]
+
+
+class ImageFolder(Dataset):
+    """The images under a folder, as (3, S, S) tensors in [-1, 1]: resized, centre-cropped, randomly flipped.
+
+    Items are dicts: "x", and "y" (the class index) or "caption" when asked for.
+    """
+
+    def __init__(self, folder: Path, image_size: int, class_cond: bool = False, captions: bool = False):
+        files = image_files(folder)
+        if not files:
+            raise UserError(f"--data {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        self.files = [p for p in files if frame_count(p)]
+        for p in sorted(set(files) - set(self.files)):
+            warn(f"skipping {p}: not a readable image")
+        if not self.files:
+            raise UserError(f"--data {folder}: none of its {len(files)} image files could be read")
+        self.class_names = class_names_of(folder, self.files) if class_cond else None
+        self.labels = [self.class_names.index(p.relative_to(folder).parts[0]) for p in self.files] if class_cond else None
+        self.captions = read_captions(self.files) if captions else None
+        self.transform = transforms.Compose([
+            transforms.Resize(image_size),
+            transforms.CenterCrop(image_size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5] * 3, [0.5] * 3),  # [0, 1] -> [-1, 1]
+        ])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        try:
+            x = self.transform(load_frames(self.files[index])[0])  # (3, S, S)
+        except Exception as error:  # a file that passed the header check but does not decode
+            warn(f"skipping {self.files[index]}: {error}")
+            return self[(index + 1) % len(self)]
+        item = {"x": x}
+        if self.labels is not None:
+            item["y"] = self.labels[index]
+        if self.captions is not None:
+            item["caption"] = self.captions[index]
+        return item
+
+
+class ClipFolder(Dataset):
+    """The clips under a folder, as (T, 3, S, S) tensors in [-1, 1].
+
+    A clip is an animated GIF, or a folder of frame images (sorted by name). Each item is T frames,
+    `stride` apart, from a random start; every frame gets the same resize, crop and flip.
+    """
+
+    def __init__(self, folder: Path, image_size: int, frames: int, stride: int = 1, class_cond: bool = False):
+        files = image_files(folder)
+        by_folder = {}  # folder -> its frame images
+        self.clips = []  # (frame files, or one GIF file, frames available)
+        for p in files:
+            if p.suffix.lower() == ".gif":
+                self.clips.append(([p], frame_count(p)))
+            elif frame_count(p):
+                by_folder.setdefault(p.parent, []).append(p)
+            else:
+                warn(f"skipping {p}: not a readable image")
+        self.clips += [(paths, len(paths)) for paths in by_folder.values()]
+        if not self.clips:
+            raise UserError(f"--data {folder} holds no clips (animated GIFs, or folders of frame images)")
+        span = (frames - 1) * stride + 1  # frames a training example covers
+        too_short = [c for c in self.clips if c[1] < span]
+        for paths, available in too_short:
+            warn(f"skipping {paths[0] if len(paths) == 1 else paths[0].parent}: {plural(available, 'frame')}, "
+                 f"fewer than the {span} that --frames {frames} --frame-stride {stride} needs")
+        self.clips = [c for c in self.clips if c[1] >= span]
+        if not self.clips:
+            raise UserError(f"--data {folder}: no clip has the {span} frames that --frames {frames} --frame-stride {stride} needs")
+        self.frames, self.stride, self.span = frames, stride, span
+        self.class_names, self.labels, self.captions = None, None, None
+        if class_cond:
+            anchors = [paths[0] for paths, _ in self.clips]
+            self.class_names = class_names_of(folder, anchors)
+            self.labels = [self.class_names.index(p.relative_to(folder).parts[0]) for p in anchors]
+        self.transform = transforms.Compose([
+            transforms.Resize(image_size),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5] * 3, [0.5] * 3),  # [0, 1] -> [-1, 1]
+        ])
+
+    def __len__(self):
+        return len(self.clips)
+
+    def __getitem__(self, index):
+        paths, available = self.clips[index]
+        start = torch.randint(0, available - self.span + 1, ()).item()
+        if len(paths) == 1:  # a GIF
+            images = load_frames(paths[0], start, self.frames, self.stride)
+        else:
+            images = [load_frames(p)[0] for p in paths[start:start + self.span:self.stride]]
+        x = torch.stack([self.transform(image) for image in images])  # (T, 3, S, S)
+        if torch.rand(()) < 0.5:
+            x = x.flip(-1)  # the same flip for every frame
+        item = {"x": x}
+        if self.labels is not None:
+            item["y"] = self.labels[index]
+        return item
+
+
+#################################################################################
+#                                 Built-in data                                 #
+#################################################################################
+
+FACE_COLOURS = {"yellow": (0.95, 0.85, 0.1), "orange": (0.95, 0.55, 0.1), "pink": (0.95, 0.6, 0.75)}
+BACKGROUNDS = {"blue": (0.1, 0.2, 0.5), "green": (0.1, 0.4, 0.15), "purple": (0.35, 0.1, 0.4)}
+
+
+class SmileyFaces(Dataset):
+    """Procedurally drawn faces, (3, S, S) in [-1, 1]: built-in data that needs no download.
+
+    Each index draws one face from its own seed: colours, size, position, eyes and mouth. The classes are
+    moods, "smiling" and "frowning" (bench.py draws all four), and a caption names the colours and the mood,
+    for trying --class-cond and --captions without data.
+    """
+
+    all_moods = ["smiling", "frowning", "surprised", "neutral"]
+
+    def __init__(self, image_size: int, size: int = 100_000, class_cond: bool = False, captions: bool = False,
+                 moods: int = 2):
+        self.image_size, self.size = image_size, size
+        self.moods = self.all_moods[:moods]  # face i has mood i mod len(moods)
+        self.class_names = self.moods if class_cond else None
+        self.captions = [self.caption(i) for i in range(1000)] if captions else None  # enough for the vocabulary
+
+    def __len__(self):
+        return self.size
+
+    def choices(self, index) -> tuple[torch.Generator, int, str, str]:
+        """Face `index`'s random generator, after drawing its class, face colour and background."""
+        g = torch.Generator().manual_seed(index)
+        face = list(FACE_COLOURS)[torch.randint(3, (), generator=g).item()]
+        background = list(BACKGROUNDS)[torch.randint(3, (), generator=g).item()]
+        return g, index % len(self.moods), face, background
+
+    def caption(self, index) -> str:
+        _, label, face, background = self.choices(index)
+        return f"a {face} {self.moods[label]} face on a {background} background"
+
+    def __getitem__(self, index):
+        g, label, face, background = self.choices(index)
+        u = lambda low, high: low + (high - low) * torch.rand((), generator=g).item()  # noqa: E731
+        s = self.image_size
+        y, x = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")  # (S, S) each
+        cx, cy, r = u(-0.15, 0.15), u(-0.15, 0.15), u(0.6, 0.8)
+        x, y = (x - cx) / r, (y - cy) / r  # face coordinates: the face is the unit disc
+        eye_x, eye_y, eye_r = u(0.25, 0.4), u(-0.45, -0.25), u(0.1, 0.16)
+        mouth_r, mouth_y = u(0.45, 0.6), u(-0.05, 0.1)
+        mood = self.moods[label]
+        if mood == "smiling":  # the lower arc of a circle
+            mouth = (((x ** 2 + (y - mouth_y) ** 2).sqrt() - mouth_r).abs() <= 0.08) & (y > mouth_y + 0.1)
+        elif mood == "frowning":  # the upper arc of a circle below the mouth line
+            mouth = (((x ** 2 + (y - mouth_y - 0.75) ** 2).sqrt() - mouth_r).abs() <= 0.08) & (y < mouth_y + 0.65)
+        elif mood == "surprised":  # a ring
+            mouth = ((x ** 2 + (y - mouth_y - 0.45) ** 2).sqrt() - 0.45 * mouth_r).abs() <= 0.08
+        else:  # neutral: a straight line
+            mouth = ((y - mouth_y - 0.45).abs() <= 0.08) & (x.abs() <= 0.8 * mouth_r)
+        ink = torch.tensor([0.1, 0.05, 0.0]).view(3, 1, 1)
+        image = torch.tensor(BACKGROUNDS[background]).view(3, 1, 1).expand(3, s, s)
+        image = torch.where(x ** 2 + y ** 2 <= 1, torch.tensor(FACE_COLOURS[face]).view(3, 1, 1), image)
+        image = torch.where(((x.abs() - eye_x) ** 2 + (y - eye_y) ** 2).sqrt() <= eye_r, ink, image)  # both eyes
+        image = torch.where(mouth, ink, image)
+        item = {"x": image * 2 - 1}
+        if self.class_names:
+            item["y"] = label
+        if self.captions:
+            item["caption"] = self.caption(index)
+        return item
+
+
+class MovingShapes(Dataset):
+    """Clips of a ball crossing the frame in a straight line, (T, 3, S, S) in [-1, 1]: built-in video data."""
+
+    def __init__(self, image_size: int, frames: int, size: int = 100_000):
+        self.image_size, self.frames, self.size = image_size, frames, size
+        self.class_names, self.captions = None, None
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        g = torch.Generator().manual_seed(index)
+        s, t = self.image_size, torch.linspace(0, 1, self.frames)[:, None, None]  # (T, 1, 1)
+        y, x = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")  # (S, S) each
+        start, end = torch.rand(2, generator=g) * 1.2 - 0.6, torch.rand(2, generator=g) * 1.2 - 0.6  # (x, y) each
+        centre = start + t[..., None] * (end - start)  # (T, 1, 1, 2)
+        radius = 0.2 + 0.15 * torch.rand((), generator=g)
+        inside = (x - centre[..., 0]) ** 2 + (y - centre[..., 1]) ** 2 <= radius ** 2  # (T, S, S)
+        colour, background = torch.rand(3, 1, 1, generator=g) * 0.5 + 0.5, torch.rand(3, 1, 1, generator=g) * 0.4
+        clip = torch.where(inside[:, None], colour, background)  # (T, 3, S, S)
+        return {"x": clip * 2 - 1}
+
+
+#################################################################################
+#                       Text encoders for cross-attention                       #
+#################################################################################
+
+class CaptionEncoder(nn.Module):
+    """The built-in text encoder, learned with the model: word embeddings and a small transformer.
+
+    It needs no download. Its vocabulary, the words of the training captions, is saved with the model;
+    index 0 pads, 1 stands for an unknown word, 2 starts every caption (so that "" still has a token).
+    """
+
+    special = ["<pad>", "<unknown>", "<start>"]
+
+    def __init__(self, vocabulary: list[str], dim: int, max_words: int = 32, depth: int = 2):
+        super().__init__()
+        assert vocabulary[:3] == self.special, "the vocabulary starts with the special tokens"
+        self.vocabulary, self.max_words = vocabulary, max_words
+        self.index = {word: i for i, word in enumerate(vocabulary)}
+        self.embed = nn.Embedding(len(vocabulary), dim)
+        self.position = nn.Parameter(torch.randn(1, max_words + 1, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, max(1, dim // 64), 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+
+    @staticmethod
+    def words(caption: str) -> list[str]:
+        return re.findall(r"[a-z0-9']+", caption.lower())
+
+    @classmethod
+    def build_vocabulary(cls, captions: list[str]) -> list[str]:
+        return cls.special + sorted({word for caption in captions for word in cls.words(caption)})
+
+    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context tokens (B, S, D) of the captions, padded to the longest, and their mask (B, S): False on padding."""
+        rows = [[2] + [self.index.get(word, 1) for word in self.words(c)][:self.max_words] for c in captions]
+        length = max(len(row) for row in rows)
+        tokens = torch.tensor([row + [0] * (length - len(row)) for row in rows], device=self.position.device)  # (B, S)
+        mask = tokens != 0  # (B, S)
+        x = self.embed(tokens) + self.position[:, :length]  # (B, S, D)
+        return self.transformer(x, src_key_padding_mask=~mask), mask  # (B, S, D), (B, S)
+
+
+class PretrainedTextEncoder(nn.Module):
+    """A frozen pretrained text encoder from the transformers library (e.g. a CLIP text model), by name or path."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer  # optional: only this encoder needs transformers
+
+        self.tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModel.from_pretrained(name)
+        self.encoder = (model.text_model if hasattr(model, "text_model") else model).requires_grad_(False).eval()
+        self.dim = self.encoder.config.hidden_size
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: always in eval mode
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context tokens (B, S, hidden) of the captions, padded to the longest, and their mask (B, S): False on padding."""
+        device = next(self.encoder.parameters()).device
+        tokens = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt").to(device)
+        return self.encoder(**tokens).last_hidden_state, tokens["attention_mask"].bool()  # (B, S, hidden), (B, S)
+
+
+def load_pretrained_text_encoder(name: str | None) -> PretrainedTextEncoder | None:
+    if name is None:
+        return None
+    try:
+        return PretrainedTextEncoder(name)
+    except ImportError:
+        raise UserError(f"the text encoder {name} needs the transformers package: pip install transformers")
+    except Exception as error:
+        raise UserError(f"could not load the text encoder {name}: {str(error).strip().splitlines()[0]}")
+
+
+#################################################################################
+#                          Checkpoints and sample files                         #
+#################################################################################
+
+def save_checkpoint(checkpoint: dict, path: Path) -> None:
+    """Write to a temporary file, then rename over the old one: a crash never leaves a broken checkpoint."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by train.py, or a UserError that says what is wrong with the file."""
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}; train one with train.py or check the path")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise UserError(f"{path} is not a readable checkpoint (corrupt or not written by train.py)")
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} is not a ZigMa checkpoint from train.py (it holds a {type(checkpoint).__name__}, not a dict)")
+    missing = {"model", "ema", "config", "step", "conditioning"} - set(checkpoint)
+    if missing:
+        raise UserError(f"{path} is not a ZigMa checkpoint from train.py (it lacks {', '.join(sorted(missing))})")
+    return checkpoint
+
+
+def build_networks(config: ZigMaConfig, conditioning: dict) -> nn.ModuleDict:
+    """What training optimises: the ZigMa, and the built-in caption encoder when it learns with it."""
+    networks = nn.ModuleDict({"zigma": ZigMa(config)})
+    if conditioning.get("vocabulary"):
+        networks["text"] = CaptionEncoder(conditioning["vocabulary"], config.context_dim)
+    return networks
+
+
+def networks_from_checkpoint(checkpoint: dict, path: Path, weights: str = "ema") -> nn.ModuleDict:
+    """Rebuild the networks from the checkpoint's config and load their weights ("ema" or "model")."""
+    try:
+        networks = build_networks(ZigMaConfig(**checkpoint["config"]), checkpoint["conditioning"])
+        networks.load_state_dict(checkpoint[weights])
+    except (TypeError, AssertionError, RuntimeError) as error:
+        raise UserError(f"{path} does not match this version of ZigMa: {str(error).strip().splitlines()[0]}")
+    return networks
+
+
+def save_samples(samples: torch.Tensor, path: Path, fps: int = 8) -> None:
+    """Save images (B, 3, H, W) in [-1, 1] as one grid, or clips (B, T, 3, H, W) as one animated grid GIF."""
+    samples = samples.float().clamp(-1, 1) * 0.5 + 0.5
+    nrow = math.ceil(math.sqrt(samples.shape[0]))
+    if samples.dim() == 4:
+        save_image(samples, path, nrow=nrow)
+        return
+    frames = [make_grid(samples[:, t], nrow=nrow).mul(255).round().byte().permute(1, 2, 0).numpy()
+              for t in range(samples.shape[1])]  # (H', W', 3) each
+    images = [Image.fromarray(frame) for frame in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)
+
+
+#################################################################################
+#                                    Devices                                    #
+#################################################################################
+
+def pick_device(name: str | None) -> torch.device:
+    """The device asked for, else cuda, then mps, then cpu."""
+    if name:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device {name} is not a device name; use cuda, mps or cpu (or cuda:1, ...)")
+        try:
+            torch.empty(0, device=device)
+        except Exception:
+            raise UserError(f"--device {name} is not available on this machine")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def spare_threads(most: int, cores: int, busy_elsewhere: float) -> int:
+    """Threads for torch: the cores that other processes leave free (busy_elsewhere is in cores), 1 to most."""
+    return max(1, min(most, round(cores - busy_elsewhere)))
+
+
+class CPUThreads:
+    """Keeps torch's CPU thread count at the cores that other processes leave free, measured every few seconds.
+
+    Every parallel operation waits for its slowest thread. With a core taken by another process, each of the
+    thousands of small operations of a step waits for a descheduled thread, and training runs 10-20x slower;
+    one thread fewer runs at the speed of the cores that are free. Linux only (it reads /proc); elsewhere it
+    leaves the thread count alone.
+    """
+
+    def __init__(self, every: float = 2.0):
+        self.cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.most, self.every = torch.get_num_threads(), every
+        self.last, self.checked = self.ticks(), time.monotonic()
+
+    def ticks(self) -> tuple[int, int, int] | None:
+        """(busy, all) clock ticks of this process's cores, and this process's own ticks; None without /proc."""
+        try:
+            with open("/proc/stat") as f:
+                rows = {line.split()[0]: [int(v) for v in line.split()[1:9]] for line in f if line.startswith("cpu")}
+            with open("/proc/self/stat") as f:
+                ours = sum(int(v) for v in f.read().rsplit(")", 1)[1].split()[11:13])  # utime + stime
+        except (OSError, ValueError, IndexError):
+            return None
+        counts = [rows[f"cpu{core}"] for core in self.cores if f"cpu{core}" in rows]
+        idle = sum(c[3] + c[4] for c in counts)  # idle and iowait
+        total = sum(sum(c) for c in counts)  # user nice system idle iowait irq softirq steal
+        return total - idle, total, ours
+
+    def update(self) -> None:
+        if time.monotonic() - self.checked < self.every:
+            return
+        now = self.ticks()
+        if now is None or self.last is None or not self.cores:
+            return
+        busy, total, ours = (a - b for a, b in zip(now, self.last))
+        self.last, self.checked = now, time.monotonic()
+        if total > 0:
+            threads = spare_threads(self.most, len(self.cores), len(self.cores) * (busy - ours) / total)
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
