@@ -4,8 +4,9 @@
     2. image folders   ImageFolder (images, with classes or captions) and ClipFolder (GIFs, frame folders)
     3. built-in data   SmileyFaces and MovingShapes, which need no download
     4. text encoders   CaptionEncoder (built in, learned with the model), PretrainedTextEncoder (transformers)
-    5. checkpoints     save and load them atomically, rebuild the networks, save sample grids
-    6. devices         pick_device, and CPUThreads, which keeps torch off the cores other processes use
+    5. latents         VAE (a pretrained autoencoder from diffusers) and Latents, a folder encoded by it once
+    6. checkpoints     save and load them atomically, rebuild the networks, save sample grids
+    7. devices         pick_device, and CPUThreads, which keeps torch off the cores other processes use
 """
 
 import argparse
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image
 from torch.utils.data import Dataset
@@ -117,10 +119,21 @@ def read_captions(images: list[Path]) -> list[str]:
     return [c or "" for c in captions]
 
 
+def image_transform(image_size: int) -> transforms.Compose:
+    """An image as a (3, S, S) tensor in [-1, 1]: resized so that its shorter side is S, then centre-cropped."""
+    return transforms.Compose([
+        transforms.Resize(image_size),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize([0.5] * 3, [0.5] * 3),  # [0, 1] -> [-1, 1]
+    ])
+
+
 class ImageFolder(Dataset):
     """The images under a folder, as (3, S, S) tensors in [-1, 1]: resized, centre-cropped, randomly flipped.
 
-    Items are dicts: "x", and "y" (the class index) or "caption" when asked for.
+    Items are dicts: "x", and "y" (the class index) or "caption" when asked for. unflipped(i) is image
+    i, as a clip of one frame: what the latent cache encodes.
     """
 
     def __init__(self, folder: Path, image_size: int, class_cond: bool = False, captions: bool = False):
@@ -135,24 +148,21 @@ class ImageFolder(Dataset):
         self.class_names = class_names_of(folder, self.files) if class_cond else None
         self.labels = [self.class_names.index(p.relative_to(folder).parts[0]) for p in self.files] if class_cond else None
         self.captions = read_captions(self.files) if captions else None
-        self.transform = transforms.Compose([
-            transforms.Resize(image_size),
-            transforms.CenterCrop(image_size),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize([0.5] * 3, [0.5] * 3),  # [0, 1] -> [-1, 1]
-        ])
+        self.transform = image_transform(image_size)
 
     def __len__(self):
         return len(self.files)
 
+    def unflipped(self, index) -> torch.Tensor:
+        return self.transform(load_frames(self.files[index])[0])[None]  # (1, 3, S, S)
+
     def __getitem__(self, index):
         try:
-            x = self.transform(load_frames(self.files[index])[0])  # (3, S, S)
+            x = self.unflipped(index)[0]  # (3, S, S)
         except Exception as error:  # a file that passed the header check but does not decode
             warn(f"skipping {self.files[index]}: {error}")
             return self[(index + 1) % len(self)]
-        item = {"x": x}
+        item = {"x": x.flip(-1) if torch.rand(()) < 0.5 else x}
         if self.labels is not None:
             item["y"] = self.labels[index]
         if self.captions is not None:
@@ -164,7 +174,8 @@ class ClipFolder(Dataset):
     """The clips under a folder, as (T, 3, S, S) tensors in [-1, 1].
 
     A clip is an animated GIF, or a folder of frame images (sorted by name). Each item is T frames,
-    `stride` apart, from a random start; every frame gets the same resize, crop and flip.
+    `stride` apart, from a random start; every frame gets the same resize, crop and flip. unflipped(i) is
+    every frame of clip i: what the latent cache encodes.
     """
 
     def __init__(self, folder: Path, image_size: int, frames: int, stride: int = 1, class_cond: bool = False):
@@ -195,15 +206,16 @@ class ClipFolder(Dataset):
             anchors = [paths[0] for paths, _ in self.clips]
             self.class_names = class_names_of(folder, anchors)
             self.labels = [self.class_names.index(p.relative_to(folder).parts[0]) for p in anchors]
-        self.transform = transforms.Compose([
-            transforms.Resize(image_size),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize([0.5] * 3, [0.5] * 3),  # [0, 1] -> [-1, 1]
-        ])
+        self.files = [p for paths, _ in self.clips for p in paths]
+        self.transform = image_transform(image_size)
 
     def __len__(self):
         return len(self.clips)
+
+    def unflipped(self, index) -> torch.Tensor:
+        paths, available = self.clips[index]
+        images = load_frames(paths[0], 0, available) if len(paths) == 1 else [load_frames(p)[0] for p in paths]
+        return torch.stack([self.transform(image) for image in images])  # (F, 3, S, S)
 
     def __getitem__(self, index):
         paths, available = self.clips[index]
@@ -390,14 +402,128 @@ def load_pretrained_text_encoder(name: str | None) -> PretrainedTextEncoder | No
 
 
 #################################################################################
+#                           Latents: a pretrained VAE                           #
+#################################################################################
+
+class VAE:
+    """A frozen pretrained autoencoder from diffusers (AutoencoderKL), by hub name or local folder: images
+    (B, 3, H, W) in [-1, 1] to latents (B, C, H/f, W/f) and back, scaled as the model was trained (as DiT does)."""
+
+    def __init__(self, name: str, device: torch.device):
+        try:
+            from diffusers import AutoencoderKL  # optional: only latent training needs diffusers
+        except ImportError:
+            raise UserError(f"--vae {name} needs the diffusers package: pip install diffusers")
+        if not Path(name).exists() and not re.fullmatch(r"[\w-][\w.-]*/[\w-][\w.-]*", name):
+            raise UserError(f"--vae {name} is neither a folder nor a hub name like stabilityai/sd-vae-ft-ema")
+        try:
+            model = AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)
+        except Exception as error:
+            where = "a folder of it" if Path(name).exists() else "a hub name it could download, or a local folder"
+            raise UserError(f"could not load the VAE {name} (give {where}): {str(error).strip().splitlines()[0]}")
+        self.name, self.model = name, model.requires_grad_(False).eval().to(device)
+        config = model.config
+        self.channels, self.factor = config.latent_channels, 2 ** (len(config.block_out_channels) - 1)  # C, f
+        self.scale, self.shift = config.scaling_factor, getattr(config, "shift_factor", None) or 0.0
+
+    @torch.no_grad()
+    def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and standard deviation of the latent distribution of images (B, 3, H, W), scaled."""
+        latent = self.model.encode(images).latent_dist
+        return (latent.mean - self.shift) * self.scale, latent.std * self.scale  # (B, C, H/f, W/f) each
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, batch: int = 16) -> torch.Tensor:
+        """Images (..., 3, H, W) in [-1, 1] from latents (..., C, H/f, W/f): images, or clips frame by frame."""
+        flat = latents.flatten(0, -4).float()  # (frames, C, h, w)
+        images = torch.cat([self.model.decode(part / self.scale + self.shift).sample for part in flat.split(batch)])
+        return images.clamp(-1, 1).view(*latents.shape[:-3], *images.shape[1:])
+
+
+class Latents(Dataset):
+    """A folder data set (ImageFolder or ClipFolder) encoded once by a VAE, every frame and its mirror image.
+
+    The encoding is cached in a file, with what it was made from (the VAE, the image size and every file's
+    name, size and time); it is made again when any of them differs. With several processes (rank of world),
+    each encodes its share, and the first puts the cache together. Each item draws a fresh sample of the
+    latent distribution of a random flip: (C, h, w) for an image; for a clip, T frames `stride` apart from a
+    random start, (T, C, h, w). Labels and captions come from the folder.
+    """
+
+    def __init__(self, source: Dataset, vae: VAE, image_size: int, cache: Path, device: torch.device,
+                 rank: int = 0, world: int = 1):
+        key = {"vae": vae.name, "image_size": image_size,
+               "files": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source.files]}
+        load = lambda: torch.load(cache, map_location="cpu", weights_only=True, mmap=True)  # noqa: E731
+        contents = load() if cache.is_file() else None
+        if contents is None or contents["key"] != key:
+            if contents is not None:
+                print(f"{cache} was encoded from other data, another image size or another VAE: encoding again")
+            self.make_cache(source, vae, key, cache, device, rank, world)
+            contents = load()
+        self.mean, self.std, self.first = contents["mean"], contents["std"], contents["first"].tolist()
+        self.clips = isinstance(source, ClipFolder)
+        self.frames, self.stride = (source.frames, source.stride) if self.clips else (1, 1)
+        self.class_names, self.labels, self.captions = source.class_names, source.labels, source.captions
+
+    @staticmethod
+    def encode(source: Dataset, vae: VAE, device: torch.device, items: range, batch: int = 16) -> list:
+        """For each of the items, the mean and std of its frames' latents, (F, 2 flips, C, h, w) each, in float16."""
+        encoded = []
+        for index in tqdm(items, desc="encoding --data with the VAE, once", dynamic_ncols=True, disable=items.start > 0):
+            frames = source.unflipped(index)  # (F, 3, S, S)
+            both = torch.stack([frames, frames.flip(-1)], dim=1).flatten(0, 1)  # (2 F, 3, S, S): each frame, then its mirror
+            moments = [vae.moments(part.to(device)) for part in both.split(batch)]
+            encoded.append([torch.cat(m).unflatten(0, (-1, 2)).half().cpu() for m in zip(*moments)])  # mean, std
+        return encoded
+
+    @classmethod
+    def make_cache(cls, source, vae: VAE, key: dict, cache: Path, device: torch.device, rank: int, world: int):
+        encoded = cls.encode(source, vae, device, range(rank, len(source), world))  # this process's share
+        if world > 1:  # each process writes its share; the first puts them together
+            save_atomically({"items": encoded}, cache.with_name(f"{cache.name}.part{rank}"))
+            dist.barrier()
+        if rank == 0:
+            parts = [torch.load(cache.with_name(f"{cache.name}.part{r}"), weights_only=True)["items"]
+                     for r in range(1, world)]
+            shares = [encoded] + parts
+            items = [shares[i % world][i // world] for i in range(len(source))]  # back in the folder's order
+            counts = torch.tensor([0] + [len(mean) for mean, _ in items])
+            save_atomically({"key": key, "mean": torch.cat([m for m, _ in items]), "std": torch.cat([s for _, s in items]),
+                             "first": counts.cumsum(0)}, cache)
+            for r in range(world):
+                cache.with_name(f"{cache.name}.part{r}").unlink(missing_ok=True)
+        if world > 1:
+            dist.barrier()
+
+    def __len__(self):
+        return len(self.first) - 1
+
+    def __getitem__(self, index):
+        start, flip = self.first[index], torch.randint(2, ()).item()
+        if self.clips:
+            span = (self.frames - 1) * self.stride + 1
+            start += torch.randint(self.first[index + 1] - start - span + 1, ()).item()
+        frames = slice(start, start + (self.frames - 1) * self.stride + 1, self.stride)
+        mean, std = self.mean[frames, flip].float(), self.std[frames, flip].float()  # (T, C, h, w)
+        x = mean + std * torch.randn_like(std)  # a sample of the latent distribution
+        item = {"x": x if self.clips else x[0]}
+        if self.labels is not None:
+            item["y"] = self.labels[index]
+        if self.captions is not None:
+            item["caption"] = self.captions[index]
+        return item
+
+
+#################################################################################
 #                          Checkpoints and sample files                         #
 #################################################################################
 
-def save_checkpoint(checkpoint: dict, path: Path) -> None:
-    """Write to a temporary file, then rename over the old one: a crash never leaves a broken checkpoint."""
+def save_atomically(contents: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename it over the old one: a crash never leaves a broken file."""
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "wb") as f:
-        torch.save(checkpoint, f)
+        torch.save(contents, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)

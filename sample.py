@@ -7,7 +7,8 @@
     python sample.py --ckpt out/ckpt.pt --prompt "a pink frowning face" --prompt "a yellow smiling face" --cfg 3
 
 Sampling integrates the learned ODE from noise (t = 0) to data (t = 1) with the EMA weights. A video
-checkpoint writes an animated grid GIF (--out samples.gif) and, with --out-dir, one GIF per clip.
+checkpoint writes an animated grid GIF (--out samples.gif) and, with --out-dir, one GIF per clip. A latent
+checkpoint (train.py --vae) is decoded with the VAE it names, or with --vae where that folder has moved.
 """
 
 import argparse
@@ -17,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import (IMAGE_EXTENSIONS, ArgumentParser, CaptionEncoder, UserError, load_checkpoint, load_pretrained_text_encoder,
-                  networks_from_checkpoint, pick_device, save_samples, warn)
+from data import (IMAGE_EXTENSIONS, VAE, ArgumentParser, CaptionEncoder, UserError, load_checkpoint,
+                  load_pretrained_text_encoder, networks_from_checkpoint, pick_device, save_samples, warn)
 from zigma import sample
 
 GRID_LIMIT = 256  # samples in the grid image; --out-dir takes any number
@@ -41,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt", action="append", help="a caption to sample (repeatable; samples cycle through them)")
     parser.add_argument("--prompts", type=Path, help="a file of captions, one per line")
     parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale; 1 = none (default: 1)")
+    parser.add_argument("--vae", metavar="NAME_OR_PATH", help="decode with this VAE, for a latent model whose VAE folder "
+                        "has moved (default: the one the checkpoint names)")
     return parser.parse_args(argv)
 
 
@@ -115,6 +118,10 @@ def main(argv=None):
                         f"{args.ckpt} was trained without classes or captions, so --cfg has nothing to guide towards; leave it out")
     if captioned and prompts is None:
         print(f"{args.ckpt} was trained on captions; without --prompt its samples are not conditioned on one")
+    trained_vae = checkpoint.get("vae")
+    if args.vae and not trained_vae:
+        raise UserError(f"{args.ckpt} was trained on pixels, not latents; leave out --vae")
+    vae = VAE(args.vae or trained_vae, device) if trained_vae else None  # decodes the samples
     networks = networks_from_checkpoint(checkpoint, args.ckpt, "model" if args.no_ema else "ema").to(device).eval()
     model = networks["zigma"]
     encode = networks["text"] if "text" in networks else load_pretrained_text_encoder(conditioning["text_encoder"])
@@ -135,7 +142,7 @@ def main(argv=None):
             context, context_mask = encode(prompts[batch]) if prompts else (None, None)
             samples = sample(model, noise, steps=args.steps, y=y, context=context, context_mask=context_mask,
                              cfg_scale=args.cfg, method=args.method)
-        samples = samples.float().cpu()
+        samples = (vae.decode(samples) if vae else samples).float().cpu()  # (B, 3, H, W), or (B, T, 3, H, W) for clips
         if args.out_dir:
             for i, one in enumerate(samples):
                 save_samples(one[None], args.out_dir / f"{start + i:06d}.{'gif' if video else 'png'}")

@@ -386,7 +386,7 @@ class TrueVelocity(torch.nn.Module):
         super().__init__()
         self.data = data
 
-    def forward(self, x, t, y=None, context=None, context_mask=None):
+    def forward(self, x, t, y=None, context=None, context_mask=None, drop=None):
         return (self.data - x) / (1 - t.view(-1, 1, 1, 1))
 
 
@@ -438,20 +438,16 @@ def test_guidance_extrapolates_from_the_null_condition():
 
 
 class Recorder(torch.nn.Module):
-    """Wraps a model and records the labels, contexts and context masks it is called with."""
+    """Wraps a model and records the labels, and which were dropped (None: none), that it is called with."""
 
     def __init__(self, model):
         super().__init__()
-        self.model, self.labels, self.contexts, self.masks = model, [], [], []
+        self.model, self.labels, self.drops = model, [], []
 
-    def null_conditions(self, *args):
-        return self.model.null_conditions(*args)
-
-    def forward(self, x, t, y=None, context=None, context_mask=None):
+    def forward(self, x, t, y=None, context=None, context_mask=None, drop=None):
         self.labels.append(y)
-        self.contexts.append(context)
-        self.masks.append(context_mask)
-        return self.model(x, t, y, context, context_mask)
+        self.drops.append(drop)
+        return self.model(x, t, y, context, context_mask, drop)
 
 
 def test_guidance_at_scale_one_runs_one_pass():
@@ -460,6 +456,7 @@ def test_guidance_at_scale_one_runs_one_pass():
     sample(recorder, torch.randn(3, 3, 8, 8), steps=2, y=y, cfg_scale=1.0)
     assert len(recorder.labels) == 2, "one model call per Euler step"
     assert all(torch.equal(labels, y) for labels in recorder.labels), "the conditional pass alone, no null half"
+    assert recorder.drops == [None, None], "nothing dropped"
 
 
 def test_labels_are_dropped_in_training_and_not_in_sampling():
@@ -467,12 +464,31 @@ def test_labels_are_dropped_in_training_and_not_in_sampling():
     y = torch.randint(0, 3, (2000,))
     torch.manual_seed(0)
     flow_loss(recorder, torch.randn(2000, 3, 2, 2).repeat(1, 1, 4, 4), y, drop_prob=0.25)
-    dropped = (recorder.labels[-1] == 3).float().mean().item()
+    dropped = recorder.drops[-1].float().mean().item()
     assert abs(dropped - 0.25) < 0.04, f"{dropped:.2f} of the labels were dropped, expected 0.25"
     sample(recorder, torch.randn(4, 3, 8, 8), steps=2, y=y[:4], cfg_scale=2.0)
-    for labels in recorder.labels[1:]:
-        assert torch.equal(labels[:4], y[:4]), "sampling must keep the labels of the conditional half"
-        assert (labels[4:] == 3).all(), "the unconditional half gets the null label"
+    for labels, drop in zip(recorder.labels[1:], recorder.drops[1:]):
+        assert torch.equal(labels, y[:4].repeat(2)), "both halves carry the labels asked for"
+        assert drop.tolist() == [False] * 4 + [True] * 4, "the conditional half keeps them, the other half is null"
+
+
+def test_dropped_conditions_become_the_null_ones():
+    model = randomize(ZigMa(tiny_config(num_classes=3, context_dim=8)))
+    y, context = torch.tensor([0, 1, 2, 1]), torch.randn(4, 5, 8)
+    mask = torch.tensor([[True] * 5, [True] * 2 + [False] * 3, [True] * 3 + [False] * 2, [True] * 5])
+    drop = torch.tensor([False, True, False, True])
+    y_seen, context_seen, mask_seen = model.conditions(4, y, context, mask, drop)
+    assert y_seen.tolist() == [0, 3, 2, 3], "a dropped label becomes the null label, class num_classes"
+    assert torch.equal(context_seen[[0, 2]], context[[0, 2]]) and torch.equal(mask_seen[[0, 2]], mask[[0, 2]])
+    assert torch.equal(context_seen[[1, 3]], model.null_context.expand(2, 5, 8)), "a dropped caption becomes the null context"
+    assert mask_seen[[1, 3]].all(), "a dropped caption's padding must not hide the null context"
+    y_null, context_null, mask_null = model.conditions(2)
+    assert y_null.tolist() == [3, 3] and torch.equal(context_null, model.null_context.expand(2, 1, 8)) and mask_null is None
+    # The null context needs no mask: attending to S copies of its token is attending to one.
+    x, t = torch.randn(1, 3, 8, 8), torch.rand(1)
+    v_short = model(x, t, torch.tensor([1]), model.null_context.expand(1, 1, 8))
+    v_long = model(x, t, torch.tensor([1]), model.null_context.expand(1, 7, 8))
+    assert torch.allclose(v_short, v_long, rtol=1e-5, atol=1e-6)
 
 
 def test_training_step_under_bfloat16_autocast():
@@ -523,6 +539,7 @@ def test_model_overfits_one_batch():
 # ---------------------------------------------------------------------------- train.py and sample.py
 
 import contextlib  # noqa: E402
+import json  # noqa: E402
 import io  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -995,16 +1012,6 @@ def test_a_prompt_samples_the_same_alone_and_beside_a_longer_prompt():
         assert relative_error(sampled_beside[:1], sampled_alone) < 1e-12, f"cfg {cfg_scale}: the sample depends on its batch"
 
 
-def test_dropped_captions_see_the_whole_null_context():
-    recorder = Recorder(ZigMa(tiny_config(context_dim=8)))
-    context, mask = torch.randn(400, 5, 8), torch.arange(5).expand(400, 5) < torch.randint(1, 6, (400, 1))
-    flow_loss(recorder, torch.randn(400, 3, 8, 8), context=context, context_mask=mask, drop_prob=0.5)
-    dropped = (recorder.contexts[0] == recorder.model.null_context).all(-1).all(-1)  # (B,)
-    assert 100 < dropped.sum() < 300, "about half the captions are dropped"
-    assert recorder.masks[0][dropped].all(), "a dropped caption's padding must not hide the null context"
-    assert torch.equal(recorder.masks[0][~dropped], mask[~dropped]), "a kept caption keeps its mask"
-
-
 def test_builtin_faces_train_with_classes_and_captions(tmp_path):
     train.main(["--out", str(tmp_path), "--class-cond", "--captions", "--steps", "1", *TINY_RUN])
     conditioning = data.load_checkpoint(tmp_path / "ckpt.pt")["conditioning"]
@@ -1044,3 +1051,191 @@ def test_captioned_run_with_a_pretrained_encoder(tmp_path):
     sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--steps", "2", "--prompt", "a photo of dogs",
                         "--out", str(tmp_path / "s.png")])
     assert (tmp_path / "s.png").exists()
+
+
+# ---------------------------------------------------------------------------- latent training with a VAE
+
+def make_tiny_vae(folder: Path, seed: int = 0) -> Path:
+    """A randomly initialised diffusers AutoencoderKL (downsampling factor 2, 4 latent channels), saved locally."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                                  layers_per_block=1, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(folder)
+    return folder
+
+
+def test_vae_latents_have_the_vae_shape(tmp_path):
+    vae = data.VAE(str(make_tiny_vae(tmp_path / "vae")), torch.device("cpu"))
+    assert (vae.channels, vae.factor) == (4, 2)
+    mean, std = vae.moments(torch.rand(3, 3, 16, 16) * 2 - 1)
+    assert mean.shape == std.shape == (3, 4, 8, 8) and (std > 0).all()
+    assert vae.decode(mean).shape == (3, 3, 16, 16), "images"
+    clips = vae.decode(torch.randn(2, 5, 4, 8, 8))
+    assert clips.shape == (2, 5, 3, 16, 16) and clips.min() >= -1 and clips.max() <= 1, "clips, frame by frame"
+
+
+def test_latent_training_resume_and_sampling_end_to_end(tmp_path, capsys):
+    vae = str(make_tiny_vae(tmp_path / "vae"))
+    folder, out = make_class_folder(tmp_path / "data"), tmp_path / "out"
+    arguments = ["--data", str(folder), "--out", str(out), "--vae", vae, "--class-cond", *TINY_RUN]
+    train.main([*arguments, "--steps", "3"])
+    checkpoint = data.load_checkpoint(out / "ckpt.pt")
+    assert checkpoint["vae"] == vae and checkpoint["step"] == 3
+    assert (checkpoint["config"]["in_channels"], checkpoint["config"]["input_size"]) == (4, 4), "8 px images, 4 x 4 x 4 latents"
+    assert Image.open(out / "samples_0000002.png").size[0] > 8, "the preview grid is decoded to 8 px images"
+    cache = out / "latents.pt"
+    encoded_at = cache.stat().st_mtime_ns
+    assert "encoding" in capsys.readouterr().err
+    train.main([*arguments, "--steps", "4"])  # resumes from the cache, without encoding
+    assert cache.stat().st_mtime_ns == encoded_at and "encoding" not in capsys.readouterr().err
+    assert data.load_checkpoint(out / "ckpt.pt")["step"] == 4
+    sample_script.main(["--ckpt", str(out), "--n", "3", "--steps", "2", "--class", "cats", "--cfg", "2",
+                        "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "each")])
+    assert [Image.open(p).size for p in sorted((tmp_path / "each").iterdir())] == [(8, 8)] * 3, "decoded to pixels"
+    moved = tmp_path / "moved-vae"
+    Path(vae).rename(moved)
+    sample_script.main(["--ckpt", str(out), "--n", "1", "--steps", "1", "--vae", str(moved), "--out", str(tmp_path / "m.png")])
+    assert Image.open(tmp_path / "m.png").size == (8, 8)
+
+
+def test_latent_video_is_encoded_and_decoded_frame_by_frame(tmp_path):
+    vae = str(make_tiny_vae(tmp_path / "vae"))
+    folder, out = make_clip_folder(tmp_path / "clips"), tmp_path / "out"
+    train.main(["--data", str(folder), "--out", str(out), "--vae", vae, "--frames", "3", "--video-scan", "st",
+                "--steps", "2", *TINY_RUN])
+    assert data.load_checkpoint(out / "ckpt.pt")["config"]["in_channels"] == 4
+    sample_script.main(["--ckpt", str(out), "--n", "2", "--steps", "2", "--out", str(tmp_path / "grid.gif"),
+                        "--out-dir", str(tmp_path / "each")])
+    with Image.open(tmp_path / "each" / "000001.gif") as clip:
+        assert clip.n_frames == 3 and clip.size == (8, 8)
+
+
+def test_latent_cache_is_made_again_when_data_size_or_vae_change(tmp_path, capsys):
+    vaes = [data.VAE(str(make_tiny_vae(tmp_path / f"vae{i}", seed=i)), torch.device("cpu")) for i in range(2)]
+    folder, cache = make_image_folder(tmp_path / "data"), tmp_path / "latents.pt"
+
+    def latents(vae, size):
+        dataset = data.Latents(data.ImageFolder(folder, size), vae, size, cache, torch.device("cpu"))
+        return dataset, capsys.readouterr()
+
+    first, _ = latents(vaes[0], 8)
+    assert len(first) == 6 and first[0]["x"].shape == (4, 4, 4) and first.mean.shape == (6, 2, 4, 4, 4)
+    for change, (vae, size) in [("nothing", (vaes[0], 8)), ("the image size", (vaes[0], 16)), ("the VAE", (vaes[1], 16))]:
+        dataset, printed = latents(vae, size)
+        assert ("encoding again" in printed.out) == (change != "nothing"), f"after changing {change}"
+    Image.new("RGB", (9, 9)).save(folder / "new.png")  # the data changes
+    dataset, printed = latents(vaes[1], 16)
+    assert "encoding again" in printed.out and len(dataset) == 7
+    source = data.ImageFolder(folder, 16)  # the cache holds each image's latent moments, and its mirror image's
+    for flip, image in enumerate([source.unflipped(0), source.unflipped(0).flip(-1)]):
+        mean, std = vaes[1].moments(image)
+        assert torch.allclose(dataset.mean[0, flip].float(), mean[0], rtol=1e-2, atol=1e-3), f"flip {flip}: mean"
+        assert torch.allclose(dataset.std[0, flip].float(), std[0], rtol=1e-2, atol=1e-3), f"flip {flip}: std"
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--vae", "VAE"], "--vae needs --data"),
+    (["--vae", "./no-such-folder", "--data", "DATA"], "is neither a folder nor a hub name"),
+    (["--vae", "NOT_A_VAE", "--data", "DATA"], "could not load the VAE"),
+    (["--vae", "VAE", "--data", "DATA", "--image-size", "10"], "--image-size 10 is not a multiple of 4, the VAE's downsampling factor 2"),
+])
+def test_bad_vae_options_are_one_sentence(tmp_path, options, message):
+    vae, folder = make_tiny_vae(tmp_path / "vae"), make_image_folder(tmp_path / "data")
+    (tmp_path / "not-a-vae").mkdir()
+    values = {"VAE": str(vae), "DATA": str(folder), "NOT_A_VAE": str(tmp_path / "not-a-vae")}
+    with pytest.raises(UserError, match=re.escape(message)):
+        train.main(["--out", str(tmp_path / "out"), *TINY_RUN, *[values.get(o, o) for o in options]])
+
+
+def test_vae_without_diffusers_is_one_sentence(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
+    with pytest.raises(UserError, match=re.escape("needs the diffusers package: pip install diffusers")):
+        data.VAE("stabilityai/sd-vae-ft-ema", torch.device("cpu"))
+
+
+def test_pixel_checkpoints_refuse_a_vae(tmp_path, trained_run):
+    with pytest.raises(UserError, match="trained on pixels, not latents; leave out --vae"):
+        sample_script.main(["--ckpt", str(trained_run), "--vae", "stabilityai/sd-vae-ft-ema"])
+
+
+# ---------------------------------------------------------------------------- several processes (torchrun, DDP)
+
+def torchrun(*args: str, cwd: Path = Path(__file__).parent) -> subprocess.CompletedProcess:
+    """Two processes on the CPU under torchrun, each with one thread."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+ONE_DDP_STEP = """
+import sys
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+sys.path.insert(0, sys.argv[1])
+from test_zigma import one_training_step
+dist.init_process_group("gloo")
+share = slice(dist.get_rank() * 2, dist.get_rank() * 2 + 2)  # each of the 2 processes takes half the batch of 4
+model = one_training_step(DistributedDataParallel, share)
+if dist.get_rank() == 0:
+    torch.save(model.state_dict(), sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+def one_training_step(wrap, share: slice) -> torch.nn.Module:
+    """One SGD step of a float64 ZigMa with classes, on examples `share` of a fixed batch of 4 with fixed noise and times.
+    (SGD: a first AdamW step is lr * sign(gradient), which would turn rounding in a zero gradient into a whole step.)"""
+    torch.manual_seed(0)
+    model = randomize(ZigMa(tiny_config(num_classes=3))).double()
+    g = torch.Generator().manual_seed(1)
+    x, noise = torch.randn(2, 4, 3, 8, 8, generator=g, dtype=torch.float64)
+    t, y = torch.rand(4, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    optimizer, wrapped = torch.optim.SGD(model.parameters(), lr=0.1), wrap(model)  # DDP must live through backward()
+    flow_loss(wrapped, x[share], y[share], drop_prob=0.0, noise=noise[share], t=t[share]).backward()
+    optimizer.step()
+    return model
+
+
+def test_a_step_of_two_processes_equals_a_step_on_the_whole_batch(tmp_path):
+    (tmp_path / "step.py").write_text(ONE_DDP_STEP)
+    torchrun(str(tmp_path / "step.py"), str(Path(__file__).parent), str(tmp_path / "ddp.pt"))
+    together = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    alone = one_training_step(lambda model: model, slice(0, 4)).state_dict()
+    for name, value in alone.items():
+        if value.is_floating_point():  # parameters (the scan orders are integer buffers)
+            assert relative_error(together[name], value) < 1e-12, f"{name} differs"
+
+
+def test_torchrun_trains_writes_once_and_resumes(tmp_path):
+    out = tmp_path / "out"
+    run = ["train.py", "--device", "cpu", "--out", str(out), "--class-cond", "--captions", *TINY_RUN]
+    result = torchrun(*run, "--steps", "2")
+    assert result.stdout.count("done: step 2") == 1, "one process speaks for all"
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2], "one log line a step"
+    assert data.load_checkpoint(out / "ckpt.pt")["step"] == 2 and (out / "samples_0000002.png").exists()
+    torchrun(*run, "--steps", "3")
+    checkpoint = data.load_checkpoint(out / "ckpt.pt")
+    assert checkpoint["step"] == 3 and checkpoint["optimizer"]["state"][0]["step"] == 3, "every process resumed"
+    assert any(name.startswith("text.") for name in checkpoint["model"]), "the caption encoder learns under DDP too"
+
+
+def test_torchrun_encodes_the_latent_cache_once(tmp_path):
+    vae, folder, out = make_tiny_vae(tmp_path / "vae"), make_image_folder(tmp_path / "data"), tmp_path / "out"
+    torchrun("train.py", "--device", "cpu", "--out", str(out), "--data", str(folder), "--vae", str(vae), "--steps", "1", *TINY_RUN)
+    assert sorted(p.name for p in out.glob("latents.pt*")) == ["latents.pt"], "the shares are put together, then removed"
+    cache = torch.load(out / "latents.pt", weights_only=True)
+    assert cache["mean"].shape == (6, 2, 4, 4, 4) and cache["first"].tolist() == list(range(7))
+    alone = data.Latents(data.ImageFolder(folder, 8), data.VAE(str(vae), torch.device("cpu")), 8, tmp_path / "alone.pt",
+                         torch.device("cpu"))
+    assert torch.allclose(cache["mean"].float(), alone.mean.float(), rtol=1e-2, atol=1e-3), "the folder's order, not the shares'"
+
+
+def test_batch_that_does_not_split_across_processes_is_refused(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+               "--device", "cpu", "--out", str(tmp_path), "--batch-size", "3"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert result.returncode != 0 and "--batch-size 3 does not split evenly across 2 processes" in result.stderr

@@ -8,9 +8,14 @@
     python train.py --data ./pets --class-cond           # labels from the first-level subfolder names
     python train.py --data ./captioned --captions        # a caption in NAME.txt beside each NAME.png
 
+    python train.py --data ./ffhq --image-size 256 --vae stabilityai/sd-vae-ft-ema --model ZigMa-B/2   # latent space
+    torchrun --standalone --nproc_per_node 8 train.py --data ./faces --model ZigMa-B/2 --batch-size 256  # 8 GPUs
+
 Everything goes to --out (default out/): ckpt.pt (model, EMA, optimizer, step, config, arguments, class
-names or vocabulary), samples_STEP.png or .gif (from the EMA weights) and log.jsonl (the loss). Re-running
-a command resumes from OUT/ckpt.pt; a larger --steps trains on. Sample from a checkpoint with sample.py.
+names or vocabulary, the VAE's name), samples_STEP.png or .gif (from the EMA weights), log.jsonl (the loss)
+and, with --vae, latents.pt (the encoded data). Re-running a command resumes from OUT/ckpt.pt; a larger
+--steps trains on. Sample from a checkpoint with sample.py. Under torchrun each process trains on its share of
+every batch with DistributedDataParallel; the first writes the files.
 """
 
 import argparse
@@ -18,19 +23,22 @@ import collections
 import copy
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from data import (ArgumentParser, CaptionEncoder, ClipFolder, CPUThreads, ImageFolder, MovingShapes, SmileyFaces,
-                  UserError, build_networks, load_checkpoint, load_pretrained_text_encoder, pick_device, plural,
-                  save_checkpoint, save_samples)
+from data import (VAE, ArgumentParser, CaptionEncoder, ClipFolder, CPUThreads, ImageFolder, Latents, MovingShapes,
+                  SmileyFaces, UserError, build_networks, load_checkpoint, load_pretrained_text_encoder, pick_device,
+                  plural, save_atomically, save_samples)
 from zigma import PRESETS, ZigMaConfig, flow_loss, preset_config, sample, selective_scan, selective_scan_for
 
 
@@ -49,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scan", default="zigzag", choices=["zigzag", "sweep"], help="token paths (default: zigzag)")
     parser.add_argument("--scan-paths", type=int, default=8, choices=[1, 2, 8],
                         help="K: layer i reads path i mod K, the paper's Zigzag-1, -2 and -8 (default: 8)")
+    parser.add_argument("--vae", metavar="NAME_OR_PATH", help="train in the latent space of this diffusers AutoencoderKL, "
+                        "a hub name (stabilityai/sd-vae-ft-ema) or a local folder; --data is encoded once into OUT/latents.pt")
     video = parser.add_argument_group("video")
     video.add_argument("--frames", type=int, default=0, help="train on clips of this many frames (default: 0, images)")
     video.add_argument("--frame-stride", type=int, help="with --frames: take every this-many-th frame of a clip (default: 1)")
@@ -61,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     conditioning.add_argument("--cond-drop", type=float, default=0.1, help="probability of dropping the label or caption, for guidance (default: 0.1)")
     training = parser.add_argument_group("training")
     training.add_argument("--steps", type=int, default=2000, help="total optimizer steps; a larger value resumes a run (default: 2000)")
-    training.add_argument("--batch-size", type=int, default=32, help="examples per step (default: 32)")
+    training.add_argument("--batch-size", type=int, default=32,
+                          help="examples per step, across all processes under torchrun: each takes its share (default: 32)")
     training.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default: 3e-4)")
     training.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     training.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (default: 1)")
@@ -105,6 +116,8 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
         for name in ("frame_stride", "video_scan"):
             if getattr(args, name) is not None:
                 raise UserError(f"--{name.replace('_', '-')} applies to clips only: add --frames, or leave it out")
+    if args.vae is not None and args.data is None:
+        raise UserError("--vae needs --data: the built-in data is made for pixel space")
     if args.text_encoder is not None and not args.captions:
         raise UserError("--text-encoder applies to captions only: add --captions, or leave it out")
     if args.frame_stride is not None and args.frame_stride < 1:
@@ -144,9 +157,11 @@ def build_conditioning(args, dataset) -> dict:
     return conditioning
 
 
-def build_config(args, conditioning: dict, text_dim: int) -> ZigMaConfig:
+def build_config(args, conditioning: dict, text_dim: int, vae: VAE | None) -> ZigMaConfig:
+    """The model's config: a latent one (the VAE's channels, image size / its downsampling factor) with a VAE."""
     class_names = conditioning["class_names"]
-    return preset_config(args.model, input_size=args.image_size, in_channels=3, scan=args.scan, scan_paths=args.scan_paths,
+    size, channels = (args.image_size // vae.factor, vae.channels) if vae else (args.image_size, 3)
+    return preset_config(args.model, input_size=size, in_channels=channels, scan=args.scan, scan_paths=args.scan_paths,
                          frames=args.frames, video_scan=args.video_scan, num_classes=len(class_names) if class_names else 0,
                          context_dim=text_dim if args.captions else 0)
 
@@ -166,7 +181,8 @@ def parameter_groups(networks: nn.Module, weight_decay: float) -> list[dict]:
 
 
 # What sets each field of the model's config, for the message when a resumed checkpoint differs.
-MODEL_OPTIONS = ["model", "image_size", "scan", "scan_paths", "frames", "video_scan", "class_cond", "captions", "text_encoder"]
+MODEL_OPTIONS = ["model", "image_size", "vae", "scan", "scan_paths", "frames", "video_scan", "class_cond", "captions",
+                 "text_encoder"]
 # Options that may change when a run resumes: they take effect, and a line says so.
 TRAINING_OPTIONS = ["data", "batch_size", "lr", "weight_decay", "grad_clip", "ema_decay", "cond_drop"]
 
@@ -215,10 +231,38 @@ def preview_conditions(dataset, count: int) -> tuple[torch.Tensor | None, list[s
     return labels, captions
 
 
+def start_processes(args) -> tuple[int, int, torch.device]:
+    """This process's rank, the number of processes, and its device. Under torchrun (WORLD_SIZE > 1): the
+    process group (nccl on CUDA, gloo on the CPU), one GPU per process; run alone: rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(args.device)
+    if world == 1:
+        return 0, 1, device
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"several processes run on CUDA or the CPU, not {device.type}")
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} does not split evenly across {world} processes")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    rank, world, device = start_processes(args)
+    try:
+        train(args, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train(args, rank: int, world: int, device: torch.device):
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")  # the first process speaks for all; warnings still reach stderr
+    torch.manual_seed(args.seed)  # the same initial weights in every process
     ckpt_path = args.out / "ckpt.pt"
     checkpoint = load_checkpoint(ckpt_path) if ckpt_path.exists() else None  # resume
     if checkpoint is not None:
@@ -226,13 +270,23 @@ def main(argv=None):
         if checkpoint["step"] >= args.steps:
             print(f"{ckpt_path} is already at step {checkpoint['step']}; pass a larger --steps to train on")
             return
+    vae = VAE(args.vae, device) if args.vae else None  # frozen, kept out of the checkpoint; only its name is saved
+    if vae and args.image_size % (vae.factor * PRESETS[args.model]["patch_size"]):
+        raise UserError(f"--image-size {args.image_size} is not a multiple of {vae.factor * PRESETS[args.model]['patch_size']}, "
+                        f"the VAE's downsampling factor {vae.factor} times {args.model}'s patch size")
     dataset = build_dataset(args)
     conditioning = build_conditioning(args, dataset)
     pretrained = load_pretrained_text_encoder(conditioning["text_encoder"])  # a frozen encoder, kept out of the checkpoint
     text_dim = pretrained.dim if pretrained else PRESETS[args.model]["dim"]
-    config = build_config(args, conditioning, text_dim)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=len(dataset) >= args.batch_size,
-                        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    config = build_config(args, conditioning, text_dim, vae)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if vae:  # encoded once, each process its share, then cached
+        dataset = Latents(dataset, vae, args.image_size, args.out / "latents.pt", device, rank, world)
+    # Every epoch a new order (set_epoch), the same in every process, each of which takes its share of each batch.
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, seed=args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.workers,
+                        drop_last=len(dataset) >= args.batch_size, pin_memory=device.type == "cuda",
+                        persistent_workers=args.workers > 0)
 
     networks = build_networks(config, conditioning).to(device)
     ema = copy.deepcopy(networks).requires_grad_(False)  # the EMA weights are what we sample from
@@ -254,11 +308,10 @@ def main(argv=None):
             group.update(values)  # this run's --lr and --weight-decay, not the checkpoint's
         step = checkpoint["step"]
         print(f"resuming from {ckpt_path} at step {step}")
-    args.out.mkdir(parents=True, exist_ok=True)
 
     def checkpoint_now():
-        save_checkpoint({"model": networks.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                         "step": step, "config": asdict(config), "conditioning": conditioning,
+        save_atomically({"model": networks.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                         "step": step, "config": asdict(config), "conditioning": conditioning, "vae": args.vae,
                          "args": saved_arguments(args)}, ckpt_path)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -273,24 +326,32 @@ def main(argv=None):
             context, context_mask = encode(preview_captions) if preview_captions else (None, None)
             samples = sample(ema["zigma"], noise, steps=args.sample_steps, y=y, context=context, context_mask=context_mask,
                              cfg_scale=args.sample_cfg)
-        save_samples(samples, args.out / f"samples_{step:07d}.{'gif' if args.frames else 'png'}")
+        save_samples(vae.decode(samples) if vae else samples, args.out / f"samples_{step:07d}.{'gif' if args.frames else 'png'}")
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model = networks["zigma"]
     model.grad_checkpointing = args.grad_checkpointing
-    train_model = torch.compile(model) if args.compile else model
-    encode = networks["text"] if "text" in networks else pretrained
+    # With several processes, DistributedDataParallel averages the gradients of the model and of the built-in
+    # caption encoder, so that every process takes the same step and keeps the same weights and EMA.
+    parallel = (lambda module: DistributedDataParallel(module)) if world > 1 else (lambda module: module)  # noqa: E731
+    train_model = parallel(model)
+    train_model = torch.compile(train_model) if args.compile else train_model
+    encode = parallel(networks["text"]) if "text" in networks else pretrained
+    torch.manual_seed(args.seed + rank)  # noise, times and dropped conditions differ from process to process
     scan_name = "pure torch" if selective_scan_for(device) is selective_scan else "mamba-ssm's fused kernel"
-    print(f"{args.model}: {sum(p.numel() for p in networks.parameters()) / 1e6:.2f}M parameters, "
-          f"{plural(len(dataset), 'training clip' if args.frames else 'training image')}, on {device}, selective scan in {scan_name}")
+    if rank == 0:
+        print(f"{args.model}: {sum(p.numel() for p in networks.parameters()) / 1e6:.2f}M parameters, "
+              f"{plural(len(dataset), 'training clip' if args.frames else 'training image')}, on {device}"
+              + (f", one of {world} processes" if world > 1 else "") + f", selective scan in {scan_name}")
 
-    progress = tqdm(total=args.steps, initial=step, dynamic_ncols=True)
+    progress = tqdm(total=args.steps, initial=step, dynamic_ncols=True, disable=rank > 0)
     recent = collections.deque([(time.perf_counter(), 0)], maxlen=21)  # (time, examples) after each of the last 20 steps
     threads = CPUThreads() if device.type == "cpu" else None
     try:
         while step < args.steps:
+            sampler.set_epoch(step // len(loader))  # a new order every epoch, the same in every process
             for batch in loader:
                 if threads:
                     threads.update()
@@ -306,21 +367,27 @@ def main(argv=None):
                 step += 1
                 update_ema(ema, networks, min(args.ema_decay, (1 + step) / (10 + step)))
 
-                recent.append((time.perf_counter(), recent[-1][1] + x.shape[0]))
+                recent.append((time.perf_counter(), recent[-1][1] + x.shape[0] * world))
                 speed = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])  # over the last 20 steps
                 progress.update()
                 progress.set_postfix(loss=f"{loss.item():.4f}", per_s=f"{speed:.1f}")
                 if step % args.log_every == 0:
-                    with open(args.out / "log.jsonl", "a") as log:
-                        log.write(json.dumps({"step": step, "loss": round(loss.item(), 5), "examples_per_s": round(speed, 2)}) + "\n")
-                if step % args.sample_every == 0 or step == args.steps:
+                    loss = loss.detach()
+                    if world > 1:
+                        dist.all_reduce(loss)  # the whole batch's loss: the mean over the processes
+                        loss /= world
+                    if rank == 0:
+                        with open(args.out / "log.jsonl", "a") as log:
+                            log.write(json.dumps({"step": step, "loss": round(loss.item(), 5), "examples_per_s": round(speed, 2)}) + "\n")
+                if rank == 0 and (step % args.sample_every == 0 or step == args.steps):
                     save_preview()
-                if step % args.ckpt_every == 0 or step == args.steps:
+                if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
                     checkpoint_now()
                 if step >= args.steps:
                     break
     except KeyboardInterrupt:
-        checkpoint_now()
+        if rank == 0:
+            checkpoint_now()
         progress.close()
         raise UserError(f"interrupted at step {step}; saved {ckpt_path}, re-run the same command to resume")
     progress.close()

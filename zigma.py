@@ -480,10 +480,11 @@ class MambaMixer(nn.Module):
         x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))  # (B, L, E)
         delta, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, L, R or N)
         delta = delta @ self.dt_proj.weight.t()  # (B, L, E); the bias is added inside the scan
-        A = -torch.exp(self.A_log.float())  # (E, N)
+        ssm = torch.promote_types(self.A_log.dtype, torch.float32)  # the SSM's own parameters in float32 or more
+        A = -torch.exp(self.A_log.to(ssm))  # (E, N)
         y = selective_scan_for(x.device)(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
-                                         C.transpose(1, 2), self.D.float(), z.transpose(1, 2),
-                                         delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (B, E, L)
+                                         C.transpose(1, 2), self.D.to(ssm), z.transpose(1, 2),
+                                         delta_bias=self.dt_proj.bias.to(ssm), delta_softplus=True)  # (B, E, L)
         return self.out_proj(y.transpose(1, 2))  # (B, L, D)
 
 
@@ -686,26 +687,31 @@ class ZigMa(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
         # The Mamba mixers keep Mamba's own initialisation (MambaMixer.__init__).
 
-    def null_conditions(self, batch: int, context_length: int = 1):
-        """The "no label" labels (B,) and "no text" context (B, S, context_dim) used for guidance; None where unused.
+    def conditions(self, batch: int, y=None, context=None, context_mask=None, drop=None):
+        """The label (B,), context (B, S, context_dim) and context mask (B, S) the blocks see: the null ones where
+        y or context is missing, or where drop (B,) is True. None where the model has no such condition.
 
-        The null context is one learned token repeated S times. It needs no mask: attending to S copies of
-        one token gives the same result as attending to one.
+        The null label is row num_classes of the label table. The null context is one learned token repeated:
+        it needs no mask, since attending to S copies of one token gives the same result as attending to one.
         """
-        y = None
         if self.y_embedder is not None:
-            y = torch.full((batch,), self.config.num_classes, device=self.y_embedder.weight.device)
-        context = None
-        if self.null_context is not None:
-            context = self.null_context.expand(batch, context_length, -1)
-        return y, context
+            null_y = torch.full((batch,), self.config.num_classes, device=self.y_embedder.weight.device)
+            y = null_y if y is None else y if drop is None else torch.where(drop, null_y, y)
+        if self.null_context is not None and context is None:
+            context = self.null_context.expand(batch, 1, -1)
+        elif self.null_context is not None and drop is not None:
+            context = torch.where(drop[:, None, None], self.null_context, context)
+            context_mask = None if context_mask is None else context_mask | drop[:, None]
+        return y, context, context_mask
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W) images or (B, T, C, H, W) clips; t: (B,) in [0, 1]; y: (B,) labels;
         context: (B, S, context_dim) text tokens; context_mask: (B, S), False where the context is padding.
 
-        A missing y or context means the null condition. Returns the velocity, shaped like x.
+        A missing y or context means the null condition, and so does drop (B,) where it is True: for
+        classifier-free guidance, training drops conditions at random, and sampling runs a null half.
+        Returns the velocity, shaped like x.
         """
         config = self.config
         frames, h, w = config.grid
@@ -715,9 +721,7 @@ class ZigMa(nn.Module):
         assert context is None or self.null_context is not None, "this model has no cross-attention: leave context out"
         assert context_mask is None or context is not None, "a context mask needs its context"
         batch = x.shape[0]
-        null_y, null_context = self.null_conditions(batch)
-        y = null_y if y is None else y
-        context = null_context if context is None else context
+        y, context, context_mask = self.conditions(batch, y, context, context_mask, drop)
 
         pixels = x.flatten(0, 1) if video else x  # (B*T, C, H*p, W*p)
         tokens = rearrange(self.patch_embed(pixels), "(b t) d h w -> b (t h w) d", b=batch)  # (B, T*H*W, D)
@@ -762,27 +766,22 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
 #                     Flow matching: the loss and the sampler                   #
 #################################################################################
 
-def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=None, drop_prob: float = 0.1) -> torch.Tensor:
+def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=None, drop_prob: float = 0.1,
+              noise: torch.Tensor | None = None, t: torch.Tensor | None = None) -> torch.Tensor:
     """Velocity-matching loss on the linear path x_t = (1 - t) noise + t x, t ~ U[0, 1] per example.
 
     For classifier-free guidance, each example's label and context are replaced by the null condition
-    with probability drop_prob (when given).
+    with probability drop_prob (when given). noise (like x) and t (B,) are drawn unless given.
     """
     batch = x.shape[0]
-    noise = torch.randn_like(x)
-    t = torch.rand(batch, device=x.device)  # (B,)
+    noise = torch.randn_like(x) if noise is None else noise
+    t = torch.rand(batch, device=x.device) if t is None else t  # (B,)
     t_ = t.view(batch, *[1] * (x.dim() - 1))  # broadcastable over x
     x_t = (1 - t_) * noise + t_ * x
+    drop = None
     if y is not None or context is not None:
         drop = torch.rand(batch, device=x.device) < drop_prob  # (B,)
-        null_y, null_context = model.null_conditions(batch, context.shape[1] if context is not None else 1)
-        if y is not None:
-            y = torch.where(drop, null_y, y)
-        if context is not None:
-            context = torch.where(drop[:, None, None], null_context, context)
-            if context_mask is not None:
-                context_mask = context_mask | drop[:, None]  # the null context has no padding
-    v = model(x_t, t, y, context, context_mask)
+    v = model(x_t, t, y, context, context_mask, drop)
     return F.mse_loss(v.float(), (x - noise).float())
 
 
@@ -794,12 +793,9 @@ def guided_velocity(model: ZigMa, x, t, y=None, context=None, context_mask=None,
         return model(x, t)
     if cfg_scale == 1:  # no guidance: v = v_cond, one pass
         return model(x, t, y, context, context_mask)
-    batch = x.shape[0]
-    null_y, null_context = model.null_conditions(batch, context.shape[1] if context is not None else 1)
-    both_y = torch.cat([y, null_y]) if y is not None else None
-    both_context = torch.cat([context, null_context]) if context is not None else None
-    both_mask = torch.cat([context_mask, torch.ones_like(context_mask)]) if context_mask is not None else None
-    v_cond, v_null = model(torch.cat([x, x]), torch.cat([t, t]), both_y, both_context, both_mask).chunk(2)
+    twice = lambda a: None if a is None else torch.cat([a, a])  # noqa: E731
+    null_half = torch.arange(2 * x.shape[0], device=x.device) >= x.shape[0]  # (2B,): drop the second half's conditions
+    v_cond, v_null = model(twice(x), twice(t), twice(y), twice(context), twice(context_mask), null_half).chunk(2)
     return v_null + cfg_scale * (v_cond - v_null)
 
 
