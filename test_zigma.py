@@ -52,6 +52,43 @@ def test_zigzag_paths_start_at_four_corners_in_both_directions():
     assert first_steps == [1, w] * 4
 
 
+@pytest.mark.parametrize("h, w", [(1, 1), (1, 6), (5, 1), (2, 2), (4, 4), (8, 8), (16, 16), (5, 5), (7, 7), (3, 4),
+                                  (4, 3), (4, 7), (6, 9), (5, 8), (12, 5), (9, 10), (32, 18)])
+def test_hilbert_paths_are_continuous_permutations(h, w):
+    # square, non-square, odd and power-of-two grids
+    paths = zigma.hilbert_paths(h, w)
+    assert paths.shape == (8, h * w)
+    for k, path in enumerate(paths.tolist()):
+        assert sorted(path) == list(range(h * w)), f"Hilbert path {k} of {h}x{w} is not a permutation"
+        jumps = [grid_distance(a, b, w) for a, b in zip(path, path[1:])]
+        assert all(d == 1 for d in jumps), f"Hilbert path {k} of {h}x{w} jumps: {jumps}"
+
+
+def test_hilbert_paths_start_at_four_corners_in_both_directions_on_square_grids():
+    for n in (2, 4, 5, 8):
+        paths = zigma.hilbert_paths(n, n)
+        assert len({tuple(p.tolist()) for p in paths}) == 8, f"the eight orientations on {n}x{n} must differ"
+        assert [p[0].item() for p in paths[::2]] == [0, n * n - 1, n - 1, (n - 1) * n], "corners in grid_paths' order"
+        top_left, top_right, bottom_left, bottom_right = 0, n - 1, (n - 1) * n, n * n - 1
+        assert [p[-1].item() for p in paths] == [top_right, bottom_left, bottom_left, top_right,
+                                                 top_left, bottom_right, bottom_right, top_left], \
+            "each ends at the next corner along the rows, then along the columns"
+    # The classic curve on 4 x 4: the quadrants top-left, bottom-left, bottom-right, top-right, ending top-right.
+    assert zigma.hilbert_paths(4, 4)[0].tolist() == [0, 1, 5, 4, 8, 12, 13, 9, 10, 14, 15, 11, 7, 6, 2, 3]
+
+
+def test_a_hilbert_model_reads_orientation_i_mod_k():
+    model = ZigMa(tiny_config(scan="hilbert", depth=4, scan_paths=2))
+    orders = [scan.order for scan in model.scans]
+    paths = zigma.hilbert_paths(4, 4)
+    assert all(torch.equal(order, paths[i % 2]) for i, order in enumerate(orders))
+    clips = layer_scans((3, 4, 4), depth=2, family="hilbert", scan_paths=8, pattern="v")
+    path = clips[0].order.tolist()
+    for a, b in zip(path, path[1:]):
+        (ta, ra), (tb, rb) = divmod(a, 16), divmod(b, 16)
+        assert abs(ta - tb) + grid_distance(ra, rb, 4) == 1, "a Hilbert volume path is continuous through the clip"
+
+
 def test_sweep_paths_are_raster_permutations():
     h, w = 3, 5
     paths = sweep_paths(h, w)
@@ -91,7 +128,7 @@ def test_scan_sequences_follow_the_path():
 
 
 def test_temporal_scans_alternate_direction_and_spatial_layers_cycle_paths():
-    scans = layer_scans((4, 3, 3), depth=12, scan="zigzag", scan_paths=2, pattern="sst")
+    scans = layer_scans((4, 3, 3), depth=12, family="zigzag", scan_paths=2, pattern="sst")
     spatial = [s for s in scans if s.axis == "space"]
     temporal = [s for s in scans if s.axis == "time"]
     assert len(spatial) == 8 and len(temporal) == 4
@@ -491,6 +528,26 @@ def test_dropped_conditions_become_the_null_ones():
     assert torch.allclose(v_short, v_long, rtol=1e-5, atol=1e-6)
 
 
+def test_the_label_steers_the_velocity_within_a_few_steps():
+    # A property of the conditioning path: on images that only the label decides (class 0 light, class 1 dark),
+    # 60 Adam steps at train.py's learning rate make the label move the predicted velocity, and the right way.
+    # With DiT's N(0, 0.02) label table the label stays ~1% of the condition vector, and this moves 0.5%.
+    torch.manual_seed(0)
+    model = ZigMa(tiny_config(dim=64, depth=2, num_classes=2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    for _ in range(60):
+        y = torch.randint(0, 2, (16,))
+        loss = flow_loss(model, (0.5 - y.float()).view(-1, 1, 1, 1).expand(16, 3, 8, 8), y, drop_prob=0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        x_t, t = torch.randn(8, 3, 8, 8), torch.rand(8)
+        v_light, v_dark = model(x_t, t, torch.zeros(8, dtype=torch.long)), model(x_t, t, torch.ones(8, dtype=torch.long))
+    assert (v_light - v_dark).norm() > 0.2 * v_light.norm(), "the label hardly changes the velocity"
+    assert (v_light - v_dark).mean() > 0.1, "the light class's velocity must point to lighter images"
+
+
 def test_training_step_under_bfloat16_autocast():
     # As train.py runs on CUDA: the linear layers in bfloat16, the selective scan in float32 inside.
     model = randomize(ZigMa(tiny_config(context_dim=8)))
@@ -500,6 +557,15 @@ def test_training_step_under_bfloat16_autocast():
     out.float().square().mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()), name
+
+
+def test_a_bfloat16_model_runs():
+    model = randomize(ZigMa(tiny_config(num_classes=2, context_dim=8))).to(torch.bfloat16)
+    x, context = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16), torch.randn(2, 3, 8, dtype=torch.bfloat16)
+    out = model(x, torch.rand(2), torch.tensor([0, 1]), context)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out.float().square().mean().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_gradient_checkpointing_changes_no_gradient():
@@ -700,6 +766,7 @@ def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):
     (["--frame-stride", "2"], "--frame-stride applies to clips only: add --frames"),
     (["--text-encoder", "bert"], "--text-encoder applies to captions only: add --captions"),
     (["--device", "gpu"], "gpu is not a device name; use cuda, mps or cpu"),
+    (["--sample-cfg", "-1"], "--sample-cfg must be 0 or more"),
 ])
 def test_bad_training_options_are_one_sentence_before_any_work(tmp_path, options, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -1010,6 +1077,14 @@ def test_a_prompt_samples_the_same_alone_and_beside_a_longer_prompt():
         sampled_alone = sample(model, noise[:1], steps=2, context=alone[0], context_mask=alone[1], cfg_scale=cfg_scale)
         sampled_beside = sample(model, noise, steps=2, context=beside[0], context_mask=beside[1], cfg_scale=cfg_scale)
         assert relative_error(sampled_beside[:1], sampled_alone) < 1e-12, f"cfg {cfg_scale}: the sample depends on its batch"
+
+
+def test_preview_grids_show_the_classes_in_order_row_by_row():
+    for moods, rows in [(2, [0] * 8 + [1] * 8), (4, [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4)]:
+        labels, captions = train.preview_conditions(data.SmileyFaces(8, class_cond=True, moods=moods), 16)
+        assert labels.tolist() == rows and captions is None
+    labels, _ = train.preview_conditions(data.SmileyFaces(8, class_cond=True, moods=3), 16)
+    assert labels.tolist() == sorted(labels.tolist()) and set(labels.tolist()) == {0, 1, 2}
 
 
 def test_builtin_faces_train_with_classes_and_captions(tmp_path):

@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("out"), help="where checkpoint, samples and log go (default: out)")
     parser.add_argument("--model", default="ZigMa-Tiny/4", choices=sorted(PRESETS), help="preset (default: ZigMa-Tiny/4, small enough for a CPU)")
     parser.add_argument("--image-size", type=int, default=32, help="images are resized and cropped to this side (default: 32)")
-    parser.add_argument("--scan", default="zigzag", choices=["zigzag", "sweep"], help="token paths (default: zigzag)")
+    parser.add_argument("--scan", default="zigzag", choices=["zigzag", "sweep", "hilbert"],
+                        help="the 2D paths: the paper's zigzag, a raster sweep, or generalized Hilbert curves (default: zigzag)")
     parser.add_argument("--scan-paths", type=int, default=8, choices=[1, 2, 8],
                         help="K: layer i reads path i mod K, the paper's Zigzag-1, -2 and -8 (default: 8)")
     parser.add_argument("--vae", metavar="NAME_OR_PATH", help="train in the latent space of this diffusers AutoencoderKL, "

@@ -9,7 +9,7 @@ order. The reordering has no parameters. For video the scan is factorized: spati
 each frame, temporal layers read each spatial position through time.
 
 The file reads top to bottom:
-    1. scan orders           zigzag_paths, sweep_paths, volume_path, Scan, layer_scans
+    1. scan orders           zigzag_paths, sweep_paths, hilbert_paths, volume_path, Scan, layer_scans
     2. selective scan        selective_scan_reference (the definition), selective_scan (the fast one)
     3. Mamba mixer           MambaMixer (Mamba-1), using mamba-ssm's fused CUDA kernel when installed
     4. ZigMa block           ZigMaBlock: adaLN-Zero around a Mamba branch and an optional cross-attention
@@ -17,7 +17,7 @@ The file reads top to bottom:
     6. flow matching         flow_loss, guided_velocity, sample
 
 Shape letters:
-    B  batch                 T  frames of a clip (1 for images)
+    B  batch                 T  frames of a clip (1 for images)     C  image (or latent) channels
     H, W  token grid (image side / patch_size)
     L  tokens in one Mamba sequence (H*W for a spatial layer, T for a temporal one, T*H*W for a volume one)
     D  model width (dim)     E  Mamba inner width, expand * D
@@ -25,6 +25,12 @@ Shape letters:
     R  rank of the delta projection (dt_rank)
     K  number of scan paths the layers cycle through (1, 2 or 8: the paper's Zigzag-1/2/8)
     S  context tokens (text) for cross-attention
+In the two Mamba sections (selective scan, Mamba mixer), A, B, C and D are the SSM's matrices, named as in
+the paper and mamba-ssm, so the shapes there are lowercase: b, l, e, n, r for B, L, E, N, R.
+
+Numbers: the weights are float32, and training runs under autocast (bfloat16 on CUDA, as train.py does);
+the selective scan always computes in float32 (float64 for a float64 model). model.to(torch.bfloat16)
+runs too: the timestep features and the SSM's own parameters are cast where they enter.
 
 Time convention (the linear stochastic interpolant with velocity prediction):
     x_t = (1 - t) * noise + t * data,  t in [0, 1]:  t = 0 is pure noise, t = 1 is data.
@@ -52,22 +58,36 @@ except Exception:  # mamba-ssm 2.x raises more than ImportError where its CUDA e
 #                                  Scan orders                                  #
 #################################################################################
 
-def grid_paths(h: int, w: int, snake: bool) -> torch.Tensor:
-    """The eight scans of an h x w grid (4 start corners x row- or column-major), as (8, h*w) indices.
+CORNERS = {"top-left": (False, False), "bottom-right": (True, True), "top-right": (False, True),
+           "bottom-left": (True, False)}  # where a path starts: whether the grid's rows and columns are flipped
 
-    Each row of the result is a permutation of the row-major token indices: path[i] is the token read
-    i-th. With snake=True, every other row (or column) is read backwards, so the path is continuous.
-    Order: for each start corner (top-left, bottom-right, top-right, bottom-left), rows then columns.
+
+def grid_paths(h: int, w: int, snake: bool) -> torch.Tensor:
+    """The eight line-by-line scans of an h x w grid, (8, h*w): from each corner, row by row, then column by column.
+
+    Each row of the result is a permutation of the row-major token indices: path[i] is the token read i-th.
+    With snake=True, every other line is read backwards, so that the path is continuous (ZigMa's zigzag);
+    with snake=False every line starts at the same side (the raster "sweep"). The official code cycles through
+    the same eight in another order (the same first two). On a 4 x 4 grid, the zigzags (each number is the step
+    at which that token is read):
+
+        0: rows, top-left      1: columns, top-left   2: rows, bottom-right  3: columns, bottom-right
+         0  1  2  3             0  7  8 15            12 13 14 15            12 11  4  3
+         7  6  5  4             1  6  9 14            11 10  9  8            13 10  5  2
+         8  9 10 11             2  5 10 13             4  5  6  7            14  9  6  1
+        15 14 13 12             3  4 11 12             3  2  1  0            15  8  7  0
+
+        4: rows, top-right     5: columns, top-right  6: rows, bottom-left   7: columns, bottom-left
+         3  2  1  0            15  8  7  0            15 14 13 12             3  4 11 12
+         4  5  6  7            14  9  6  1             8  9 10 11             2  5 10 13
+        11 10  9  8            13 10  5  2             7  6  5  4             1  6  9 14
+        12 13 14 15            12 11  4  3             0  1  2  3             0  7  8 15
     """
     grid = torch.arange(h * w, device="cpu").view(h, w)  # (H, W) row-major token indices; built on the CPU
     paths = []
-    for flip_rows, flip_cols in [(False, False), (True, True), (False, True), (True, False)]:
-        corner = grid
-        if flip_rows:
-            corner = corner.flip(0)
-        if flip_cols:
-            corner = corner.flip(1)
-        for lines in (corner, corner.t()):  # read row by row, then column by column
+    for flip_rows, flip_cols in CORNERS.values():
+        from_corner = grid.flip([d for d, flip in ((0, flip_rows), (1, flip_cols)) if flip])  # the corner at [0, 0]
+        for lines in (from_corner, from_corner.t()):  # read row by row, then column by column
             lines = lines.clone()
             if snake:
                 lines[1::2] = lines[1::2].flip(1)  # every other line backwards
@@ -83,6 +103,49 @@ def zigzag_paths(h: int, w: int) -> torch.Tensor:
 def sweep_paths(h: int, w: int) -> torch.Tensor:
     """The raster ("sweep") scans of plain Mamba vision models, the paper's ablation baseline, (8, h*w)."""
     return grid_paths(h, w, snake=False)
+
+
+def gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> list[tuple[int, int]]:
+    """The generalized Hilbert ("gilbert") curve of J. Cerveny over the rectangle at (x, y) spanned by the major
+    axis (ax, ay) and the minor axis (bx, by), as (x, y) points: from (x, y) to the far end of the major axis.
+
+    It halves the rectangle recursively, rounding halves to even lengths, so that it stays continuous for any
+    size except a major side of odd length with a minor side of even length (then no such path exists).
+    """
+    w, h = abs(ax + ay), abs(bx + by)
+    (dax, day), (dbx, dby) = ((ax > 0) - (ax < 0), (ay > 0) - (ay < 0)), ((bx > 0) - (bx < 0), (by > 0) - (by < 0))
+    if h == 1 or w == 1:  # a line along whichever axis is longer than 1
+        dx, dy, n = (dax, day, w) if h == 1 else (dbx, dby, h)
+        return [(x + i * dx, y + i * dy) for i in range(n)]
+    ax2, ay2, bx2, by2 = ax // 2, ay // 2, bx // 2, by // 2
+    if 2 * w > 3 * h:  # long and thin: two halves along the major axis
+        if abs(ax2 + ay2) % 2 and w > 2:
+            ax2, ay2 = ax2 + dax, ay2 + day
+        return gilbert(x, y, ax2, ay2, bx, by) + gilbert(x + ax2, y + ay2, ax - ax2, ay - ay2, bx, by)
+    if abs(bx2 + by2) % 2 and h > 2:
+        bx2, by2 = bx2 + dbx, by2 + dby
+    return (gilbert(x, y, bx2, by2, ax2, ay2)  # up the first half of the minor axis, across, and back down
+            + gilbert(x + bx2, y + by2, ax, ay, bx - bx2, by - by2)
+            + gilbert(x + ax - dax + bx2 - dbx, y + ay - day + by2 - dby, -bx2, -by2, -(ax - ax2), -(ay - ay2)))
+
+
+def hilbert_paths(h: int, w: int) -> torch.Tensor:
+    """Eight continuous generalized Hilbert curves over an h x w grid, (8, h*w), in grid_paths' order: from each
+    corner, first along the rows, then along the columns. Where one side is odd and the other even, no
+    continuous curve runs along the odd side from corner to corner: that orientation reads the other one
+    backwards (so the eight hold only four paths there)."""
+    along = {"rows": gilbert(0, 0, w, 0, 0, h), "columns": gilbert(0, 0, 0, h, w, 0)}  # (x, y) points from (0, 0)
+    joins = {"rows": w % 2 == 0 or h % 2 == 1, "columns": h % 2 == 0 or w % 2 == 1}  # its two corners, continuously
+    paths = []
+    for flip_rows, flip_cols in CORNERS.values():
+        for axis, other in (("rows", "columns"), ("columns", "rows")):
+            points = along[axis if joins[axis] else other]
+            path = torch.tensor([((h - 1 - y) if flip_rows else y) * w + ((w - 1 - x) if flip_cols else x) for x, y in points])
+            paths.append(path if joins[axis] else path.flip(0))
+    return torch.stack(paths)  # (8, H*W)
+
+
+PATHS = {"zigzag": zigzag_paths, "sweep": sweep_paths, "hilbert": hilbert_paths}  # ZigMaConfig.scan: the 2D paths
 
 
 def volume_path(path: torch.Tensor, frames: int, snake: bool) -> torch.Tensor:
@@ -122,6 +185,7 @@ class Scan(nn.Module):
             x = rearrange(x, "b (t l) d -> (b t) l d", t=frames)  # (B*T, H*W, D): one sequence per frame
         elif self.axis == "time":
             x = rearrange(x, "b (t l) d -> (b l) t d", t=frames)  # (B*H*W, T, D): one per position
+        # "volume" needs no reshape: the tokens of a clip, (B, T*H*W, D), are already one sequence each
         return x[:, self.order]  # (sequences, L, D) in scan order
 
     def from_sequences(self, x: torch.Tensor, batch: int) -> torch.Tensor:
@@ -136,17 +200,21 @@ class Scan(nn.Module):
         return f"grid={self.grid}, axis={self.axis!r}"
 
 
-def layer_scans(grid: tuple[int, int, int], depth: int, scan: str, scan_paths: int, pattern: str) -> list[Scan]:
-    """The scan of every layer.
+def layer_scans(grid: tuple[int, int, int], depth: int, family: str, scan_paths: int, pattern: str) -> list[Scan]:
+    """The scan of every layer. family names the 2D paths: "zigzag", "sweep" or "hilbert" (PATHS).
 
-    pattern is repeated over the depth, one letter per layer: s = spatial, t = temporal, v = volume
-    (images use "s"). The j-th spatial layer reads 2D path j mod K. The j-th temporal layer reads time
-    forwards when j is even and backwards when j is odd; the j-th volume layer reads the 3D extension
-    of 2D path (j // 2) mod K, forwards or backwards likewise. scan is "zigzag" or "sweep".
+    pattern is repeated over the depth, one letter per layer: s = spatial, t = temporal, v = volume (images
+    use "s"; the official code knows only s and t: volume layers are this project's). Each kind has its rule:
+    - the j-th spatial layer reads 2D path j mod K: each layer sees the grid from another corner or
+      direction, so that over K layers every token follows each of its neighbours (the paper's Zigzag-K);
+    - the j-th temporal layer reads time forwards when j is even, backwards when j is odd: time has one
+      axis, and a causal scan needs both directions for every frame to see every other;
+    - the j-th volume layer reads the 3D extension of 2D path (j // 2) mod K, forwards when j is even and
+      backwards when j is odd: both directions through the clip, as for time, then the next path.
     """
     frames, h, w = grid
-    snake = scan == "zigzag"
-    paths = grid_paths(h, w, snake)[:scan_paths]  # (K, H*W)
+    snake = family != "sweep"  # continuous paths stay continuous through a clip (volume_path)
+    paths = PATHS[family](h, w)[:scan_paths]  # (K, H*W)
     seen = {"s": 0, "t": 0, "v": 0}  # how many layers of each kind came before
     scans = []
     for layer in range(depth):
@@ -168,9 +236,11 @@ def layer_scans(grid: tuple[int, int, int], depth: int, scan: str, scan_paths: i
 #                                Selective scan                                 #
 #################################################################################
 # Mamba's selective state-space model, in mamba-ssm's layout so that the fused kernel is a drop-in:
-#     u, delta, z: (B, E, L)    A: (E, N)    B, C: (B, N, L)    D, delta_bias: (E,)
-#     h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t        (h: (B, E, N), zero before the first token)
+#     u, delta, z: (b, e, l)    A: (e, n)    B, C: (b, n, l)    D, delta_bias: (e,)
+#     h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t        (h: (b, e, n), zero before the first token)
 #     y_t = C_t . h_t + D u_t,  then gated: y_t * silu(z_t)
+# The continuous system h' = A h + B u is discretised with the step delta_t as mamba-ssm does: A by a zero-order
+# hold, exp(delta_t A), and B by a simplified Euler step, delta_t B_t.
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """The selective scan one token at a time: the definition selective_scan is tested against."""
@@ -181,13 +251,13 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         delta = delta + delta_bias[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (B, E, N)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, e, n)
     ys = []
     for t in range(u.shape[2]):
-        decay = torch.exp(delta[:, :, t, None] * A)  # (B, E, N)
-        h = decay * h + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]  # (B, E, N)
-        ys.append(torch.einsum("ben,bn->be", h, C[:, :, t]))  # (B, E)
-    y = torch.stack(ys, dim=-1)  # (B, E, L)
+        decay = torch.exp(delta[:, :, t, None] * A)  # (b, e, n)
+        h = decay * h + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]  # (b, e, n)
+        ys.append(torch.einsum("ben,bn->be", h, C[:, :, t]))  # (b, e)
+    y = torch.stack(ys, dim=-1)  # (b, e, l)
     if D is not None:
         y = y + D[:, None] * u
     if z is not None:
@@ -415,37 +485,14 @@ def selective_scan_for(device: torch.device):
 #                                  Mamba mixer                                  #
 #################################################################################
 
-class _CausalConv1d(torch.autograd.Function):
-    """Mamba's causal depthwise convolution along the tokens of x (B, L, E), with nn.Conv1d's weight (E, 1, k):
-        out_l = bias + sum_j w_j x_{l-j},   w_j = weight[:, 0, k-1-j],   zero before the first token,
-    channels last, so that the mixer needs no transposes. Written with its backward pass, which autograd would
-    otherwise do with a full-size buffer for each tap's slice."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        taps = weight[:, 0].flip(-1)  # (E, k): taps[:, j] multiplies the token j back
-        out = torch.addcmul(bias, x, taps[:, 0])  # (B, L, E)
-        for j in range(1, taps.shape[1]):
-            out[:, j:].addcmul_(x[:, :-j], taps[:, j])
-        ctx.save_for_backward(x, taps)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):  # (B, L, E)
-        x, taps = ctx.saved_tensors
-        grad_x = grad_out * taps[:, 0]  # (B, L, E): d out_l / d x_{l-j} = w_j
-        grad_taps = [(grad_out * x).sum((0, 1))]  # (E,) each
-        for j in range(1, taps.shape[1]):
-            grad_x[:, :-j].addcmul_(grad_out[:, j:], taps[:, j])
-            grad_taps.append((grad_out[:, j:] * x[:, :-j]).sum((0, 1)))
-        grad_weight = torch.stack(grad_taps, dim=-1).flip(-1)[:, None]  # (E, 1, k)
-        return grad_x, grad_weight, grad_out.sum((0, 1))
-
-
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """out (B, L, E) = Mamba's causal depthwise convolution of x (B, L, E) along the tokens (see _CausalConv1d)."""
-    return _CausalConv1d.apply(x, weight, bias)
+    """Mamba's causal depthwise convolution along the tokens of x (b, l, e), with nn.Conv1d's weight (e, 1, k):
+    out_l = bias + sum_j weight[:, 0, k-1-j] x_{l-j}, zero before the first token. Channels last: no transposes."""
+    kernel = weight.shape[-1]
+    out = torch.addcmul(bias, x, weight[:, 0, -1])  # (b, l, e): the current token's tap
+    for j in range(1, kernel):  # the tap j tokens back
+        out[:, j:] += x[:, :-j] * weight[:, 0, -1 - j]
+    return out
 
 
 class MambaMixer(nn.Module):
@@ -454,8 +501,8 @@ class MambaMixer(nn.Module):
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
         super().__init__()
-        inner = expand * dim  # E
-        self.dt_rank = math.ceil(dim / 16)  # R
+        inner = expand * dim  # e
+        self.dt_rank = math.ceil(dim / 16)  # r
         self.d_state = d_state
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
         self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
@@ -473,19 +520,19 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(inner, 1))
         self.D = nn.Parameter(torch.ones(inner))  # the skip connection D u_t
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D)
-        # Everything stays (B, L, channels), the layout of the linear layers; the scan takes (B, E, L) views of it.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, l, d)
+        # Everything stays (b, l, channels), the layout of the linear layers; the scan takes (b, e, l) views of it.
         # So nothing is transposed, and autograd keeps no copies: the scan keeps x, delta and z as they are.
-        x, z = self.in_proj(x).chunk(2, dim=-1)  # (B, L, E) each
-        x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))  # (B, L, E)
-        delta, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)  # (B, L, R or N)
-        delta = delta @ self.dt_proj.weight.t()  # (B, L, E); the bias is added inside the scan
+        x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each
+        x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))  # (b, l, e)
+        delta, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)  # (b, l, r or n)
+        delta = delta @ self.dt_proj.weight.t()  # (b, l, e); the bias is added inside the scan
         ssm = torch.promote_types(self.A_log.dtype, torch.float32)  # the SSM's own parameters in float32 or more
-        A = -torch.exp(self.A_log.to(ssm))  # (E, N)
+        A = -torch.exp(self.A_log.to(ssm))  # (e, n)
         y = selective_scan_for(x.device)(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
                                          C.transpose(1, 2), self.D.to(ssm), z.transpose(1, 2),
-                                         delta_bias=self.dt_proj.bias.to(ssm), delta_softplus=True)  # (B, E, L)
-        return self.out_proj(y.transpose(1, 2))  # (B, L, D)
+                                         delta_bias=self.dt_proj.bias.to(ssm), delta_softplus=True)  # (b, e, l)
+        return self.out_proj(y.transpose(1, 2))  # (b, l, d)
 
 
 #################################################################################
@@ -522,6 +569,10 @@ class ZigMaBlock(nn.Module):
     Usable on its own: tokens (B, T*H*W, D) in row-major (t, h, w) order, a condition vector (B, D),
     the layer's Scan, and optionally context tokens (B, S, context_dim) for cross-attention with their
     mask (B, S) (True for real tokens; None: all are).
+
+    There is no MLP, as in Mamba and the official ZigMa: the mixer's in_proj and out_proj (expand 2) play its
+    part, which is why the presets stack twice DiT's depth. The official block also runs Mamba's fused
+    add + RMSNorm residual stream and drop-path; this one is DiT's plain pre-LayerNorm residual.
     """
 
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2, context_dim: int = 0):
@@ -531,7 +582,7 @@ class ZigMaBlock(nn.Module):
         self.cross_attention = None
         if context_dim:
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-            self.cross_attention = CrossAttention(dim, context_dim, heads=max(1, dim // 64))
+            self.cross_attention = CrossAttention(dim, context_dim, heads=max(1, dim // 64))  # heads of width 64, as DiT's
         branches = 2 if context_dim else 1
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * branches * dim))  # shift, scale, gate
 
@@ -586,7 +637,8 @@ def sincos_position_embedding(grid: tuple[int, int, int], dim: int) -> torch.Ten
 
 
 class FinalLayer(nn.Module):
-    """adaLN, then a linear map from each token to its patch of pixels."""
+    """adaLN, then a linear map from each token to its patch of pixels. As DiT's; the official ZigMa's final
+    layer is not modulated by the condition."""
 
     def __init__(self, dim: int, patch_size: int, out_channels: int):
         super().__init__()
@@ -605,24 +657,26 @@ class FinalLayer(nn.Module):
 
 @dataclass
 class ZigMaConfig:
-    input_size: int = 32  # image side in pixels (or latent cells); square
-    in_channels: int = 3
+    """The defaults are ZigMa-S/2 on the 32 x 32 x 4 latents of a 256 px image (the presets below)."""
+    input_size: int = 32  # image side in pixels, or in latent cells; square
+    in_channels: int = 4  # C: 3 for pixels, the VAE's channels for latents
     patch_size: int = 2
     dim: int = 384  # D
-    depth: int = 12
-    scan: str = "zigzag"  # "zigzag" (continuous snake paths) or "sweep" (raster, the paper's baseline)
+    depth: int = 24
+    scan: str = "zigzag"  # the 2D paths: "zigzag" (the paper's), "sweep" (raster, its baseline) or "hilbert" (PATHS)
     scan_paths: int = 8  # K: layer i reads path i mod K; the paper's best is Zigzag-8
     frames: int = 0  # 0 = images; T > 0 = clips of T frames
-    video_scan: str = "sst"  # for clips: per-layer letters, s spatial, t temporal, v volume; "sst" is the paper's
+    video_scan: str = "sst"  # for clips: per-layer letters, s spatial, t temporal, v volume; "sst", two spatial
+    #                          layers to each temporal one, is the official video configuration (3d_zigzag8sst)
     num_classes: int = 0  # 0 = unconditional; class num_classes is the "null" label for guidance
     context_dim: int = 0  # 0 = no cross-attention; else the width of the context tokens
     d_state: int = 16  # N, as in Mamba
     expand: int = 2  # E = expand * D, as in Mamba
-    pos_embed: str = "learned"  # "learned", "sincos" (fixed) or "none"
+    pos_embed: str = "learned"  # "learned" (the official models' use_pe=2), "sincos" (DiT's, fixed) or "none"
 
     def __post_init__(self):
         assert self.input_size % self.patch_size == 0, f"patch size {self.patch_size} must divide input size {self.input_size}"
-        assert self.scan in ("zigzag", "sweep"), f"scan must be 'zigzag' or 'sweep', not {self.scan!r}"
+        assert self.scan in PATHS, f"scan must be one of {', '.join(PATHS)}, not {self.scan!r}"
         assert 1 <= self.scan_paths <= 8, f"scan_paths must be between 1 and 8, not {self.scan_paths}"
         assert self.video_scan and set(self.video_scan) <= set("stv"), f"video_scan takes letters s, t and v, not {self.video_scan!r}"
         assert self.pos_embed in ("learned", "sincos", "none"), f"unknown pos_embed {self.pos_embed!r}"
@@ -646,7 +700,7 @@ class ZigMa(nn.Module):
         self.y_embedder = nn.Embedding(config.num_classes + 1, dim) if config.num_classes else None  # +1: null label
         # The "no text" context for guidance: one learned token, broadcast over the context length.
         self.null_context = nn.Parameter(torch.zeros(1, 1, config.context_dim)) if config.context_dim else None
-        if config.pos_embed == "learned":
+        if config.pos_embed == "learned":  # as the official models; "sincos" is DiT's fixed one
             self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(grid), dim))
         elif config.pos_embed == "sincos":
             self.register_buffer("pos_embed", sincos_position_embedding(grid, dim))
@@ -667,16 +721,22 @@ class ZigMa(nn.Module):
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        # Embeddings: small normal.
+        # Embeddings: small normal, as DiT, but for the label table.
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.normal_(self.pos_embed, std=0.02)
         for layer in self.t_embedder.mlp[0], self.t_embedder.mlp[2]:
             nn.init.normal_(layer.weight, std=0.02)
         if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.weight, std=0.02)
+            # N(0, 1), as ADM, not DiT's N(0, 0.02). The label is added to the timestep embedding, whose MLP
+            # grows to a norm of ~20 within a few hundred steps, while Adam moves a table entry by about the
+            # learning rate a step: from 0.02 the labels stayed ~1% of c, and 2,000 steps did not teach the
+            # model a single class (bench.py --only labels). From N(0, 1) they are as large as the time.
+            nn.init.normal_(self.y_embedder.weight, std=1.0)
         if self.null_context is not None:
             nn.init.normal_(self.null_context, std=0.02)
-        # adaLN-Zero: every block starts as the identity.
+        # adaLN-Zero: every block starts as the identity. Because of that, DiT's xavier init of every linear layer
+        # and Mamba's out_proj / sqrt(depth) rescaling (which the official ZigMa applies) are left out: the zero
+        # gates already start each residual branch at zero, so the other linear layers keep PyTorch's defaults.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -685,7 +745,7 @@ class ZigMa(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
-        # The Mamba mixers keep Mamba's own initialisation (MambaMixer.__init__).
+        # The mixers keep Mamba's initialisation of dt_proj, A_log and D (MambaMixer.__init__).
 
     def conditions(self, batch: int, y=None, context=None, context_mask=None, drop=None):
         """The label (B,), context (B, S, context_dim) and context mask (B, S) the blocks see: the null ones where
@@ -730,6 +790,7 @@ class ZigMa(nn.Module):
         c = self.t_embedder(t)  # (B, D)
         if y is not None:
             c = c + self.y_embedder(y)  # (B, D)
+        # Text reaches the blocks through cross-attention only; the official code also adds its mean into c.
         for block, scan in zip(self.blocks, self.scans):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, c, scan, context, context_mask, use_reentrant=False)
