@@ -31,14 +31,20 @@ def grid_distance(a: int, b: int, w: int) -> int:
 
 # ---------------------------------------------------------------------------- scan orders
 
-@pytest.mark.parametrize("h, w", [(1, 1), (1, 5), (4, 1), (2, 2), (3, 5), (4, 4), (6, 3)])
-def test_zigzag_paths_are_continuous_permutations(h, w):
-    paths = zigzag_paths(h, w)
+# square, non-square, odd and power-of-two grids
+GRIDS = [(1, 1), (1, 5), (4, 1), (2, 2), (3, 5), (4, 4), (6, 3), (8, 8), (16, 16), (5, 5), (7, 7), (3, 4), (4, 7),
+         (6, 9), (5, 8), (12, 5), (9, 10), (32, 18)]
+
+
+@pytest.mark.parametrize("family", ["zigzag", "hilbert"])
+@pytest.mark.parametrize("h, w", GRIDS)
+def test_continuous_paths_are_continuous_permutations(family, h, w):
+    paths = zigma.PATHS[family](h, w)
     assert paths.shape == (8, h * w)
     for k, path in enumerate(paths.tolist()):
-        assert sorted(path) == list(range(h * w)), f"path {k} of {h}x{w} is not a permutation"
+        assert sorted(path) == list(range(h * w)), f"{family} path {k} of {h}x{w} is not a permutation"
         jumps = [grid_distance(a, b, w) for a, b in zip(path, path[1:])]
-        assert all(d == 1 for d in jumps), f"path {k} of {h}x{w} jumps: {jumps}"
+        assert all(d == 1 for d in jumps), f"{family} path {k} of {h}x{w} jumps: {jumps}"
 
 
 def test_zigzag_paths_start_at_four_corners_in_both_directions():
@@ -50,18 +56,6 @@ def test_zigzag_paths_start_at_four_corners_in_both_directions():
     # Row-major paths take a horizontal first step, column-major ones a vertical one.
     first_steps = [abs(p[1].item() - p[0].item()) for p in paths]
     assert first_steps == [1, w] * 4
-
-
-@pytest.mark.parametrize("h, w", [(1, 1), (1, 6), (5, 1), (2, 2), (4, 4), (8, 8), (16, 16), (5, 5), (7, 7), (3, 4),
-                                  (4, 3), (4, 7), (6, 9), (5, 8), (12, 5), (9, 10), (32, 18)])
-def test_hilbert_paths_are_continuous_permutations(h, w):
-    # square, non-square, odd and power-of-two grids
-    paths = zigma.hilbert_paths(h, w)
-    assert paths.shape == (8, h * w)
-    for k, path in enumerate(paths.tolist()):
-        assert sorted(path) == list(range(h * w)), f"Hilbert path {k} of {h}x{w} is not a permutation"
-        jumps = [grid_distance(a, b, w) for a, b in zip(path, path[1:])]
-        assert all(d == 1 for d in jumps), f"Hilbert path {k} of {h}x{w} jumps: {jumps}"
 
 
 def test_hilbert_paths_start_at_four_corners_in_both_directions_on_square_grids():
