@@ -303,11 +303,11 @@ def test_fused_scan_equals_pure_torch_scan():
 
 @pytest.mark.parametrize("fields, x_shape, condition", [
     (dict(), (2, 3, 8, 8), {}),
-    (dict(in_channels=1, patch_size=4, pos_embed="sincos"), (2, 1, 8, 8), {}),
-    (dict(num_classes=5, pos_embed="none"), (2, 3, 8, 8), dict(y=torch.tensor([0, 4]))),
+    (dict(in_channels=1, patch_size=4), (2, 1, 8, 8), {}),
+    (dict(num_classes=5), (2, 3, 8, 8), dict(y=torch.tensor([0, 4]))),
     (dict(context_dim=12), (2, 3, 8, 8), dict(context=torch.randn(2, 7, 12))),
     (dict(frames=3, num_classes=2, context_dim=12), (2, 3, 3, 8, 8), dict(y=torch.tensor([1, 0]), context=torch.randn(2, 4, 12))),
-    (dict(frames=2, video_scan="v", scan="sweep", pos_embed="sincos"), (2, 2, 3, 8, 8), {}),
+    (dict(frames=2, video_scan="v", scan="sweep"), (2, 2, 3, 8, 8), {}),
 ])
 def test_model_output_has_the_input_shape(fields, x_shape, condition):
     model = randomize(ZigMa(tiny_config(**fields)))

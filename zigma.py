@@ -620,22 +620,6 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(frequencies.to(self.mlp[0].weight.dtype))  # (B, D)
 
 
-def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    freqs = 1.0 / 10000 ** (torch.arange(dim // 2) / (dim // 2))  # (dim/2,)
-    angles = positions.float()[:, None] * freqs  # (P, dim/2)
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # (P, dim)
-
-
-def sincos_position_embedding(grid: tuple[int, int, int], dim: int) -> torch.Tensor:
-    """Fixed sin-cos embedding of a (T, H, W) grid: rows and columns in half the channels each, plus time."""
-    frames, h, w = grid
-    rows = sincos_1d(torch.arange(h), dim // 2)[:, None].expand(h, w, dim // 2)  # (H, W, D/2)
-    cols = sincos_1d(torch.arange(w), dim // 2)[None].expand(h, w, dim // 2)  # (H, W, D/2)
-    space = torch.cat([rows, cols], dim=-1)  # (H, W, D)
-    time = sincos_1d(torch.arange(frames), dim) if frames > 1 else torch.zeros(1, dim)  # (T, D)
-    return (time[:, None, None] + space[None]).reshape(1, frames * h * w, dim)  # (1, T*H*W, D)
-
-
 class FinalLayer(nn.Module):
     """adaLN, then a linear map from each token to its patch of pixels. As DiT's; the official ZigMa's final
     layer is not modulated by the condition."""
@@ -672,15 +656,12 @@ class ZigMaConfig:
     context_dim: int = 0  # 0 = no cross-attention; else the width of the context tokens
     d_state: int = 16  # N, as in Mamba
     expand: int = 2  # E = expand * D, as in Mamba
-    pos_embed: str = "learned"  # "learned" (the official models' use_pe=2), "sincos" (DiT's, fixed) or "none"
 
     def __post_init__(self):
         assert self.input_size % self.patch_size == 0, f"patch size {self.patch_size} must divide input size {self.input_size}"
         assert self.scan in PATHS, f"scan must be one of {', '.join(PATHS)}, not {self.scan!r}"
         assert 1 <= self.scan_paths <= 8, f"scan_paths must be between 1 and 8, not {self.scan_paths}"
         assert self.video_scan and set(self.video_scan) <= set("stv"), f"video_scan takes letters s, t and v, not {self.video_scan!r}"
-        assert self.pos_embed in ("learned", "sincos", "none"), f"unknown pos_embed {self.pos_embed!r}"
-        assert self.dim % 4 == 0, "dim must be a multiple of 4 (the sin-cos embedding splits it)"
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -700,12 +681,9 @@ class ZigMa(nn.Module):
         self.y_embedder = nn.Embedding(config.num_classes + 1, dim) if config.num_classes else None  # +1: null label
         # The "no text" context for guidance: one learned token, broadcast over the context length.
         self.null_context = nn.Parameter(torch.zeros(1, 1, config.context_dim)) if config.context_dim else None
-        if config.pos_embed == "learned":  # as the official models; "sincos" is DiT's fixed one
-            self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(grid), dim))
-        elif config.pos_embed == "sincos":
-            self.register_buffer("pos_embed", sincos_position_embedding(grid, dim))
-        else:
-            self.pos_embed = None
+        # A learned position per token, as the official models (use_pe=2): one table serves images and clips
+        # alike, with no hand-made 3D sin-cos table (DiT's is a fixed 2D one).
+        self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(grid), dim))
         pattern = config.video_scan if config.frames else "s"
         self.scans = nn.ModuleList(layer_scans(grid, config.depth, config.scan, config.scan_paths, pattern))
         self.blocks = nn.ModuleList(
@@ -722,15 +700,14 @@ class ZigMa(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
         # Embeddings: small normal, as DiT, but for the label table.
-        if isinstance(self.pos_embed, nn.Parameter):
-            nn.init.normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)
         for layer in self.t_embedder.mlp[0], self.t_embedder.mlp[2]:
             nn.init.normal_(layer.weight, std=0.02)
         if self.y_embedder is not None:
             # N(0, 1), as ADM, not DiT's N(0, 0.02). The label is added to the timestep embedding, whose MLP
             # grows to a norm of ~20 within a few hundred steps, while Adam moves a table entry by about the
-            # learning rate a step: from 0.02 the labels stayed ~1% of c, and 2,000 steps did not teach the
-            # model a single class (bench.py --only labels). From N(0, 1) they are as large as the time.
+            # learning rate a step: from 0.02 the labels stayed ~1% of c, and 2,000 steps on the faces in four
+            # moods did not teach the model one (bench.py --only labels). From N(0, 1) they are as large as the time.
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         if self.null_context is not None:
             nn.init.normal_(self.null_context, std=0.02)
@@ -785,8 +762,7 @@ class ZigMa(nn.Module):
 
         pixels = x.flatten(0, 1) if video else x  # (B*T, C, H*p, W*p)
         tokens = rearrange(self.patch_embed(pixels), "(b t) d h w -> b (t h w) d", b=batch)  # (B, T*H*W, D)
-        if self.pos_embed is not None:
-            tokens = tokens + self.pos_embed
+        tokens = tokens + self.pos_embed
         c = self.t_embedder(t)  # (B, D)
         if y is not None:
             c = c + self.y_embedder(y)  # (B, D)
