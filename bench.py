@@ -30,11 +30,13 @@ depth (default: the same as ZigMa's).
 Busy CPU: train.py's default model on the built-in faces for 40 steps, alone, then beside another process
 that keeps one core busy; the images/s of the last 20 steps of each, and their ratio.
 
-Class labels: do samples show the class asked for? The built-in faces in four moods (smiling, frowning,
-surprised, neutral), --label-images of each, are written to a folder; a small classifier learns the moods
-from other faces. Then train.py --class-cond trains its default model (ZigMa-Tiny/4, 32 x 32, batch 32) on
-the folder, resuming from stage to stage (--label-steps), and after each stage sample.py draws --label-samples
-faces of each mood, at --cfg 1 and 4. The table gives the share that the classifier reads as the mood asked for.
+Class labels: do samples show the class asked for? --label-images of each class (--label-data: four grey shapes,
+or the built-in faces in four moods) are written to a folder, each with a caption that names its class ("a
+disc", "a smiling face"); a small classifier learns the classes from other images. Then train.py trains its
+default model (ZigMa-Tiny/4, 32 x 32, batch 32) on the folder with --class-cond and with --captions
+(--label-kinds), resuming from stage to stage (--label-steps); after each stage sample.py draws --label-samples
+images of each class, at --cfg 1 and 4. The table gives the share that the classifier reads as the class asked
+for; --label-grids keeps the sample grids.
 """
 
 import argparse
@@ -42,6 +44,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,6 +59,7 @@ from einops import rearrange
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import zigma
+from data import SmileyFaces, save_samples
 from zigma import PRESETS, ZigMa, flow_loss, modulate, preset_config
 
 SCAN_SIZE = dict(batch=8, inner=768, d_state=16)  # B, E, N
@@ -410,43 +414,64 @@ def model_table(args, device: torch.device):
 #                                 Class labels                                  #
 #################################################################################
 
-MOODS = 4  # the built-in faces' moods, the classes of the label table
+class Shapes:
+    """Four shapes, (3, 32, 32) in [-1, 1], in grey levels only, as digit data sets are: image i shows shape
+    i mod 4, light on dark, at a random size, place and pair of grey levels."""
+
+    class_names = ["disc", "square", "triangle", "cross"]
+
+    def __getitem__(self, index):
+        g = torch.Generator().manual_seed(index)
+        u = lambda low, high: low + (high - low) * torch.rand((), generator=g).item()  # noqa: E731
+        y, x = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")  # (32, 32) each
+        r = u(0.45, 0.75)
+        x, y = (x - u(-0.2, 0.2)) / r, (y - u(-0.2, 0.2)) / r  # the shape's own coordinates: it spans [-1, 1]
+        label = index % len(self.class_names)
+        inside = [x ** 2 + y ** 2 <= 1,  # disc
+                  (x.abs() <= 0.85) & (y.abs() <= 0.85),  # square
+                  (y <= 0.8) & (y >= 1.6 * x.abs() - 0.9),  # triangle, point up
+                  (x.abs() <= 0.3) | (y.abs() <= 0.3)][label] & (x.abs() <= 1) & (y.abs() <= 1)  # cross
+        image = torch.where(inside, u(0.7, 1.0), u(0.0, 0.3)).expand(3, 32, 32)
+        return {"x": image * 2 - 1, "y": label}
 
 
-class MoodClassifier(nn.Module):
-    """A small convolutional classifier of the faces' moods, (B, 3, 32, 32) in [-1, 1] -> (B, MOODS) logits."""
+LABEL_DATA = {"shapes": Shapes, "faces": lambda: SmileyFaces(32, class_cond=True, moods=4)}
 
-    def __init__(self):
+
+class Classifier(nn.Module):
+    """A small convolutional classifier, (B, 3, 32, 32) in [-1, 1] -> (B, classes) logits."""
+
+    def __init__(self, classes: int):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 16 x 16
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 8 x 8
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, MOODS))
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, classes))
 
     def forward(self, x):
         return self.layers(x)
 
 
-def train_mood_classifier(faces, first: int, steps: int = 300) -> tuple[nn.Module, float]:
-    """A classifier trained on faces first, first + 1, ... (flipped at random), and its accuracy on 400 other faces."""
+def train_classifier(data, first: int, steps: int = 300) -> tuple[nn.Module, float]:
+    """A classifier trained on images first, first + 1, ... (flipped at random), and its accuracy on 400 others."""
     torch.manual_seed(0)
-    classifier, batch = MoodClassifier(), 64
+    classifier, batch = Classifier(len(data.class_names)), 64
     optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
     for step in range(steps):
         indices = range(first + step * batch, first + (step + 1) * batch)
-        x = torch.stack([faces[i]["x"] for i in indices])  # (64, 3, 32, 32)
+        x = torch.stack([data[i]["x"] for i in indices])  # (64, 3, 32, 32)
         x = torch.where(torch.rand(batch, 1, 1, 1) < 0.5, x, x.flip(-1))
-        loss = F.cross_entropy(classifier(x), torch.tensor([faces[i]["y"] for i in indices]))
+        loss = F.cross_entropy(classifier(x), torch.tensor([data[i]["y"] for i in indices]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     held_out = range(first + steps * batch, first + steps * batch + 400)
-    return classifier.eval(), mood_accuracy(classifier, torch.stack([faces[i]["x"] for i in held_out]),
-                                            torch.tensor([faces[i]["y"] for i in held_out]))
+    return classifier.eval(), accuracy(classifier, torch.stack([data[i]["x"] for i in held_out]),
+                                       torch.tensor([data[i]["y"] for i in held_out]))
 
 
 @torch.no_grad()
-def mood_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     return (classifier(images).argmax(-1) == labels).float().mean().item()
 
 
@@ -458,36 +483,53 @@ def read_images(folder: Path) -> torch.Tensor:
 
 
 def labels_table(args):
-    import train
+    """Train on the same images with the class as a label (--class-cond) and as a caption naming it ("a disc",
+    --captions): the rate at which samples read as the class asked for, across training."""
     root = Path(__file__).parent
-    print(f"## Class labels: train.py --class-cond on the built-in faces in {MOODS} moods, on {device_name(torch.device('cpu'))}\n")
-    faces = train.SmileyFaces(32, class_cond=True, moods=MOODS)
+    data = LABEL_DATA[args.label_data]()
+    names = data.class_names
+    noun = " face" if args.label_data == "faces" else ""  # "a smiling face", "a disc"
+    print(f"## Class labels{' against captions' if 'captions' in args.label_kinds else ''}: train.py on "
+          f"{len(names)} classes of {args.label_data} "
+          f"({', '.join(names)}), on {device_name(torch.device('cpu'))}\n")
     with tempfile.TemporaryDirectory() as folder:
-        data, run = Path(folder) / "faces", Path(folder) / "run"
-        for i in range(MOODS * args.label_images):
-            item = faces[i]
-            (data / faces.moods[item["y"]]).mkdir(parents=True, exist_ok=True)
-            train.save_samples(item["x"][None], data / faces.moods[item["y"]] / f"{i:05d}.png")
-        classifier, accuracy = train_mood_classifier(faces, first=MOODS * args.label_images, steps=args.classifier_steps)
-        print(f"The classifier reads {accuracy:.1%} of 400 held-out real faces right.\n")
-        print("| training steps | samples read as their class, cfg 1 | cfg 4 |")
-        print("| --- | --- | --- |")
+        images = Path(folder) / "images"
+        for i in range(len(names) * args.label_images):
+            item = data[i]
+            name = names[item["y"]]
+            (images / name).mkdir(parents=True, exist_ok=True)
+            save_samples(item["x"][None], images / name / f"{i:05d}.png")
+            (images / name / f"{i:05d}.txt").write_text(f"a {name}{noun}")
+        classifier, held_out = train_classifier(data, first=len(names) * args.label_images, steps=args.classifier_steps)
+        print(f"The classifier reads {held_out:.1%} of 400 held-out real images right. Each cell: samples read as the "
+              f"class asked for, of {len(names) * args.label_samples} ({args.label_samples} per class); "
+              f"chance is {1 / len(names):.0%}.\n")
+        columns = [f"{kind}, cfg {cfg}" for kind in args.label_kinds for cfg in (1, 4)]
+        print(f"| training steps | {' | '.join(columns)} |")
+        print("|" + " --- |" * (len(columns) + 1))
         for steps in args.label_steps:
-            subprocess.run([sys.executable, str(root / "train.py"), "--data", str(data), "--class-cond", "--out", str(run),
-                            "--steps", str(steps), "--device", "cpu"], check=True, capture_output=True)
             row = []
-            for cfg in (1, 4):
-                right = 0
-                for label, mood in enumerate(faces.moods):
-                    out = Path(folder) / f"samples_{steps}_{cfg}_{mood}"
-                    subprocess.run([sys.executable, str(root / "sample.py"), "--ckpt", str(run), "--class", mood,
-                                    "--n", str(args.label_samples), "--cfg", str(cfg), "--seed", str(label),
-                                    "--out", str(out / "grid.png"), "--out-dir", str(out / "each"), "--device", "cpu"],
-                                   check=True, capture_output=True)
-                    images = read_images(out / "each")
-                    right += round(mood_accuracy(classifier, images, torch.full((len(images),), label)) * len(images))
-                row.append(f"{right / (MOODS * args.label_samples):.0%} ({right} of {MOODS * args.label_samples})")
-            print(f"| {steps} | {row[0]} | {row[1]} |", flush=True)
+            for kind in args.label_kinds:
+                run = Path(folder) / kind
+                option = "--class-cond" if kind == "labels" else "--captions"
+                subprocess.run([sys.executable, str(root / "train.py"), "--data", str(images), option, "--out", str(run),
+                                "--steps", str(steps), "--device", "cpu"], check=True, capture_output=True)
+                for cfg in (1, 4):
+                    right = 0
+                    for label, name in enumerate(names):
+                        out = Path(folder) / f"samples_{kind}_{steps}_{cfg}_{name}"
+                        condition = ["--class", name] if kind == "labels" else ["--prompt", f"a {name}{noun}"]
+                        subprocess.run([sys.executable, str(root / "sample.py"), "--ckpt", str(run), *condition,
+                                        "--n", str(args.label_samples), "--cfg", str(cfg), "--seed", str(label),
+                                        "--out", str(out / "grid.png"), "--out-dir", str(out / "each"), "--device", "cpu"],
+                                       check=True, capture_output=True)
+                        drawn = read_images(out / "each")
+                        right += round(accuracy(classifier, drawn, torch.full((len(drawn),), label)) * len(drawn))
+                        if args.label_grids:
+                            args.label_grids.mkdir(parents=True, exist_ok=True)
+                            shutil.copy(out / "grid.png", args.label_grids / f"{kind}_{steps}_cfg{cfg}_{name}.png")
+                    row.append(f"{right / (len(names) * args.label_samples):.0%}")
+            print(f"| {steps} | {' | '.join(row)} |", flush=True)
     print()
 
 
@@ -545,11 +587,15 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=[32, 64], help="token grid sides for the model table")
     parser.add_argument("--batch-size", type=int, default=8, help="images per training step in the model table")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per model")
-    parser.add_argument("--label-images", type=int, default=1000, help="training faces of each mood in the label table")
-    parser.add_argument("--label-samples", type=int, default=25, help="samples of each mood in the label table")
-    parser.add_argument("--classifier-steps", type=int, default=300, help="training steps of the label table's mood classifier")
-    parser.add_argument("--label-steps", type=int, nargs="+", default=[250, 500, 1000, 2000],
+    parser.add_argument("--label-data", default="shapes", choices=LABEL_DATA, help="the label table's data (default: shapes)")
+    parser.add_argument("--label-kinds", nargs="+", default=["labels", "captions"], choices=["labels", "captions"],
+                        help="how the label table's runs take the class (default: both)")
+    parser.add_argument("--label-images", type=int, default=1000, help="training images of each class in the label table")
+    parser.add_argument("--label-samples", type=int, default=25, help="samples of each class in the label table")
+    parser.add_argument("--classifier-steps", type=int, default=300, help="training steps of the label table's classifier")
+    parser.add_argument("--label-steps", type=int, nargs="+", default=[500, 1000, 2000],
                         help="training steps after which the label table samples")
+    parser.add_argument("--label-grids", type=Path, help="keep the label table's sample grids in this folder")
     parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)  # one case in this process, used internally
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
