@@ -488,7 +488,7 @@ def labels_table(args):
     root = Path(__file__).parent
     data = LABEL_DATA[args.label_data]()
     names = data.class_names
-    noun = " face" if args.label_data == "faces" else ""  # "a smiling face", "a disc"
+    caption = (lambda name: f"a {name} face") if args.label_data == "faces" else (lambda name: f"a {name}")  # noqa: E731
     print(f"## Class labels{' against captions' if 'captions' in args.label_kinds else ''}: train.py on "
           f"{len(names)} classes of {args.label_data} "
           f"({', '.join(names)}), on {device_name(torch.device('cpu'))}\n")
@@ -499,7 +499,7 @@ def labels_table(args):
             name = names[item["y"]]
             (images / name).mkdir(parents=True, exist_ok=True)
             save_samples(item["x"][None], images / name / f"{i:05d}.png")
-            (images / name / f"{i:05d}.txt").write_text(f"a {name}{noun}")
+            (images / name / f"{i:05d}.txt").write_text(caption(name))
         classifier, held_out = train_classifier(data, first=len(names) * args.label_images, steps=args.classifier_steps)
         print(f"The classifier reads {held_out:.1%} of 400 held-out real images right. Each cell: samples read as the "
               f"class asked for, of {len(names) * args.label_samples} ({args.label_samples} per class); "
@@ -518,7 +518,7 @@ def labels_table(args):
                     right = 0
                     for label, name in enumerate(names):
                         out = Path(folder) / f"samples_{kind}_{steps}_{cfg}_{name}"
-                        condition = ["--class", name] if kind == "labels" else ["--prompt", f"a {name}{noun}"]
+                        condition = ["--class", name] if kind == "labels" else ["--prompt", caption(name)]
                         subprocess.run([sys.executable, str(root / "sample.py"), "--ckpt", str(run), *condition,
                                         "--n", str(args.label_samples), "--cfg", str(cfg), "--seed", str(label),
                                         "--out", str(out / "grid.png"), "--out-dir", str(out / "each"), "--device", "cpu"],
