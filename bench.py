@@ -4,6 +4,9 @@
     python bench.py --device cpu --only scan --max-seconds 30
     python bench.py --device cpu --only model --model ZigMa-S/2 --depth 4 --batch-size 2 --tokens 64
     python bench.py --only busy                       # a tiny train.py run alone, then beside a busy process
+    python bench.py --only compile                    # the graphs of a ZigMa block under torch.compile
+    python bench.py --gpu-check gpu-check.md          # on one GPU, about 8 minutes: tests, tables, training; one report
+    python bench.py --gpu-check check.md --tiny --device cpu   # the same at tiny sizes, about 20 s
 
 Scan level: one forward + backward of a selective scan with B=8, E=768, N=16 and D, z, delta_bias and
 softplus, for each sequence length L. Every case runs in fresh processes, so that the peak memory of one
@@ -15,6 +18,7 @@ for views). The methods:
     reference      zigma.selective_scan_reference: one token at a time, autograd keeps every state
     materialising  the straightforward scan below: (B, E, L, N) decays and inputs, then a loop
     fast           zigma.selective_scan, by blocks and chunks (zigma.scan_plan picks them by device)
+    compiled       zigma.selective_scan under torch.compile (GPUs only: on a CPU it would unroll a loop over tokens)
     fused          mamba-ssm's CUDA kernel (CUDA with mamba-ssm installed only)
 A method is skipped at a length where, extrapolated from the shorter one, it would take longer than
 --max-seconds or more than half the free memory. A second table counts the fast scan's operations under
@@ -40,11 +44,13 @@ for; --label-grids keeps the sample grids.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -91,9 +97,14 @@ def selective_scan_materialising(u, delta, A, B, C, D=None, z=None, delta_bias=N
     return y
 
 
-def scan_methods(device: torch.device) -> dict:
+def scan_methods(device: torch.device, compile_backend: str | None = None) -> dict:
+    """The scans to time; "compiled" is the fast scan under torch.compile, on GPUs by default (on a CPU its plan is a
+    loop over tokens, which compiling would unroll), or with the backend asked for."""
     methods = dict(reference=zigma.selective_scan_reference, materialising=selective_scan_materialising,
                    fast=zigma.selective_scan)
+    compile_backend = compile_backend or ("inductor" if device.type != "cpu" else None)
+    if compile_backend:
+        methods["compiled"] = torch.compile(zigma.selective_scan, backend=compile_backend)
     if zigma.fused_selective_scan is not None and device.type == "cuda":
         methods["fused"] = zigma.fused_selective_scan
     return methods
@@ -177,11 +188,13 @@ def scan_operations(length: int, device_type: str) -> int:
     return counter.count
 
 
-def run_scan_case(method: str, length: int, device: torch.device, max_seconds: float) -> dict:
+def run_scan_case(method: str, length: int, device: torch.device, max_seconds: float,
+                  compile_backend: str | None = None) -> dict:
     """Time one method at one length, in this (fresh) process; returns seconds per forward+backward, extra bytes
-    and operations."""
-    scan = scan_methods(device)[method]
-    warm_up = scan_inputs(32, device, **SCAN_SIZE)
+    and operations (None for the compiled scan, whose kernels are not torch operations)."""
+    scan = scan_methods(device, compile_backend)[method]
+    compiled = method == "compiled"
+    warm_up = scan_inputs(length if compiled else 32, device, **SCAN_SIZE)  # compiling for this length happens here
     forward_backward(scan, warm_up, torch.randn_like(warm_up["u"]))
     inputs = scan_inputs(length, device, **SCAN_SIZE)
     grad_y = torch.randn(SCAN_SIZE["batch"], SCAN_SIZE["inner"], length, device=device)
@@ -189,7 +202,8 @@ def run_scan_case(method: str, length: int, device: torch.device, max_seconds: f
     # The first pass measures the peak memory, and counts the operations.
     before = memory_mark(device)
     start = time.perf_counter()
-    with OperationCount() as counter:
+    counter = OperationCount()
+    with contextlib.nullcontext() if compiled else counter:
         forward_backward(scan, inputs, grad_y)
     synchronize(device)
     times = [time.perf_counter() - start]
@@ -201,7 +215,8 @@ def run_scan_case(method: str, length: int, device: torch.device, max_seconds: f
         forward_backward(scan, inputs, grad_y)
         synchronize(device)
         timed.append(time.perf_counter() - start)
-    return dict(seconds=statistics.median(timed or times), extra_bytes=max(extra, 0), operations=counter.count)
+    return dict(seconds=statistics.median(timed or times), extra_bytes=max(extra, 0),
+                operations=None if compiled else counter.count)
 
 
 def memory_mark(device: torch.device) -> int:
@@ -269,8 +284,9 @@ def scan_table(args, device: torch.device):
                 base = baseline[1]
                 ratio = (f"{base['seconds'] / result['seconds']:.1f}x faster, "
                          f"{base['extra_bytes'] / max(result['extra_bytes'], 1):.1f}x less memory")
+            operations = "" if result["operations"] is None else f"{result['operations']:,}"
             print(f"| {length} | {method} | {seconds(result['seconds'])} | {gib(result['extra_bytes'])} | "
-                  f"{result['operations']:,} | {ratio} |")
+                  f"{operations} | {ratio} |")
     print()
     print_scan_agreement(device)
     print("Operations of the fast scan, one forward + backward, by device plan (zigma.scan_plan):\n")
@@ -407,6 +423,39 @@ def model_table(args, device: torch.device):
                 versus = f"{result['seconds'] / dit['seconds']:.2f}x, {result['extra_bytes'] / dit['extra_bytes']:.2f}x"
             print(f"| {side} x {side} | {name} | {result['parameters'] / 1e6:.1f}M | {seconds(result['seconds'])} | "
                   f"{args.batch_size / result['seconds']:.1f} | {gib(result['extra_bytes'])} | {versus} |")
+    print()
+
+
+#################################################################################
+#                                 torch.compile                                 #
+#################################################################################
+
+def graph_breaks(plan: str) -> tuple[int, list[str]]:
+    """torch._dynamo.explain of one ZigMa block with cross-attention (width 64, 8 x 8 tokens) as the Mamba layer
+    runs it on a CPU (plan "cpu") or on a GPU without mamba-ssm (plan "cuda"): its graphs, and each break's cause."""
+    torch.manual_seed(0)
+    model = ZigMa(zigma.ZigMaConfig(input_size=16, in_channels=4, patch_size=2, dim=64, depth=1, context_dim=32))
+    x, c, context = torch.randn(2, 64, 64), torch.randn(2, 64), torch.randn(2, 5, 32)
+    planner, scan_for = zigma.scan_plan, zigma.selective_scan_for
+    if plan == "cuda":  # the scan a CUDA tensor gets without mamba-ssm, under the GPU plan
+        zigma.scan_plan = lambda length, per_token, _: planner(length, per_token, "cuda")
+        zigma.selective_scan_for = lambda u: zigma.selective_scan
+    try:
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model.blocks[0])(x, c, model.scans[0], context)
+    finally:
+        zigma.scan_plan, zigma.selective_scan_for = planner, scan_for
+    return explanation.graph_count, [str(reason.reason).splitlines()[0] for reason in explanation.break_reasons]
+
+
+def compile_table():
+    print("## torch.compile: the graphs of one ZigMa block (torch._dynamo.explain)\n")
+    print("| the scan as it runs | graphs | graph breaks, and their causes |")
+    print("| --- | --- | --- |")
+    for plan, name in [("cpu", "on a CPU"), ("cuda", "on a GPU without mamba-ssm (the GPU plan)")]:
+        graphs, reasons = graph_breaks(plan)
+        causes = "; ".join(f"{reasons.count(r)} x {r}" for r in dict.fromkeys(reasons)) or "none"
+        print(f"| {name} | {graphs} | {causes} |")
     print()
 
 
@@ -561,6 +610,179 @@ def busy_table():
     print(f"\nBeside the busy process, training ran {alone / beside:.2f}x slower than alone.\n")
 
 
+#################################################################################
+#                                   GPU check                                   #
+#################################################################################
+# Everything a first GPU should show, in one command of about 8 minutes that writes one report: the tests on the
+# device, the scan and model tables in bf16, the graphs under torch.compile, and two minutes of the README's
+# faces-at-256 training on generated faces. Each part has a time budget, and a part that fails is written down
+# while the others go on. --tiny runs the same code at sizes a CPU finishes in seconds (the suite does).
+
+GPU_CHECK_SIZES = {  # what each part runs: the full check, and the CPU dry run
+    "full": dict(test_filter=None, lengths=[256, 1024, 4096], model="ZigMa-B/2", dit_depth=12, tokens=[16, 32],
+                 batch_size=8, steps=5, compile_backend="inductor", faces=256, train_seconds=120,
+                 train=["--image-size", "256", "--model", "ZigMa-B/2", "--batch-size", "128", "--steps", "200000"],
+                 budgets=dict(tests=150, scan=120, model=90)),
+    "tiny": dict(test_filter="test_training_step_under_bfloat16_autocast", lengths=[16], model="ZigMa-Tiny/4",
+                 dit_depth=1, tokens=[2], batch_size=2, steps=1, compile_backend="aot_eager", faces=4, train_seconds=60,
+                 train=["--image-size", "8", "--model", "ZigMa-Tiny/2", "--batch-size", "2", "--steps", "2"],
+                 budgets=dict(tests=60, scan=60, model=60)),
+}
+
+
+class Report:
+    """The GPU check's report: markdown, written and flushed as it goes, so that a cut-off run keeps what it had."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "w")
+
+    def __call__(self, line: str = ""):
+        print(line, flush=True)
+        self.file.write(line + "\n")
+        self.file.flush()
+
+
+def check_tests(report: Report, device: torch.device, sizes: dict):
+    """pytest test_zigma.py --device DEVICE: the tests that take a device run on it, the rest on the CPU."""
+    command = [sys.executable, "-m", "pytest", "test_zigma.py", "-q", "-p", "no:cacheprovider", "--device", str(device)]
+    if sizes["test_filter"]:
+        command += ["-k", sizes["test_filter"]]
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent,
+                              timeout=sizes["budgets"]["tests"])
+    lines = finished.stdout.strip().splitlines()
+    report(f"`{' '.join(['pytest', *command[3:]])}`: {lines[-1] if lines else finished.stderr.strip()[-300:]}\n")
+    for line in lines:
+        if line.startswith(("FAILED", "ERROR")):
+            report(f"- {line}")
+    report()
+
+
+def check_scan(report: Report, device: torch.device, sizes: dict):
+    budget = time.perf_counter() + sizes["budgets"]["scan"]
+    report(f"B={SCAN_SIZE['batch']}, E={SCAN_SIZE['inner']}, N={SCAN_SIZE['d_state']}, float32, one forward + backward; "
+           f"compiled with {sizes['compile_backend']}, timed after compiling\n")
+    report("| L | method | time | extra memory | operations |")
+    report("| --- | --- | --- | --- | --- |")
+    for length in sizes["lengths"]:
+        for method in scan_methods(device, sizes["compile_backend"]):
+            if method == "reference" and length > 1024 or time.perf_counter() > budget:
+                report(f"| {length} | {method} | skipped: {'one token at a time' if method == 'reference' else 'out of time'} | | |")
+                continue
+            try:
+                result = run_scan_case(method, length, device, max_seconds=10, compile_backend=sizes["compile_backend"])
+            except Exception as error:  # one failed case is a finding; the check goes on
+                report(f"| {length} | {method} | failed: {type(error).__name__}: {str(error).splitlines()[0][:200]} | | |")
+                continue
+            operations = "" if result["operations"] is None else f"{result['operations']:,}"
+            report(f"| {length} | {method} | {seconds(result['seconds'])} | {gib(result['extra_bytes'])} | {operations} |")
+    report()
+
+
+def check_model(report: Report, device: torch.device, sizes: dict):
+    budget = time.perf_counter() + sizes["budgets"]["model"]
+    args = argparse.Namespace(model=sizes["model"], depth=None, dit_depth=sizes["dit_depth"], batch_size=sizes["batch_size"],
+                              steps=sizes["steps"])
+    report(f"{sizes['model']} against DiT of depth {sizes['dit_depth']}, batch {sizes['batch_size']}, 4 input channels, "
+           f"bf16 autocast on CUDA, one training step (median of {sizes['steps']})\n")
+    report("| tokens | model | parameters | step time | images/s | peak extra memory |")
+    report("| --- | --- | --- | --- | --- | --- |")
+    for side in sizes["tokens"]:
+        for kind in MODEL_KINDS:
+            if time.perf_counter() > budget:
+                report(f"| {side * side} | {kind} | skipped: out of time | | | |")
+                continue
+            try:
+                result = run_model_case(kind, side, args, device)
+            except Exception as error:
+                report(f"| {side * side} | {kind} | failed: {type(error).__name__}: {str(error).splitlines()[0][:200]} | | | |")
+                continue
+            report(f"| {side * side} | {kind} | {result['parameters'] / 1e6:.1f}M | {seconds(result['seconds'])} | "
+                   f"{args.batch_size / result['seconds']:.1f} | {gib(result['extra_bytes'])} |")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    report()
+
+
+def sd_vae_like(folder: Path) -> Path | None:
+    """A diffusers AutoencoderKL with Stable Diffusion's VAE architecture and random weights (the same work as the
+    real one, which cannot be downloaded here), saved in folder; None without diffusers."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        return None
+    AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                  scaling_factor=0.18215).save_pretrained(folder)
+    return folder
+
+
+def check_training(report: Report, device: torch.device, sizes: dict):
+    """The README's faces-at-256 command on generated faces, stopped by Ctrl-C (SIGINT) after its time."""
+    root = Path(__file__).parent
+    with tempfile.TemporaryDirectory() as folder:
+        images, out = Path(folder) / "faces", Path(folder) / "out"
+        images.mkdir()
+        side = int(sizes["train"][sizes["train"].index("--image-size") + 1])
+        faces = SmileyFaces(side)
+        for i in range(sizes["faces"]):
+            save_samples(faces[i]["x"][None], images / f"{i:05d}.png")
+        options = list(sizes["train"])
+        vae = sd_vae_like(Path(folder) / "vae") if side >= 64 else None
+        if side >= 64 and vae is None:  # the same 16 x 16 tokens of ZigMa-B/2, in pixels: 32 x 32 x 3
+            options[options.index("--image-size") + 1] = "32"
+            report("diffusers is not installed: pixels at 32 px stand in for the latents (the same 16 x 16 tokens)\n")
+        command = [sys.executable, str(root / "train.py"), "--data", str(images), *options, "--out", str(out),
+                   "--device", str(device), "--sample-every", "100000", "--log-every", "1", "--workers", "2"]
+        if vae:
+            command[command.index("--out"):command.index("--out")] = ["--vae", str(vae)]
+        report(f"`train.py {' '.join(command[2:]).replace(folder, 'TMP')}`, {sizes['faces']} generated faces, "
+               f"stopped after {sizes['train_seconds']} s\n")
+        start = time.perf_counter()
+        run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            output, _ = run.communicate(timeout=sizes["train_seconds"])
+        except subprocess.TimeoutExpired:
+            run.send_signal(signal.SIGINT)  # train.py saves its checkpoint and exits
+            output, _ = run.communicate(timeout=120)
+        wall = time.perf_counter() - start
+        logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] if (out / "log.jsonl").exists() else []
+        if logged:
+            report(f"- {wall:.0f} s in all (with encoding and start-up); step {logged[-1]['step']}, loss {logged[-1]['loss']}, "
+                   f"{logged[-1]['examples_per_s']} images/s over the last 20 steps")
+        report(f"- exit status {run.returncode}; its last line: `{output.strip().splitlines()[-1][-200:] if output.strip() else ''}`")
+        if (out / "ckpt.pt").exists():
+            drawn = subprocess.run([sys.executable, str(root / "sample.py"), "--ckpt", str(out), "--n", "4", "--steps", "10",
+                                    "--out", str(Path(folder) / "samples.png"), "--device", str(device)],
+                                   capture_output=True, text=True)
+            said = (drawn.stdout if drawn.returncode == 0 else drawn.stderr).strip().splitlines()
+            report(f"- sample.py from its checkpoint: exit status {drawn.returncode}, `{said[-1][-200:] if said else ''}`")
+    report()
+
+
+def gpu_check(path: Path, device: torch.device, tiny: bool):
+    sizes = GPU_CHECK_SIZES["tiny" if tiny else "full"]
+    report = Report(path)
+    report(f"# GPU check on {device_name(device)}\n")
+    report(f"torch {torch.__version__}, mamba-ssm {'installed' if zigma.fused_selective_scan else 'not installed'}, "
+           f"{time.strftime('%Y-%m-%d %H:%M')}\n")
+    parts = [("Tests", check_tests), ("Selective scan", check_scan), ("Training step against DiT", check_model),
+             ("Faces at 256 px, two minutes", check_training)]
+    for title, part in parts:
+        report(f"## {title}\n")
+        start = time.perf_counter()
+        try:
+            part(report, device, sizes)
+        except Exception as error:
+            report(f"failed: {type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}\n")
+        report(f"({time.perf_counter() - start:.0f} s)\n")
+    report("## torch.compile: the graphs of one ZigMa block\n")
+    for plan in ("cpu", "cuda"):
+        graphs, reasons = graph_breaks(plan)
+        report(f"- as the scan runs {'on a CPU' if plan == 'cpu' else 'on a GPU without mamba-ssm'}: {graphs} graphs; "
+               f"breaks: {'; '.join(dict.fromkeys(reasons)) or 'none'}")
+    report()
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -578,7 +800,10 @@ def gib(n: float) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda if available, else cpu)")
-    parser.add_argument("--only", choices=["scan", "model", "busy", "labels"], help="run one table only")
+    parser.add_argument("--only", choices=["scan", "model", "compile", "busy", "labels"], help="run one table only")
+    parser.add_argument("--gpu-check", type=Path, metavar="REPORT", help="run the GPU check (about 8 minutes on one GPU) "
+                        "and write its report here; nothing else runs")
+    parser.add_argument("--tiny", action="store_true", help="with --gpu-check: tiny sizes, for a dry run on a CPU")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096], help="scan lengths L")
     parser.add_argument("--max-seconds", type=float, default=120, help="skip scan cases expected to take longer")
     parser.add_argument("--model", default="ZigMa-B/2", choices=PRESETS, help="preset for the model table")
@@ -606,11 +831,16 @@ def main():
         else:
             print(json.dumps(run_model_case(what, int(size), args, device)))
         return
+    if args.gpu_check:
+        gpu_check(args.gpu_check, device, args.tiny)
+        return
     print(f"torch {torch.__version__}\n")
     if args.only in (None, "scan"):
         scan_table(args, device)
     if args.only in (None, "model"):
         model_table(args, device)
+    if args.only in (None, "compile"):
+        compile_table()
     if args.only in (None, "busy"):
         busy_table()
     if args.only in (None, "labels"):

@@ -545,6 +545,13 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
+def load_weights(networks: nn.ModuleDict, state: dict) -> None:
+    """Load a checkpoint's weights into the networks. Checkpoints written before the scan orders stopped being
+    saved hold them too; the config gives them, so they are dropped."""
+    networks.load_state_dict({name: value for name, value in state.items()
+                              if not re.fullmatch(r"zigma\.scans\.\d+\.(order|inverse)", name)})
+
+
 def build_networks(config: ZigMaConfig, conditioning: dict) -> nn.ModuleDict:
     """What training optimises: the ZigMa, and the built-in caption encoder when it learns with it."""
     networks = nn.ModuleDict({"zigma": ZigMa(config)})
@@ -557,7 +564,7 @@ def networks_from_checkpoint(checkpoint: dict, path: Path, weights: str = "ema")
     """Rebuild the networks from the checkpoint's config and load their weights ("ema" or "model")."""
     try:
         networks = build_networks(ZigMaConfig(**checkpoint["config"]), checkpoint["conditioning"])
-        networks.load_state_dict(checkpoint[weights])
+        load_weights(networks, checkpoint[weights])
     except (TypeError, AssertionError, RuntimeError) as error:
         raise UserError(f"{path} does not match this version of ZigMa: {str(error).strip().splitlines()[0]}")
     return networks

@@ -37,9 +37,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from data import (VAE, ArgumentParser, CaptionEncoder, ClipFolder, CPUThreads, ImageFolder, Latents, MovingShapes,
-                  SmileyFaces, UserError, build_networks, load_checkpoint, load_pretrained_text_encoder, pick_device,
+                  SmileyFaces, UserError, build_networks, load_checkpoint, load_pretrained_text_encoder, load_weights, pick_device,
                   plural, save_atomically, save_samples)
-from zigma import PRESETS, ZigMaConfig, flow_loss, preset_config, sample, selective_scan, selective_scan_for
+from zigma import PRESETS, ZigMaConfig, flow_loss, fused_selective_scan, preset_config, sample
 
 
 @torch.no_grad()
@@ -80,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay, warmed up as min(decay, (1+step)/(10+step)) (default: 0.999)")
     training.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     training.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
-    training.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    training.add_argument("--compile", action="store_true", help="torch.compile the model: on a GPU it fuses the selective "
+                          "scan's operations; on a CPU the scan stays uncompiled, and compiling takes a minute or more")
     training.add_argument("--grad-checkpointing", action="store_true",
                           help="recompute each block in the backward pass: less memory, about a third more time")
     training.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
@@ -298,8 +299,8 @@ def train(args, rank: int, world: int, device: torch.device):
 
     if checkpoint is not None:
         check_resumed_model(checkpoint, ckpt_path, config, conditioning)
-        networks.load_state_dict(checkpoint["model"])
-        ema.load_state_dict(checkpoint["ema"])
+        load_weights(networks, checkpoint["model"])
+        load_weights(ema, checkpoint["ema"])
         chosen = [{"lr": group["lr"], "weight_decay": group["weight_decay"]} for group in optimizer.param_groups]
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -341,7 +342,7 @@ def train(args, rank: int, world: int, device: torch.device):
     train_model = torch.compile(train_model) if args.compile else train_model
     encode = parallel(networks["text"]) if "text" in networks else pretrained
     torch.manual_seed(args.seed + rank)  # noise, times and dropped conditions differ from process to process
-    scan_name = "pure torch" if selective_scan_for(device) is selective_scan else "mamba-ssm's fused kernel"
+    scan_name = "mamba-ssm's fused kernel" if fused_selective_scan is not None and device.type == "cuda" else "pure torch"
     if rank == 0:
         print(f"{args.model}: {sum(p.numel() for p in networks.parameters()) / 1e6:.2f}M parameters, "
               f"{plural(len(dataset), 'training clip' if args.frames else 'training image')}, on {device}"

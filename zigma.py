@@ -29,8 +29,8 @@ In the two Mamba sections (selective scan, Mamba mixer), A, B, C and D are the S
 the paper and mamba-ssm, so the shapes there are lowercase: b, l, e, n, r for B, L, E, N, R.
 
 Numbers: the weights are float32, and training runs under autocast (bfloat16 on CUDA, as train.py does);
-the selective scan always computes in float32 (float64 for a float64 model). model.to(torch.bfloat16)
-runs too: the timestep features and the SSM's own parameters are cast where they enter.
+the selective scan always computes in float32 (float64 for a float64 model). A model.to(torch.bfloat16)
+trains and samples too: the timestep features and the SSM's own parameters are cast where they enter.
 
 Time convention (the linear stochastic interpolant with velocity prediction):
     x_t = (1 - t) * noise + t * data,  t in [0, 1]:  t = 0 is pure noise, t = 1 is data.
@@ -165,8 +165,8 @@ class Scan(nn.Module):
     axis "space":  every frame is one sequence of H*W tokens (images are clips with T = 1);
     axis "time":   every spatial position is one sequence of T tokens;
     axis "volume": the whole clip is one sequence of T*H*W tokens.
-    `order` is a permutation of the L tokens of a sequence. It and its inverse are buffers, so they
-    follow .to() and are saved in the state_dict.
+    `order` is a permutation of the L tokens of a sequence. It and its inverse are buffers, so they follow
+    .to(); they are not saved in the state_dict, since the config gives them.
     """
 
     def __init__(self, grid: tuple[int, int, int], axis: str, order: torch.Tensor):
@@ -176,8 +176,8 @@ class Scan(nn.Module):
         length = {"space": h * w, "time": frames, "volume": frames * h * w}[axis]
         assert sorted(order.tolist()) == list(range(length)), f"a {axis} scan needs a permutation of {length}"
         self.grid, self.axis = grid, axis
-        self.register_buffer("order", order.long())
-        self.register_buffer("inverse", torch.argsort(order).long())
+        self.register_buffer("order", order.long(), persistent=False)
+        self.register_buffer("inverse", torch.argsort(order).long(), persistent=False)
 
     def to_sequences(self, x: torch.Tensor) -> torch.Tensor:
         frames = self.grid[0]
@@ -462,7 +462,6 @@ class _SelectiveScan(torch.autograd.Function):
         return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_delta_bias, None
 
 
-@torch.compiler.disable  # Python loops over chunks and blocks: torch.compile would unroll them
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """The selective scan in pure torch, in few operations and little memory; same arguments as mamba-ssm's selective_scan_fn.
 
@@ -476,9 +475,18 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     return y.to(u.dtype)
 
 
-def selective_scan_for(device: torch.device):
-    """The scan the Mamba layers run on a device: mamba-ssm's fused kernel on CUDA where it is installed, else selective_scan."""
-    return fused_selective_scan if fused_selective_scan is not None and device.type == "cuda" else selective_scan
+# torch.compile traces selective_scan whole, with no graph break, and unrolls its Python loops. Under the GPU plan
+# that is about 3 (c + q) steps, which it fuses into a few kernels; under the CPU plan it would be a step per token.
+selective_scan_eager = torch.compiler.disable(selective_scan)
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what mamba-ssm's kernel takes for u
+
+
+def selective_scan_for(u: torch.Tensor):
+    """The scan the Mamba layers run on their input u: mamba-ssm's fused kernel for a CUDA tensor in a dtype it takes,
+    where mamba-ssm is installed; else selective_scan, which torch.compile leaves uncompiled on a CPU."""
+    if fused_selective_scan is not None and u.is_cuda and u.dtype in FUSED_DTYPES:
+        return fused_selective_scan
+    return selective_scan_eager if u.device.type == "cpu" else selective_scan
 
 
 #################################################################################
@@ -487,8 +495,10 @@ def selective_scan_for(device: torch.device):
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Mamba's causal depthwise convolution along the tokens of x (b, l, e), with nn.Conv1d's weight (e, 1, k):
-    out_l = bias + sum_j weight[:, 0, k-1-j] x_{l-j}, zero before the first token. Channels last: no transposes."""
+    out_l = bias + sum_j weight[:, 0, k-1-j] x_{l-j}, zero before the first token. Channels last: no transposes.
+    In x's dtype, as causal-conv1d's kernel returns it: under autocast the float32 weights would promote a bf16 x."""
     kernel = weight.shape[-1]
+    weight, bias = weight.to(x.dtype), bias.to(x.dtype)
     out = torch.addcmul(bias, x, weight[:, 0, -1])  # (b, l, e): the current token's tap
     for j in range(1, kernel):  # the tap j tokens back
         out[:, j:] += x[:, :-j] * weight[:, 0, -1 - j]
@@ -529,7 +539,9 @@ class MambaMixer(nn.Module):
         delta = delta @ self.dt_proj.weight.t()  # (b, l, e); the bias is added inside the scan
         ssm = torch.promote_types(self.A_log.dtype, torch.float32)  # the SSM's own parameters in float32 or more
         A = -torch.exp(self.A_log.to(ssm))  # (e, n)
-        y = selective_scan_for(x.device)(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
+        # Under autocast, u = x, delta, B, C and z are all bf16 (or fp16) here, and A, D and delta_bias float32:
+        # mamba-ssm's kernel demands exactly that.
+        y = selective_scan_for(x)(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
                                          C.transpose(1, 2), self.D.to(ssm), z.transpose(1, 2),
                                          delta_bias=self.dt_proj.bias.to(ssm), delta_softplus=True)  # (b, e, l)
         return self.out_proj(y.transpose(1, 2))  # (b, l, d)
@@ -813,7 +825,7 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
     batch = x.shape[0]
     noise = torch.randn_like(x) if noise is None else noise
     t = torch.rand(batch, device=x.device) if t is None else t  # (B,)
-    t_ = t.view(batch, *[1] * (x.dim() - 1))  # broadcastable over x
+    t_ = t.view(batch, *[1] * (x.dim() - 1)).to(x.dtype)  # broadcastable over x, in its dtype (a bf16 model takes bf16)
     x_t = (1 - t_) * noise + t_ * x
     drop = None
     if y is not None or context is not None:
