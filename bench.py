@@ -65,10 +65,17 @@ from einops import rearrange
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import zigma
-from data import SmileyFaces, save_samples
+from data import ArgumentParser, SmileyFaces, UserError, pick_device, plural, save_samples
 from zigma import PRESETS, ZigMa, flow_loss, modulate, preset_config
 
 SCAN_SIZE = dict(batch=8, inner=768, d_state=16)  # B, E, N
+FAILED = []  # the cases that failed, for the exit status
+
+
+def failed(case: str, error: Exception) -> str:
+    """Note a failed case and say why, in a table's cell."""
+    FAILED.append(case)
+    return f"failed: {type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
 
 
 #################################################################################
@@ -274,7 +281,7 @@ def scan_table(args, device: torch.device):
                 result = dict(timed, extra_bytes=run_in_subprocess(["scan", method, str(length)], args, device,
                                                                    memory=True)["extra_bytes"])
             except RuntimeError as error:
-                print(f"| {length} | {method} | failed: {error} | | | |")
+                print(f"| {length} | {method} | {failed(f'{method} at L={length}', error)} | | | |")
                 continue
             results[method] = previous[method] = (length, result)
         baseline = results.get("materialising")
@@ -414,7 +421,7 @@ def model_table(args, device: torch.device):
                 results[kind] = dict(timed, extra_bytes=run_in_subprocess(["model", kind, str(side)], args, device,
                                                                           memory=True)["extra_bytes"])
             except RuntimeError as error:
-                print(f"| {side} x {side} | {kind} | failed: {error} | | | | |")
+                print(f"| {side} x {side} | {kind} | {failed(f'{kind} at {side} x {side}', error)} | | | | |")
         for kind, result in results.items():
             name = kind if kind != "DiT" else f"DiT, depth {args.dit_depth or depth}"
             versus = ""
@@ -531,6 +538,14 @@ def read_images(folder: Path) -> torch.Tensor:
     return torch.stack([to_tensor(Image.open(p).convert("RGB")) * 2 - 1 for p in sorted(folder.glob("*.png"))])
 
 
+def run_child(command: list[str]) -> None:
+    """Run train.py or sample.py; where it fails, one sentence that ends with what it said."""
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode:
+        said = finished.stderr.strip().splitlines()
+        raise UserError(f"{Path(command[1]).name} failed (exit status {finished.returncode}): {said[-1] if said else 'nothing'}")
+
+
 def labels_table(args):
     """Train on the same images with the class as a label (--class-cond) and as a caption naming it ("a disc",
     --captions): the rate at which samples read as the class asked for, across training."""
@@ -561,17 +576,16 @@ def labels_table(args):
             for kind in args.label_kinds:
                 run = Path(folder) / kind
                 option = "--class-cond" if kind == "labels" else "--captions"
-                subprocess.run([sys.executable, str(root / "train.py"), "--data", str(images), option, "--out", str(run),
-                                "--steps", str(steps), "--device", "cpu"], check=True, capture_output=True)
+                run_child([sys.executable, str(root / "train.py"), "--data", str(images), option, "--out", str(run),
+                           "--steps", str(steps), "--device", "cpu"])
                 for cfg in (1, 4):
                     right = 0
                     for label, name in enumerate(names):
                         out = Path(folder) / f"samples_{kind}_{steps}_{cfg}_{name}"
                         condition = ["--class", name] if kind == "labels" else ["--prompt", caption(name)]
-                        subprocess.run([sys.executable, str(root / "sample.py"), "--ckpt", str(run), *condition,
-                                        "--n", str(args.label_samples), "--cfg", str(cfg), "--seed", str(label),
-                                        "--out", str(out / "grid.png"), "--out-dir", str(out / "each"), "--device", "cpu"],
-                                       check=True, capture_output=True)
+                        run_child([sys.executable, str(root / "sample.py"), "--ckpt", str(run), *condition,
+                                   "--n", str(args.label_samples), "--cfg", str(cfg), "--seed", str(label),
+                                   "--out", str(out / "grid.png"), "--out-dir", str(out / "each"), "--device", "cpu"])
                         drawn = read_images(out / "each")
                         right += round(accuracy(classifier, drawn, torch.full((len(drawn),), label)) * len(drawn))
                         if args.label_grids:
@@ -588,9 +602,8 @@ def labels_table(args):
 
 def training_rate(out: Path) -> float:
     """train.py's default run on the built-in faces, 40 steps on the CPU: its images/s over the last 20 steps."""
-    command = [sys.executable, str(Path(__file__).with_name("train.py")), "--out", str(out), "--steps", "40",
-               "--device", "cpu", "--workers", "0", "--log-every", "40", "--sample-every", "1000", "--ckpt-every", "1000"]
-    subprocess.run(command, check=True, capture_output=True)
+    run_child([sys.executable, str(Path(__file__).with_name("train.py")), "--out", str(out), "--steps", "40",
+               "--device", "cpu", "--workers", "0", "--log-every", "40", "--sample-every", "1000", "--ckpt-every", "1000"])
     return json.loads((out / "log.jsonl").read_text().splitlines()[-1])["examples_per_s"]
 
 
@@ -671,7 +684,7 @@ def check_scan(report: Report, device: torch.device, sizes: dict):
             try:
                 result = run_scan_case(method, length, device, max_seconds=10, compile_backend=sizes["compile_backend"])
             except Exception as error:  # one failed case is a finding; the check goes on
-                report(f"| {length} | {method} | failed: {type(error).__name__}: {str(error).splitlines()[0][:200]} | | |")
+                report(f"| {length} | {method} | {failed(f'{method} at L={length}', error)} | | |")
                 continue
             operations = "" if result["operations"] is None else f"{result['operations']:,}"
             report(f"| {length} | {method} | {seconds(result['seconds'])} | {gib(result['extra_bytes'])} | {operations} |")
@@ -694,7 +707,7 @@ def check_model(report: Report, device: torch.device, sizes: dict):
             try:
                 result = run_model_case(kind, side, args, device)
             except Exception as error:
-                report(f"| {side * side} | {kind} | failed: {type(error).__name__}: {str(error).splitlines()[0][:200]} | | | |")
+                report(f"| {side * side} | {kind} | {failed(f'{kind} at {side * side} tokens', error)} | | | |")
                 continue
             report(f"| {side * side} | {kind} | {result['parameters'] / 1e6:.1f}M | {seconds(result['seconds'])} | "
                    f"{args.batch_size / result['seconds']:.1f} | {gib(result['extra_bytes'])} |")
@@ -773,7 +786,7 @@ def gpu_check(path: Path, device: torch.device, tiny: bool):
         try:
             part(report, device, sizes)
         except Exception as error:
-            report(f"failed: {type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}\n")
+            report(f"{failed(title, error)}\n")
         report(f"({time.perf_counter() - start:.0f} s)\n")
     report("## torch.compile: the graphs of one ZigMa block\n")
     for plan in ("cpu", "cuda"):
@@ -797,8 +810,25 @@ def gib(n: float) -> str:
     return f"{n / 2 ** 20:.0f} MiB" if n < 2 ** 30 else f"{n / 2 ** 30:.2f} GiB"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """One sentence for an option out of range, as train.py gives."""
+    for name in ("lengths", "tokens", "label_steps"):
+        if min(getattr(args, name)) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be 1 or more, not {min(getattr(args, name))}")
+    for name in ("batch_size", "steps", "depth", "dit_depth", "label_images", "label_samples", "classifier_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be 1 or more, not {getattr(args, name)}")
+    if not args.max_seconds > 0:
+        raise UserError(f"--max-seconds must be positive, not {args.max_seconds}")
+    if args.label_steps != sorted(set(args.label_steps)):
+        raise UserError(f"--label-steps must rise, since each stage resumes the last: not {' '.join(map(str, args.label_steps))}")
+    if args.tiny and not args.gpu_check:
+        raise UserError("--tiny applies to --gpu-check only")
+    return args
+
+
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda if available, else cpu)")
     parser.add_argument("--only", choices=["scan", "model", "compile", "busy", "labels"], help="run one table only")
     parser.add_argument("--gpu-check", type=Path, metavar="REPORT", help="run the GPU check (about 8 minutes on one GPU) "
@@ -822,8 +852,8 @@ def main():
                         help="training steps after which the label table samples")
     parser.add_argument("--label-grids", type=Path, help="keep the label table's sample grids in this folder")
     parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)  # one case in this process, used internally
-    args = parser.parse_args()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args = check_arguments(parser.parse_args(argv))
+    device = pick_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.case:
         table, what, size = args.case
         if table == "scan":
@@ -833,6 +863,8 @@ def main():
         return
     if args.gpu_check:
         gpu_check(args.gpu_check, device, args.tiny)
+        if FAILED:
+            raise UserError(f"{plural(len(FAILED), 'part or case')} of the GPU check failed; {args.gpu_check} says which")
         return
     print(f"torch {torch.__version__}\n")
     if args.only in (None, "scan"):
@@ -845,7 +877,12 @@ def main():
         busy_table()
     if args.only in (None, "labels"):
         labels_table(args)
+    if FAILED:
+        raise UserError(f"{plural(len(FAILED), 'case')} failed: {FAILED[0]}" + (", ..." if len(FAILED) > 1 else ""))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:
+        sys.exit(f"bench.py: {error}")

@@ -14,7 +14,9 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +63,18 @@ def plural(count: int, noun: str) -> str:
 #################################################################################
 
 def image_files(folder: Path) -> list[Path]:
-    """Every image file under folder, recursively, sorted."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Every image file under folder, recursively, sorted. Linked folders are followed, each real folder once, so
+    that a link back up the tree is no loop."""
+    files, seen = [], set()
+    for parent, folders, names in os.walk(folder, followlinks=True):
+        here = os.stat(parent)
+        if (here.st_dev, here.st_ino) in seen:  # reached again through a link
+            folders.clear()
+            continue
+        seen.add((here.st_dev, here.st_ino))
+        folders.sort()
+        files += [Path(parent) / name for name in names if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(p for p in files if p.is_file())
 
 
 def frame_count(path: Path) -> int:
@@ -105,17 +117,29 @@ def class_names_of(root: Path, paths: list[Path]) -> list[str]:
     names = {p.relative_to(root).parts[0] for p in paths}
     if not names:
         raise UserError(f"--class-cond needs one subfolder per class in {root}")
+    if len(names) == 1:
+        warn(f"--class-cond: {root} has one class only ({next(iter(names))}); a label that never changes teaches nothing")
     return sorted(names)
+
+
+def read_text(path: Path) -> str:
+    """A text file's contents, or one sentence naming the file where it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8")
 
 
 def read_captions(images: list[Path]) -> list[str]:
     """The caption of each image: the text of the .txt file with the same stem beside it."""
-    captions = [p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").is_file() else None for p in images]
+    captions = [read_text(p.with_suffix(".txt")).strip() if p.with_suffix(".txt").is_file() else None for p in images]
     missing = sum(c is None for c in captions)
     if missing == len(captions):
         raise UserError("--captions: no image has a caption file (NAME.txt beside NAME.png)")
     if missing:
         warn(f"{missing} of {plural(len(captions), 'image')} have no caption file; they get the empty caption")
+    if not any(CaptionEncoder.words(c) for c in captions if c):
+        warn("--captions: no caption has a word in it; the model learns only the empty caption")
     return [c or "" for c in captions]
 
 
@@ -333,29 +357,38 @@ class MovingShapes(Dataset):
 class CaptionEncoder(nn.Module):
     """The built-in text encoder, learned with the model: word embeddings and a small transformer.
 
-    It needs no download. Its vocabulary, the words of the training captions, is saved with the model;
-    index 0 pads, 1 stands for an unknown word, 2 starts every caption (so that "" still has a token).
+    It needs no download. Its vocabulary, the words of the training captions that it reads (the first
+    max_words of each), is saved with the model; index 0 pads, 1 stands for an unknown word, 2 starts every
+    caption (so that "" still has a token). A word is a run of letters or digits in any script, lower-cased
+    ("école", "猫"), and each symbol such as an emoji is a word of its own; punctuation is dropped.
     """
 
     special = ["<pad>", "<unknown>", "<start>"]
+    max_words = 32
 
-    def __init__(self, vocabulary: list[str], dim: int, max_words: int = 32, depth: int = 2):
+    def __init__(self, vocabulary: list[str], dim: int, depth: int = 2):
         super().__init__()
         assert vocabulary[:3] == self.special, "the vocabulary starts with the special tokens"
-        self.vocabulary, self.max_words = vocabulary, max_words
+        self.vocabulary = vocabulary
         self.index = {word: i for i, word in enumerate(vocabulary)}
         self.embed = nn.Embedding(len(vocabulary), dim)
-        self.position = nn.Parameter(torch.randn(1, max_words + 1, dim) * 0.02)
+        self.position = nn.Parameter(torch.randn(1, self.max_words + 1, dim) * 0.02)
         layer = nn.TransformerEncoderLayer(dim, max(1, dim // 64), 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
 
     @staticmethod
     def words(caption: str) -> list[str]:
-        return re.findall(r"[a-z0-9']+", caption.lower())
+        text = unicodedata.normalize("NFC", caption).lower()
+        tokens = re.findall(r"\w+(?:'\w+)*|[^\w\s]", text)  # words ("don't" is one), and single other characters
+        return [t for t in tokens if not unicodedata.category(t[0]).startswith("P")]  # without punctuation
 
     @classmethod
     def build_vocabulary(cls, captions: list[str]) -> list[str]:
-        return cls.special + sorted({word for caption in captions for word in cls.words(caption)})
+        """The special tokens and every word the encoder reads: the first max_words of each caption."""
+        longer = sum(len(cls.words(caption)) > cls.max_words for caption in captions)
+        if longer:
+            warn(f"{plural(longer, 'caption')} of more than {cls.max_words} words: the model reads the first {cls.max_words}")
+        return cls.special + sorted({word for caption in captions for word in cls.words(caption)[:cls.max_words]})
 
     def forward(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The context tokens (B, S, D) of the captions, padded to the longest, and their mask (B, S): False on padding."""
@@ -413,14 +446,21 @@ class VAE:
         try:
             from diffusers import AutoencoderKL  # optional: only latent training needs diffusers
         except ImportError:
-            raise UserError(f"--vae {name} needs the diffusers package: pip install diffusers")
+            raise UserError(f"the VAE {name} needs the diffusers package: pip install diffusers")
         if not Path(name).exists() and not re.fullmatch(r"[\w-][\w.-]*/[\w-][\w.-]*", name):
-            raise UserError(f"--vae {name} is neither a folder nor a hub name like stabilityai/sd-vae-ft-ema")
+            raise UserError(f"the VAE {name} is neither a folder nor a hub name like stabilityai/sd-vae-ft-ema")
         try:
             model = AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)
         except Exception as error:
-            where = "a folder of it" if Path(name).exists() else "a hub name it could download, or a local folder"
-            raise UserError(f"could not load the VAE {name} (give {where}): {str(error).strip().splitlines()[0]}")
+            reason = str(error).strip().splitlines()[0]
+            if Path(name).exists():
+                raise UserError(f"could not load the VAE from the folder {name}: {reason}")
+            from huggingface_hub import try_to_load_from_cache
+            from huggingface_hub.constants import HF_HUB_CACHE
+            if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+                raise UserError(f"could not load the VAE {name}: it is not in the Hugging Face cache ({HF_HUB_CACHE}) and "
+                                f"could not be downloaded; connect to the network for the first run, or give a local folder")
+            raise UserError(f"could not load the VAE {name} from the Hugging Face cache ({HF_HUB_CACHE}): {reason}")
         self.name, self.model = name, model.requires_grad_(False).eval().to(device)
         config = model.config
         self.channels, self.factor = config.latent_channels, 2 ** (len(config.block_out_channels) - 1)  # C, f
@@ -455,7 +495,12 @@ class Latents(Dataset):
         key = {"vae": vae.name, "image_size": image_size,
                "files": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source.files]}
         load = lambda: torch.load(cache, map_location="cpu", weights_only=True, mmap=True)  # noqa: E731
-        contents = load() if cache.is_file() else None
+        contents = None
+        if cache.is_file():
+            try:
+                contents = load()
+            except Exception:  # cut short by a full disk or a killed run, or not written by train.py
+                print(f"{cache} cannot be read (cut short, or not written by train.py): encoding again")
         if contents is None or contents["key"] != key:
             if contents is not None:
                 print(f"{cache} was encoded from other data, another image size or another VAE: encoding again")
@@ -519,14 +564,37 @@ class Latents(Dataset):
 #                          Checkpoints and sample files                         #
 #################################################################################
 
+def written_atomically(path: Path, write) -> None:
+    """write(temporary) to a temporary file beside path (with its extension), then rename it over path: a crash
+    never leaves a broken file. A failed write (a full disk) removes the temporary file and keeps the old one."""
+    temporary = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        kept = "; the one there before is kept" if path.exists() else ""
+        raise UserError(f"could not write {path}: {error.strerror or error}{kept}")
+
+
 def save_atomically(contents: dict, path: Path) -> None:
-    """torch.save to a temporary file, then rename it over the old one: a crash never leaves a broken file."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as f:
-        torch.save(contents, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    """torch.save, written atomically (written_atomically), flushed to the disk before the rename."""
+    def write(temporary: Path):
+        with open(temporary, "wb") as f:
+            torch.save(contents, f)
+            f.flush()
+            os.fsync(f.fileno())
+    written_atomically(path, write)
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """Make folder if need be and write a file in it, so that a folder that cannot be written fails before any work."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UserError(f"{option} {folder} cannot be written: {error.strerror or error}")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -567,20 +635,25 @@ def networks_from_checkpoint(checkpoint: dict, path: Path, weights: str = "ema")
         load_weights(networks, checkpoint[weights])
     except (TypeError, AssertionError, RuntimeError) as error:
         raise UserError(f"{path} does not match this version of ZigMa: {str(error).strip().splitlines()[0]}")
+    broken = [name for name, p in networks.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if broken:
+        raise UserError(f"{path} holds NaN or infinite weights (in {plural(len(broken), 'tensor')}, {broken[0]} first): "
+                        f"it comes from a run that diverged; train again with a lower --lr")
     return networks
 
 
 def save_samples(samples: torch.Tensor, path: Path, fps: int = 8) -> None:
-    """Save images (B, 3, H, W) in [-1, 1] as one grid, or clips (B, T, 3, H, W) as one animated grid GIF."""
+    """Save images (B, 3, H, W) in [-1, 1] as one grid, or clips (B, T, 3, H, W) as one animated grid GIF; atomically."""
     samples = samples.float().clamp(-1, 1) * 0.5 + 0.5
     nrow = math.ceil(math.sqrt(samples.shape[0]))
     if samples.dim() == 4:
-        save_image(samples, path, nrow=nrow)
+        written_atomically(path, lambda temporary: save_image(samples, temporary, nrow=nrow))
         return
     frames = [make_grid(samples[:, t], nrow=nrow).mul(255).round().byte().permute(1, 2, 0).numpy()
               for t in range(samples.shape[1])]  # (H', W', 3) each
     images = [Image.fromarray(frame) for frame in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)
+    written_atomically(path, lambda temporary: images[0].save(temporary, save_all=True, append_images=images[1:],
+                                                              duration=1000 // fps, loop=0))
 
 
 #################################################################################

@@ -12,14 +12,15 @@ checkpoint (train.py --vae) is decoded with the VAE it names, or with --vae wher
 """
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from data import (IMAGE_EXTENSIONS, VAE, ArgumentParser, CaptionEncoder, UserError, load_checkpoint,
-                  load_pretrained_text_encoder, networks_from_checkpoint, pick_device, save_samples, warn)
+from data import (IMAGE_EXTENSIONS, VAE, ArgumentParser, CaptionEncoder, UserError, check_writable, load_checkpoint,
+                  load_pretrained_text_encoder, networks_from_checkpoint, pick_device, read_text, save_samples, warn)
 from zigma import sample
 
 GRID_LIMIT = 256  # samples in the grid image; --out-dir takes any number
@@ -47,28 +48,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def labels_for(args, class_names: list[str] | None) -> torch.Tensor | None:
-    """One label per sample: --class, or every class in turn; None for an unconditional model."""
+def label_for(args, class_names: list[str] | None) -> int | None:
+    """The label of --class, -1 for every class in turn, or None for an unconditional model."""
     if class_names is None:
         if args.class_ is not None:
             raise UserError(f"{args.ckpt} was trained without classes; leave out --class")
         return None
     if args.class_ is None:
-        return torch.arange(args.n) % len(class_names)
+        return -1
     if args.class_ in class_names:
-        return torch.full((args.n,), class_names.index(args.class_))
-    if args.class_.isdigit() and int(args.class_) < len(class_names):
-        return torch.full((args.n,), int(args.class_))
+        return class_names.index(args.class_)
+    if re.fullmatch(r"[0-9]+", args.class_) and int(args.class_) < len(class_names):
+        return int(args.class_)
     raise UserError(f"unknown class {args.class_!r}; the classes are {', '.join(class_names)} (or 0 to {len(class_names) - 1})")
 
 
 def prompts_for(args, conditioning: dict) -> list[str] | None:
-    """One caption per sample, cycling through --prompt and --prompts; None when there are none."""
+    """The captions to cycle through, from --prompt and --prompts; None when there are none."""
     prompts = list(args.prompt or [])
     if args.prompts:
         if not args.prompts.is_file():
             raise UserError(f"--prompts {args.prompts} is not a file")
-        prompts += [line.strip() for line in args.prompts.read_text().splitlines() if line.strip()]
+        prompts += [line.strip() for line in read_text(args.prompts).splitlines() if line.strip()]
     if not prompts:
         return None
     if not (conditioning["vocabulary"] or conditioning["text_encoder"]):
@@ -78,7 +79,10 @@ def prompts_for(args, conditioning: dict) -> list[str] | None:
         unknown = sorted({word for prompt in prompts for word in CaptionEncoder.words(prompt)} - known)
         if unknown:
             warn(f"the model never saw the words {', '.join(unknown)} in training; it reads them as 'unknown'")
-    return [prompts[i % len(prompts)] for i in range(args.n)]
+        for prompt in prompts:
+            if not CaptionEncoder.words(prompt):
+                warn(f"the prompt {prompt!r} has no words; it samples the empty caption")
+    return prompts
 
 
 def output_path(args, video: bool) -> Path:
@@ -89,12 +93,9 @@ def output_path(args, video: bool) -> Path:
         raise UserError(f"--out {out} is a folder; name a file in it, or use --out-dir for one file per sample")
     if out.suffix.lower() not in allowed:
         raise UserError(f"--out {out}: write {'clips' if video else 'images'} to a file ending in {', '.join(allowed)}")
-    for folder in (out.parent, args.out_dir):
-        if folder is not None:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                raise UserError(f"cannot make the folder {folder}: {error.strerror}")
+    check_writable(out.parent, "--out's folder")
+    if args.out_dir is not None:
+        check_writable(args.out_dir, "--out-dir")
     return out
 
 
@@ -102,6 +103,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.n < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("--n, --steps and --batch-size must be 1 or more")
+    if not 0 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed must be between 0 and 2^63 - 1, not {args.seed}")
+    if args.n > GRID_LIMIT and args.out_dir is None:
+        raise UserError(f"--n {args.n}: the grid holds the first {GRID_LIMIT} samples; pass --out-dir to keep them all, "
+                        f"or --n {GRID_LIMIT} or fewer")
     if not args.cfg >= 0:
         raise UserError(f"--cfg must be 0 or more (1 is no guidance), not {args.cfg}")
     if args.ckpt.is_dir():
@@ -111,9 +117,9 @@ def main(argv=None):
     conditioning = checkpoint["conditioning"]
     video = checkpoint["config"]["frames"] > 0
     out = output_path(args, video)
-    labels, prompts = labels_for(args, conditioning["class_names"]), prompts_for(args, conditioning)
+    label, prompts = label_for(args, conditioning["class_names"]), prompts_for(args, conditioning)
     captioned = bool(conditioning["vocabulary"] or conditioning["text_encoder"])
-    if args.cfg != 1 and labels is None and prompts is None:
+    if args.cfg != 1 and label is None and prompts is None:
         raise UserError("--cfg guides towards a prompt: add --prompt, or leave out --cfg" if captioned else
                         f"{args.ckpt} was trained without classes or captions, so --cfg has nothing to guide towards; leave it out")
     if captioned and prompts is None:
@@ -121,7 +127,12 @@ def main(argv=None):
     trained_vae = checkpoint.get("vae")
     if args.vae and not trained_vae:
         raise UserError(f"{args.ckpt} was trained on pixels, not latents; leave out --vae")
-    vae = VAE(args.vae or trained_vae, device) if trained_vae else None  # decodes the samples
+    try:
+        vae = VAE(args.vae or trained_vae, device) if trained_vae else None  # decodes the samples
+    except UserError as error:
+        if args.vae:
+            raise
+        raise UserError(f"{error}; {args.ckpt} was trained with it: where it has moved, pass --vae PATH")
     networks = networks_from_checkpoint(checkpoint, args.ckpt, "model" if args.no_ema else "ema").to(device).eval()
     model = networks["zigma"]
     encode = networks["text"] if "text" in networks else load_pretrained_text_encoder(conditioning["text_encoder"])
@@ -137,9 +148,14 @@ def main(argv=None):
     for start in tqdm(range(0, args.n, args.batch_size)):
         batch = slice(start, min(start + args.batch_size, args.n))
         noise = torch.randn(batch.stop - start, *shape, generator=generator, device=device)
-        y = labels[batch].to(device) if labels is not None else None
+        y = None
+        if label == -1:  # every class in turn
+            y = torch.arange(start, batch.stop, device=device) % len(conditioning["class_names"])
+        elif label is not None:
+            y = torch.full((batch.stop - start,), label, device=device)
+        captions = [prompts[i % len(prompts)] for i in range(start, batch.stop)] if prompts else None
         with torch.no_grad(), autocast:
-            context, context_mask = encode(prompts[batch]) if prompts else (None, None)
+            context, context_mask = encode(captions) if captions else (None, None)
             samples = sample(model, noise, steps=args.steps, y=y, context=context, context_mask=context_mask,
                              cfg_scale=args.cfg, method=args.method)
         samples = (vae.decode(samples) if vae else samples).float().cpu()  # (B, 3, H, W), or (B, T, 3, H, W) for clips
@@ -156,3 +172,5 @@ if __name__ == "__main__":
         main()
     except UserError as error:
         sys.exit(f"sample.py: {error}")
+    except KeyboardInterrupt:
+        sys.exit("sample.py: interrupted; the files written so far are kept")

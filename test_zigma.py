@@ -752,12 +752,17 @@ def test_model_overfits_one_batch():
 # ---------------------------------------------------------------------------- train.py and sample.py
 
 import contextlib  # noqa: E402
+import errno  # noqa: E402
+import fcntl  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import io  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -1477,3 +1482,297 @@ def test_gpu_check_runs_every_part_on_a_cpu_at_tiny_sizes(tmp_path):
                  "| 4 | DiT |", "## Faces at 256 px", "step 2, loss", "## torch.compile"]:
         assert part in text, f"the report lacks {part!r}:\n{text}"
     assert text.count("exit status 0") == 2, "training and sampling should both succeed"
+
+
+# ---------------------------------------------------------------------------- faults: nothing lost, nothing silent
+
+def logged(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]  # every line valid JSON
+
+
+def test_divergence_stops_the_run_and_keeps_the_good_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    train.main(["--out", str(out), "--steps", "2", *TINY_RUN])
+    good = data.load_checkpoint(out / "ckpt.pt")
+    with pytest.raises(UserError, match=r"training diverged at step \d+: the loss was nan.*kept as it was at step 2\. "
+                                        r"Train with a lower --lr than 1000"):
+        train.main(["--out", str(out), "--steps", "40", "--lr", "1e3", "--ckpt-every", "1", *TINY_RUN])
+    after = data.load_checkpoint(out / "ckpt.pt")
+    assert after["step"] >= 2 and all(torch.isfinite(p).all() for p in after["ema"].values() if p.is_floating_point())
+    assert all(math.isfinite(line["loss"]) for line in logged(out)), "a NaN loss must not reach log.jsonl"
+    assert good["step"] == 2
+
+
+def test_a_diverged_checkpoint_is_refused_by_sample_py(tmp_path, trained_run):
+    checkpoint = data.load_checkpoint(trained_run / "ckpt.pt")
+    checkpoint["ema"]["zigma.pos_embed"] = torch.full_like(checkpoint["ema"]["zigma.pos_embed"], float("nan"))
+    torch.save(checkpoint, tmp_path / "nan.pt")
+    with pytest.raises(UserError, match="NaN or infinite weights .*zigma.pos_embed first.*diverged"):
+        sample_script.main(["--ckpt", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "s.png"), "--n", "1"])
+
+
+def test_a_stopped_and_resumed_run_gives_the_losses_of_one_that_never_stopped(tmp_path):
+    folder = tmp_path / "data"  # 10 images in batches of 4: two batches an epoch, so the stop at 5 is mid-epoch
+    folder.mkdir()
+    for i in range(10):
+        Image.new("RGB", (8, 8), (25 * i, 100, 255 - 25 * i)).save(folder / f"{i}.png")
+    options = [*TINY_RUN, "--data", str(folder), "--ckpt-every", "100", "--sample-every", "100"]
+    train.main(["--out", str(tmp_path / "whole"), "--steps", "9", *options])
+    train.main(["--out", str(tmp_path / "parts"), "--steps", "5", *options])
+    train.main(["--out", str(tmp_path / "parts"), "--steps", "9", *options])
+    whole, parts = logged(tmp_path / "whole"), logged(tmp_path / "parts")
+    assert [line["step"] for line in parts] == list(range(1, 10)), "each step logged once"
+    for a, b in zip(whole, parts):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-3), f"step {a['step']}: {a['loss']} against {b['loss']}"
+
+
+def wait_for_steps(out: Path, steps: int, process: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not ((out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= steps):
+        assert process.poll() is None, f"the run ended early: {process.communicate()}"
+        assert time.monotonic() < deadline, "the run did not reach its steps in time"
+        time.sleep(0.2)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_like_ctrl_c(tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "train.py", "--out", str(out), "--steps", "100000", *TINY_RUN,
+                            "--ckpt-every", "100000", "--sample-every", "100000"], cwd=Path(__file__).parent,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(out, 3, run)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=60)
+    step = data.load_checkpoint(out / "ckpt.pt")["step"]
+    assert run.returncode != 0 and step >= 3
+    assert stderr.count("saved") == 1 and f"stopped by SIGTERM at step {step}; saved" in stderr, stderr[-2000:]
+    assert "Traceback" not in stderr
+
+
+def test_sigterm_under_torchrun_saves_once(tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "train.py", "--device", "cpu", "--out", str(out), "--steps", "100000", *TINY_RUN,
+                            "--ckpt-every", "100000", "--sample-every", "100000"], cwd=Path(__file__).parent,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(out, 2, run)
+    run.send_signal(signal.SIGTERM)  # torchrun's agent passes it on to its workers
+    _, stderr = run.communicate(timeout=90)
+    step = data.load_checkpoint(out / "ckpt.pt")["step"]
+    assert step >= 2 and stderr.count(f"stopped by SIGTERM at step {step}; saved") == 1, stderr[-3000:]
+
+
+def test_symlinked_folders_are_followed_once_and_loops_are_not(tmp_path):
+    real = make_class_folder(tmp_path / "real")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "cats").symlink_to(real / "cats")  # a linked class folder
+    (folder / "dogs").mkdir()
+    (folder / "dogs" / "inner").symlink_to(real / "dogs" / "inner")  # a linked folder inside one
+    (folder / "dogs" / "loop").symlink_to(folder)  # a link back up the tree
+    dataset = data.ImageFolder(folder, 8, class_cond=True)
+    assert len(dataset) == 4, f"expected the 4 images, each once: {dataset.files}"
+    assert dataset.class_names == ["cats", "dogs"] and sorted(dataset.labels) == [0, 0, 1, 1]
+
+
+def test_captions_and_prompts_in_any_script_are_words():
+    words = data.CaptionEncoder.words
+    assert words("ÉCOLE") == ["école"] and words("e\u0301cole") == ["école"], "accents are kept, in one form"
+    assert words("猫 🐱") == ["猫", "🐱"] and words("a cat, 🐱!") == ["a", "cat", "🐱"]
+    vocabulary = data.CaptionEncoder.build_vocabulary(["猫 🐱", "a dog"])
+    encoder = data.CaptionEncoder(vocabulary, dim=16)
+    cat, emoji = (vocabulary.index(w) for w in ("猫", "🐱"))
+    assert cat > 2 and emoji > 2 and cat != emoji, "each is a known word, not <unknown>"
+    torch.manual_seed(0)
+    (a, _), (b, _) = encoder(["猫"]), encoder(["🐱"])
+    assert not torch.allclose(a, b), "two prompts in other scripts must give other contexts"
+
+
+def test_the_vocabulary_holds_only_the_words_the_encoder_reads(capsys):
+    huge = " ".join(f"word{i}" for i in range(10_000))
+    vocabulary = data.CaptionEncoder.build_vocabulary([huge, "a face"])
+    assert len(vocabulary) == 3 + data.CaptionEncoder.max_words + 2
+    assert "word31" in vocabulary and "word32" not in vocabulary
+    assert "1 caption of more than 32 words: the model reads the first 32" in capsys.readouterr().err
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    data.save_atomically({"step": 1}, path)
+
+    def full_disk(contents, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data.torch, "save", full_disk)
+    with pytest.raises(UserError, match="could not write .*ckpt.pt: No space left on device; the one there before is kept"):
+        data.save_atomically({"step": 2}, path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"] and torch.load(path)["step"] == 1
+
+
+def test_sample_py_on_a_full_disk_leaves_no_empty_image(tmp_path, trained_run, monkeypatch):
+    def full_disk(tensor, fp, **kwargs):
+        Path(fp).write_bytes(b"")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data, "save_image", full_disk)
+    with pytest.raises(UserError, match="could not write .*s.png: No space left on device"):
+        sample_script.main(["--ckpt", str(trained_run), "--out", str(tmp_path / "s.png"), "--n", "1", "--steps", "1"])
+    assert not any(p.suffix == ".png" for p in tmp_path.iterdir()), "no PNG, empty or not, is left behind"
+
+
+def read_only(monkeypatch):
+    def refuse(dir=None, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(data.tempfile, "TemporaryFile", refuse)
+
+
+def test_an_unwritable_out_is_refused_before_any_work(tmp_path, trained_run, monkeypatch):
+    monkeypatch.setattr(train, "train", lambda *args: pytest.fail("train.py began to train"))
+    monkeypatch.setattr(sample_script, "sample", lambda *args, **kwargs: pytest.fail("sample.py began to sample"))
+    read_only(monkeypatch)
+    with pytest.raises(UserError, match="--out .* cannot be written: Permission denied"):
+        train.main(["--out", str(tmp_path / "out"), *TINY_RUN])
+    with pytest.raises(UserError, match="--out's folder .* cannot be written: Permission denied"):
+        sample_script.main(["--ckpt", str(trained_run), "--out", str(tmp_path / "s.png"), "--n", "1"])
+
+
+def test_a_truncated_latent_cache_is_encoded_again(tmp_path, capsys):
+    vae = data.VAE(str(make_tiny_vae(tmp_path / "vae")), torch.device("cpu"))
+    folder, cache = make_image_folder(tmp_path / "data"), tmp_path / "latents.pt"
+    first = data.Latents(data.ImageFolder(folder, 8), vae, 8, cache, torch.device("cpu")).mean.clone()  # not the mapped file
+    cache.write_bytes(cache.read_bytes()[:cache.stat().st_size // 2])  # a full disk or a killed run
+    again = data.Latents(data.ImageFolder(folder, 8), vae, 8, cache, torch.device("cpu"))
+    assert "cannot be read (cut short" in capsys.readouterr().out
+    assert torch.equal(again.mean, first)
+
+
+def test_text_that_is_not_utf8_is_one_sentence_naming_the_file(tmp_path, trained_run):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (folder / "a.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(UserError, match=re.escape(f"{folder / 'a.txt'} is not UTF-8 text")):
+        data.ImageFolder(folder, 8, captions=True)
+    (tmp_path / "prompts.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(UserError, match="prompts.txt is not UTF-8 text"):
+        sample_script.main(["--ckpt", str(trained_run), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "s.png")])
+
+
+def test_more_sampling_mistakes_are_one_sentence(tmp_path, trained_run, monkeypatch):
+    run = ["--ckpt", str(trained_run), "--out", str(tmp_path / "s.png")]
+    for options, message in [(["--seed", str(2 ** 64)], "--seed must be between 0 and 2^63 - 1"),
+                             (["--seed", "-1"], "--seed must be between 0 and 2^63 - 1"),
+                             (["--class", "²"], "unknown class '²'"),
+                             (["--n", str(10 ** 11)], "--n 100000000000: the grid holds the first 256 samples")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            sample_script.main([*run, *options])
+    with pytest.raises(UserError, match=re.escape("--seed must be between 0 and 2^63 - 1")):
+        train.main(["--out", str(tmp_path / "out"), "--seed", str(2 ** 63), *TINY_RUN])
+    # 10^11 samples are drawn batch by batch: the labels of one batch at a time, not 800 GB of them at once
+    first_batch = []
+
+    def stop_after_one_batch(model, noise, **kwargs):
+        first_batch.append(kwargs["y"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample_script, "sample", stop_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        sample_script.main([*run, "--n", str(10 ** 11), "--out-dir", str(tmp_path / "each"), "--batch-size", "4"])
+    assert first_batch[0].tolist() == [0, 1, 0, 1], "every class in turn"
+
+
+def test_bench_py_checks_its_arguments(monkeypatch):
+    import bench
+    for options, message in [(["--device", "gpu"], "--device gpu is not a device name"),
+                             (["--lengths", "0"], "--lengths must be 1 or more, not 0"),
+                             (["--lengths", "256", "-4"], "--lengths must be 1 or more, not -4"),
+                             (["--tokens", "0"], "--tokens must be 1 or more"), (["--steps", "0"], "--steps must be 1 or more"),
+                             (["--batch-size", "0"], "--batch-size must be 1 or more"),
+                             (["--depth", "-2"], "--depth must be 1 or more"), (["--depth", "0"], "--depth must be 1 or more"),
+                             (["--label-steps", "2", "1"], "--label-steps must rise")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            bench.main(options)
+    monkeypatch.setattr(bench, "run_in_subprocess", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    monkeypatch.setattr(bench, "FAILED", [])
+    with pytest.raises(UserError, match="3 cases failed"):
+        bench.main(["--only", "model", "--device", "cpu", "--tokens", "2"])
+    with pytest.raises(UserError, match=r"sample.py failed \(exit status 1\): sample.py: no checkpoint at nowhere"):
+        bench.run_child([sys.executable, "sample.py", "--ckpt", "nowhere"])
+
+
+def test_an_unreachable_hub_vae_names_the_network_and_the_cache(monkeypatch):
+    diffusers = pytest.importorskip("diffusers")
+
+    def offline(name, **kwargs):
+        raise OSError(f"{name} does not appear to have a file named config.json.")
+
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", offline)
+    with pytest.raises(UserError, match="not in the Hugging Face cache .* could not be downloaded; connect to the network"):
+        data.VAE("nobody/no-such-vae", torch.device("cpu"))
+
+
+def test_a_moved_vae_names_the_flag_to_pass(tmp_path):
+    vae, folder = make_tiny_vae(tmp_path / "vae"), make_image_folder(tmp_path / "data")
+    train.main(["--out", str(tmp_path / "out"), "--data", str(folder), "--vae", str(vae), "--steps", "1", *TINY_RUN])
+    shutil.move(vae, tmp_path / "moved")
+    with pytest.raises(UserError, match=r"neither a folder .*; .*ckpt.pt was trained with it: where it has moved, pass --vae PATH"):
+        sample_script.main(["--ckpt", str(tmp_path / "out"), "--out", str(tmp_path / "s.png"), "--n", "1"])
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    out = tmp_path / "out"
+    train.main(["--out", str(out), "--steps", "3", *TINY_RUN])
+    with open(out / "log.jsonl", "a") as log:  # steps 4 and 5 were logged, then the run died before its next checkpoint
+        log.write('{"step": 4, "loss": 1.0, "examples_per_s": 1.0}\n{"step": 5, "loss": 1.0, "examples_per_s": 1.0}\n{"st')
+    train.main(["--out", str(out), "--steps", "6", *TINY_RUN])
+    assert [line["step"] for line in logged(out)] == [1, 2, 3, 4, 5, 6]
+    assert logged(out)[3]["loss"] != 1.0, "step 4 is the resumed run's"
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / "train.lock", "w") as lock:  # as a run in another process holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = subprocess.run([sys.executable, "train.py", "--out", str(out), *TINY_RUN], capture_output=True, text=True,
+                              cwd=Path(__file__).parent)
+    assert held.returncode != 0
+    assert held.stderr.strip() == f"train.py: another train.py is writing to {out}; wait for it to finish, or pass another --out"
+
+
+def test_data_that_teaches_little_is_said(tmp_path, capsys):
+    folder = make_class_folder(tmp_path / "data")
+    shutil.rmtree(folder / "dogs")
+    data.ImageFolder(folder, 8, class_cond=True)
+    assert "one class only (cats)" in capsys.readouterr().err
+    for p in data.image_files(folder):
+        p.with_suffix(".txt").write_text(" , ")
+    data.ImageFolder(folder, 8, captions=True)
+    assert "no caption has a word in it" in capsys.readouterr().err
+    train.main(["--out", str(tmp_path / "out"), "--data", str(folder), "--steps", "1", *TINY_RUN, "--batch-size", "8"])
+    assert "--batch-size 8 is more than the 2 examples" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_sampling_is_one_sentence(trained_run, tmp_path):
+    run = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(trained_run), "--out", str(tmp_path / "s.png"),
+                            "--steps", "100000"], cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert "samples" in run.stdout.readline(), "sample.py should say what it samples before it starts"
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode != 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "sample.py: interrupted; the files written so far are kept"
+
+
+def test_a_full_disk_while_logging_is_one_sentence(tmp_path, monkeypatch):
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if str(path).endswith("log.jsonl") and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(UserError, match="could not write .*log.jsonl: No space left on device"):
+        train.main(["--out", str(tmp_path / "out"), "--steps", "2", *TINY_RUN])

@@ -20,10 +20,14 @@ every batch with DistributedDataParallel; the first writes the files.
 
 import argparse
 import collections
+import contextlib
 import copy
+import fcntl
+import itertools
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -38,7 +42,7 @@ from tqdm import tqdm
 
 from data import (VAE, ArgumentParser, CaptionEncoder, ClipFolder, CPUThreads, ImageFolder, Latents, MovingShapes,
                   SmileyFaces, UserError, build_networks, load_checkpoint, load_pretrained_text_encoder, load_weights, pick_device,
-                  plural, save_atomically, save_samples)
+                  check_writable, plural, save_atomically, save_samples, warn, written_atomically)
 from zigma import PRESETS, ZigMaConfig, flow_loss, fused_selective_scan, preset_config, sample
 
 
@@ -109,6 +113,8 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("weight_decay", "workers", "frames", "sample_cfg"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed must be between 0 and 2^63 - 1, not {args.seed}")
     patch = PRESETS[args.model]["patch_size"]
     if args.image_size % patch:
         raise UserError(f"--image-size {args.image_size} is not a multiple of {args.model}'s patch size {patch}")
@@ -251,11 +257,86 @@ def start_processes(args) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that starts its epoch after the first `skip` examples of this process's share, so that a
+    resumed run goes on where the epoch stopped instead of reading its start again."""
+
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM (a cluster scheduler's, or torchrun's when it stops) while training: noted here
+    and acted on after the step under way, so that the checkpoint holds whole steps. A second signal stops at once."""
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.name = None
+        self.before = {s: signal.signal(s, self.note) for s in self.signals}
+
+    def note(self, signum, frame):
+        self.name = signal.Signals(signum).name
+        self.restore()
+
+    def restore(self):
+        for s, handler in self.before.items():
+            signal.signal(s, handler)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one step's random numbers (data order aside): the same after a resume as in a run that never
+    stopped. (Python hashes tuples of ints alike in every process.)"""
+    return hash((seed, rank, step)) % 2 ** 63
+
+
+def trim_log(log: Path, step: int) -> None:
+    """Keep the lines of log.jsonl up to step: a run resumed from an earlier checkpoint logs the later steps again."""
+    if log.exists():
+        lines = [line for line in log.read_text().splitlines() if line.startswith("{") and line.endswith("}")]
+        written_atomically(log, lambda temporary: temporary.write_text(
+            "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step)))
+
+
+def append_log(log: Path, line: dict) -> None:
+    """One line of log.jsonl, or one sentence when the disk is full."""
+    try:
+        with open(log, "a") as f:
+            f.write(json.dumps(line) + "\n")
+    except OSError as error:
+        raise UserError(f"could not write {log}: {error.strerror or error}")
+
+
+@contextlib.contextmanager
+def only_writer(out: Path):
+    """Hold OUT/train.lock while training, so that a second run on the same --out is refused, not left to crash."""
+    with open(out / "train.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another train.py is writing to {out}; wait for it to finish, or pass another --out")
+        yield
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = start_processes(args)
     try:
-        train(args, rank, world, device)
+        if rank == 0:
+            check_writable(args.out, "--out")
+            with only_writer(args.out):
+                train(args, rank, world, device)
+        else:
+            train(args, rank, world, device)
+    except UserError:
+        if rank > 0:
+            sys.exit(1)  # the first process says what happened
+        raise
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -281,21 +362,24 @@ def train(args, rank: int, world: int, device: torch.device):
     pretrained = load_pretrained_text_encoder(conditioning["text_encoder"])  # a frozen encoder, kept out of the checkpoint
     text_dim = pretrained.dim if pretrained else PRESETS[args.model]["dim"]
     config = build_config(args, conditioning, text_dim, vae)
-    args.out.mkdir(parents=True, exist_ok=True)
     if vae:  # encoded once, each process its share, then cached
         dataset = Latents(dataset, vae, args.image_size, args.out / "latents.pt", device, rank, world)
+    if len(dataset) < args.batch_size:
+        warn(f"--batch-size {args.batch_size} is more than the {len(dataset)} examples of the data: each step takes all of them")
     # Every epoch a new order (set_epoch), the same in every process, each of which takes its share of each batch.
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, seed=args.seed)
+    # The loader draws its workers' seeds from a generator of its own, so that it takes nothing from the steps' seeds.
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size // world, sampler=sampler, num_workers=args.workers,
                         drop_last=len(dataset) >= args.batch_size, pin_memory=device.type == "cuda",
-                        persistent_workers=args.workers > 0)
+                        persistent_workers=args.workers > 0, generator=torch.Generator().manual_seed(args.seed))
 
     networks = build_networks(config, conditioning).to(device)
     ema = copy.deepcopy(networks).requires_grad_(False)  # the EMA weights are what we sample from
     if pretrained:
         pretrained.to(device)
     optimizer = torch.optim.AdamW(parameter_groups(networks, args.weight_decay), lr=args.lr)
-    step = 0
+    step, epoch, seen = 0, 0, 0  # seen: the examples of this epoch trained on, by all processes
+    saved = "no checkpoint was written"
 
     if checkpoint is not None:
         check_resumed_model(checkpoint, ckpt_path, config, conditioning)
@@ -309,12 +393,17 @@ def train(args, rank: int, world: int, device: torch.device):
         for group, values in zip(optimizer.param_groups, chosen):
             group.update(values)  # this run's --lr and --weight-decay, not the checkpoint's
         step = checkpoint["step"]
+        epoch, seen = checkpoint.get("data_position", (step // len(loader), 0))  # older checkpoints: the epoch's start
+        saved = f"{ckpt_path} is kept as it was at step {step}"
+        if rank == 0:
+            trim_log(args.out / "log.jsonl", step)
         print(f"resuming from {ckpt_path} at step {step}")
 
     def checkpoint_now():
         save_atomically({"model": networks.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                         "step": step, "config": asdict(config), "conditioning": conditioning, "vae": args.vae,
-                         "args": saved_arguments(args)}, ckpt_path)
+                         "step": step, "data_position": (epoch, seen), "config": asdict(config),
+                         "conditioning": conditioning, "vae": args.vae, "args": saved_arguments(args)}, ckpt_path)
+        return f"{ckpt_path} is kept as it was at step {step}"
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     preview_labels, preview_captions = preview_conditions(dataset, 16)
@@ -341,7 +430,6 @@ def train(args, rank: int, world: int, device: torch.device):
     train_model = parallel(model)
     train_model = torch.compile(train_model) if args.compile else train_model
     encode = parallel(networks["text"]) if "text" in networks else pretrained
-    torch.manual_seed(args.seed + rank)  # noise, times and dropped conditions differ from process to process
     scan_name = "mamba-ssm's fused kernel" if fused_selective_scan is not None and device.type == "cuda" else "pure torch"
     if rank == 0:
         print(f"{args.model}: {sum(p.numel() for p in networks.parameters()) / 1e6:.2f}M parameters, "
@@ -351,9 +439,13 @@ def train(args, rank: int, world: int, device: torch.device):
     progress = tqdm(total=args.steps, initial=step, dynamic_ncols=True, disable=rank > 0)
     recent = collections.deque([(time.perf_counter(), 0)], maxlen=21)  # (time, examples) after each of the last 20 steps
     threads = CPUThreads() if device.type == "cpu" else None
+    stop = StopRequest()
     try:
-        while step < args.steps:
-            sampler.set_epoch(step // len(loader))  # a new order every epoch, the same in every process
+        # Noise, times, dropped conditions and (with --workers 0) flips come from a seed for each step and process.
+        torch.manual_seed(step_seed(args.seed, rank, step))
+        while step < args.steps and not stop.name:
+            sampler.set_epoch(epoch)  # a new order every epoch, the same in every process
+            sampler.skip = seen // world
             for batch in loader:
                 if threads:
                     threads.update()
@@ -364,9 +456,13 @@ def train(args, rank: int, world: int, device: torch.device):
                     loss = flow_loss(train_model, x, y, context, context_mask, drop_prob=args.cond_drop)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_(networks.parameters(), args.grad_clip)  # clip before the step
+                grad_norm = nn.utils.clip_grad_norm_(networks.parameters(), args.grad_clip)  # clip before the step
+                if not torch.isfinite(grad_norm):  # the same in every process: the gradients are averaged
+                    raise UserError(f"training diverged at step {step + 1}: the loss was {loss.item():.4g} and the gradient "
+                                    f"norm {grad_norm.item():.4g}; {saved}. Train with a lower --lr than {args.lr:g}")
                 optimizer.step()
                 step += 1
+                seen += x.shape[0] * world
                 update_ema(ema, networks, min(args.ema_decay, (1 + step) / (10 + step)))
 
                 recent.append((time.perf_counter(), recent[-1][1] + x.shape[0] * world))
@@ -379,20 +475,30 @@ def train(args, rank: int, world: int, device: torch.device):
                         dist.all_reduce(loss)  # the whole batch's loss: the mean over the processes
                         loss /= world
                     if rank == 0:
-                        with open(args.out / "log.jsonl", "a") as log:
-                            log.write(json.dumps({"step": step, "loss": round(loss.item(), 5), "examples_per_s": round(speed, 2)}) + "\n")
+                        append_log(args.out / "log.jsonl", {"step": step, "loss": round(loss.item(), 5),
+                                                            "examples_per_s": round(speed, 2)})
                 if rank == 0 and (step % args.sample_every == 0 or step == args.steps):
                     save_preview()
                 if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
-                    checkpoint_now()
-                if step >= args.steps:
+                    saved = checkpoint_now()
+                torch.manual_seed(step_seed(args.seed, rank, step))
+                stopping = torch.tensor(float(stop.name is not None), device=device)
+                if world > 1:  # stop together: a process that went on alone would wait for the others for ever
+                    dist.all_reduce(stopping)
+                if step >= args.steps or stopping.item():
                     break
-    except KeyboardInterrupt:
+            else:
+                epoch, seen = epoch + 1, 0
+    except RuntimeError:
+        if not stop.name:  # a data-loading worker stopped by the same Ctrl-C is no error of its own
+            raise
+    finally:
+        stop.restore()
+        progress.close()
+    if stop.name:
         if rank == 0:
             checkpoint_now()
-        progress.close()
-        raise UserError(f"interrupted at step {step}; saved {ckpt_path}, re-run the same command to resume")
-    progress.close()
+        raise UserError(f"stopped by {stop.name} at step {step}; saved {ckpt_path}, re-run the same command to resume")
     print(f"done: step {step}, checkpoint {ckpt_path}, samples in {args.out}")
 
 
@@ -401,3 +507,5 @@ if __name__ == "__main__":
         main()
     except UserError as error:
         sys.exit(f"train.py: {error}")
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        sys.exit("train.py: interrupted; nothing more was saved (re-run the same command to resume from the last checkpoint)")
