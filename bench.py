@@ -17,8 +17,8 @@ peak allocation). "operations" counts the torch operations dispatched (each a ke
 for views). The methods:
     reference      zigma.selective_scan_reference: one token at a time, autograd keeps every state
     materialising  the straightforward scan below: (B, E, L, N) decays and inputs, then a loop
-    fast           zigma.selective_scan, by blocks and chunks (zigma.scan_plan picks them by device)
-    compiled       zigma.selective_scan under torch.compile (GPUs only: on a CPU it would unroll a loop over tokens)
+    fast           fast_scan.selective_scan, by blocks and chunks (fast_scan.scan_plan picks them by device)
+    compiled       fast_scan.selective_scan under torch.compile (GPUs only: on a CPU it would unroll a loop over tokens)
     fused          mamba-ssm's CUDA kernel (CUDA with mamba-ssm installed only)
 A method is skipped at a length where, extrapolated from the shorter one, it would take longer than
 --max-seconds or more than half the free memory. A second table counts the fast scan's operations under
@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fast_scan
 import zigma
 from data import ArgumentParser, SmileyFaces, UserError, pick_device, plural, save_samples
 from zigma import PRESETS, ZigMa, flow_loss, modulate, preset_config
@@ -108,10 +109,10 @@ def scan_methods(device: torch.device, compile_backend: str | None = None) -> di
     """The scans to time; "compiled" is the fast scan under torch.compile, on GPUs by default (on a CPU its plan is a
     loop over tokens, which compiling would unroll), or with the backend asked for."""
     methods = dict(reference=zigma.selective_scan_reference, materialising=selective_scan_materialising,
-                   fast=zigma.selective_scan)
+                   fast=fast_scan.selective_scan)
     compile_backend = compile_backend or ("inductor" if device.type != "cpu" else None)
     if compile_backend:
-        methods["compiled"] = torch.compile(zigma.selective_scan, backend=compile_backend)
+        methods["compiled"] = torch.compile(fast_scan.selective_scan, backend=compile_backend)
     if zigma.fused_selective_scan is not None and device.type == "cuda":
         methods["fused"] = zigma.fused_selective_scan
     return methods
@@ -184,14 +185,14 @@ def scan_operations(length: int, device_type: str) -> int:
     """The fast scan's operations for one forward + backward at SCAN_SIZE, under device_type's plan, on meta tensors."""
     inputs = {name: x.detach().to("meta").requires_grad_(name != "A")
               for name, x in scan_inputs(length, torch.device("cpu"), **SCAN_SIZE).items()}
-    planner = zigma.scan_plan
-    zigma.scan_plan = lambda length, per_token, _: planner(length, per_token, device_type)
+    planner = fast_scan.scan_plan
+    fast_scan.scan_plan = lambda length, per_token, _: planner(length, per_token, device_type)
     try:
         with OperationCount() as counter:  # the autograd Function itself: meta tensors have no autocast to turn off
-            y = zigma._SelectiveScan.apply(*(inputs[name] for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), True)
+            y = fast_scan._SelectiveScan.apply(*(inputs[name] for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), True)
             y.backward(torch.empty_like(y))
     finally:
-        zigma.scan_plan = planner
+        fast_scan.scan_plan = planner
     return counter.count
 
 
@@ -296,11 +297,11 @@ def scan_table(args, device: torch.device):
                   f"{operations} | {ratio} |")
     print()
     print_scan_agreement(device)
-    print("Operations of the fast scan, one forward + backward, by device plan (zigma.scan_plan):\n")
+    print("Operations of the fast scan, one forward + backward, by device plan (fast_scan.scan_plan):\n")
     print("| L | CPU plan | GPU and MPS plan |")
     print("| --- | --- | --- |")
     for length in args.lengths:
-        plans = [zigma.scan_plan(length, math.prod(SCAN_SIZE.values()), kind) for kind in ("cpu", "cuda")]
+        plans = [fast_scan.scan_plan(length, math.prod(SCAN_SIZE.values()), kind) for kind in ("cpu", "cuda")]
         counts = [f"{scan_operations(length, kind):,} (blocks of {block}, chunks of {chunk})"
                   for kind, (block, chunk) in zip(("cpu", "cuda"), plans)]
         print(f"| {length} | {counts[0]} | {counts[1]} |")
@@ -326,7 +327,7 @@ def print_scan_agreement(device: torch.device):
         stiff["delta"].fill_(10.0)  # softplus(10 + 0) = 10.00005
         stiff["delta_bias"].zero_()
         stiff["A"].fill_(-100.0)
-    result = forward_backward(zigma.selective_scan, stiff, torch.randn(1, 8, 4096, device=device))
+    result = forward_backward(fast_scan.selective_scan, stiff, torch.randn(1, 8, 4096, device=device))
     finite = all(torch.isfinite(x).all().item() for x in result.values())
     print(f"- fast, delta = 10, A = -100, L = 4096: output and gradients {'finite' if finite else 'NOT FINITE'}\n")
 
@@ -350,7 +351,7 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
-    def forward(self, x, c, scan=None, context=None, context_mask=None):  # (B, L, D); the scan order does not matter to attention
+    def forward(self, x, c, order=None, context=None, context_mask=None):  # (B, T*H*W, D); the order does not matter to attention
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)  # (B, D) each
         q, k, v = rearrange(self.qkv(modulate(self.norm1(x), shift1, scale1)), "b l (three h e) -> three b h l e",
                             three=3, h=self.heads)  # (B, heads, L, D/heads) each
@@ -443,15 +444,15 @@ def graph_breaks(plan: str) -> tuple[int, list[str]]:
     torch.manual_seed(0)
     model = ZigMa(zigma.ZigMaConfig(input_size=16, in_channels=4, patch_size=2, dim=64, depth=1, context_dim=32))
     x, c, context = torch.randn(2, 64, 64), torch.randn(2, 64), torch.randn(2, 5, 32)
-    planner, scan_for = zigma.scan_plan, zigma.selective_scan_for
+    planner, scan_for = fast_scan.scan_plan, zigma.selective_scan_for
     if plan == "cuda":  # the scan a CUDA tensor gets without mamba-ssm, under the GPU plan
-        zigma.scan_plan = lambda length, per_token, _: planner(length, per_token, "cuda")
-        zigma.selective_scan_for = lambda u: zigma.selective_scan
+        fast_scan.scan_plan = lambda length, per_token, _: planner(length, per_token, "cuda")
+        zigma.selective_scan_for = lambda u: fast_scan.selective_scan
     try:
         torch._dynamo.reset()
-        explanation = torch._dynamo.explain(model.blocks[0])(x, c, model.scans[0], context)
+        explanation = torch._dynamo.explain(model.blocks[0])(x, c, model.orders[0], context)
     finally:
-        zigma.scan_plan, zigma.selective_scan_for = planner, scan_for
+        fast_scan.scan_plan, zigma.selective_scan_for = planner, scan_for
     return explanation.graph_count, [str(reason.reason).splitlines()[0] for reason in explanation.break_reasons]
 
 
@@ -491,7 +492,27 @@ class Shapes:
         return {"x": image * 2 - 1, "y": label}
 
 
-LABEL_DATA = {"shapes": Shapes, "faces": lambda: SmileyFaces(32, class_cond=True, moods=4)}
+class Glyphs:
+    """The digits 0 to 9 in Pillow's built-in font, (3, 32, 32) in [-1, 1]: strokes one or two pixels wide, the fine
+    detail that blurry samples lose. Image i shows digit i mod 10 at a random size, angle, place and pair of colours."""
+
+    class_names = [str(d) for d in range(10)]
+
+    def __getitem__(self, index):
+        from PIL import Image, ImageDraw, ImageFont
+        from torchvision.transforms.functional import to_tensor
+        g = torch.Generator().manual_seed(index)
+        u = lambda low, high: low + (high - low) * torch.rand((), generator=g).item()  # noqa: E731
+        label = index % 10
+        glyph = Image.new("L", (32, 32))
+        ImageDraw.Draw(glyph).text((16 + u(-4, 4), 16 + u(-4, 4)), str(label), fill=255, anchor="mm",
+                                   font=ImageFont.load_default(size=round(u(16, 26))))
+        ink = to_tensor(glyph.rotate(u(-15, 15), resample=Image.BILINEAR))  # (1, 32, 32) in [0, 1]
+        background, colour = torch.rand(3, 1, 1, generator=g) * 0.4, torch.rand(3, 1, 1, generator=g) * 0.4 + 0.6
+        return {"x": (background + ink * (colour - background)) * 2 - 1, "y": label}
+
+
+LABEL_DATA = {"shapes": Shapes, "faces": lambda: SmileyFaces(32, class_cond=True, moods=4), "glyphs": Glyphs}
 
 
 class Classifier(nn.Module):
@@ -529,6 +550,122 @@ def train_classifier(data, first: int, steps: int = 300) -> tuple[nn.Module, flo
 @torch.no_grad()
 def accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     return (classifier(images).argmax(-1) == labels).float().mean().item()
+
+
+#################################################################################
+#                                Sample quality                                 #
+#################################################################################
+# A Frechet distance, as FID's, in the feature space of the label table's small classifier trained on the real
+# images (its 64 pooled features), and that classifier's mean confidence in the class it reads. FID's Inception
+# network knows nothing of 32 px glyphs or smiley faces; this one was trained on exactly them.
+
+QUALITY_DATA = {"faces": lambda: SmileyFaces(32, class_cond=True), "glyphs": Glyphs}  # what train.py learns in each
+
+
+@torch.no_grad()
+def features_and_confidence(classifier: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The classifier's pooled features (N, 64) of images (N, 3, 32, 32), and its mean top-class probability."""
+    features = torch.cat([classifier.layers[:-1](part) for part in images.split(256)])  # (N, 64)
+    probabilities = classifier.layers[-1](features).softmax(-1)
+    return features, probabilities.max(-1).values.mean().item()
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between the Gaussians fitted to features a and b (N, F)."""
+    a, b = a.double(), b.double()
+    mean_a, mean_b, cov_a, cov_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ values.clamp_min(0).sqrt().diag() @ vectors.T  # S_a^(1/2)
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()  # Tr((S_a S_b)^(1/2))
+    return ((mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def blurred(images: torch.Tensor) -> torch.Tensor:
+    from torchvision.transforms.functional import gaussian_blur
+    return gaussian_blur(images, kernel_size=5, sigma=1.0)
+
+
+def sample_images(run: Path, count: int, steps: int = 25) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """count samples (count, 3, 32, 32) in [-1, 1] from the EMA weights of run's checkpoint, and their labels (None for
+    a model without classes): all classes in turn, guided at cfg 4."""
+    from data import load_checkpoint, networks_from_checkpoint
+    checkpoint = load_checkpoint(run / "ckpt.pt")
+    model = networks_from_checkpoint(checkpoint, run / "ckpt.pt")["zigma"].eval()
+    classes = model.config.num_classes
+    generator = torch.Generator().manual_seed(0)
+    parts = []
+    for start in range(0, count, 64):
+        noise = torch.randn(min(64, count - start), 3, 32, 32, generator=generator)
+        y = torch.arange(start, start + len(noise)) % classes if classes else None
+        parts.append(zigma.sample(model, noise, steps=steps, y=y, cfg_scale=4.0 if classes else 1.0).clamp(-1, 1))
+    return torch.cat(parts), torch.arange(count) % classes if classes else None
+
+
+def quality_table(args):
+    """Train each recipe (--recipes, train.py options) for --quality-minutes in stages, and after each stage measure the
+    EMA samples against held-out real images."""
+    root = Path(__file__).parent
+    data = QUALITY_DATA[args.quality_data]()
+    classifier, accuracy_held_out = train_classifier(data, first=200_000, steps=args.classifier_steps)
+    real = torch.stack([data[i]["x"] for i in range(300_000, 300_000 + args.quality_samples)])
+    other = torch.stack([data[i]["x"] for i in range(400_000, 400_000 + args.quality_samples)])
+    real_features, real_confidence = features_and_confidence(classifier, real)
+    print(f"## Sample quality on {args.quality_data}: Frechet distance in a classifier's features (lower is better) "
+          f"and its confidence, {args.quality_samples} samples, on {device_name(torch.device('cpu'))}\n")
+    print(f"The classifier reads {accuracy_held_out:.1%} of 400 held-out real images right. For scale: real against other "
+          f"real images {frechet_distance(features_and_confidence(classifier, other)[0], real_features):.2f} "
+          f"(confidence {real_confidence:.2f}); blurred real images "
+          f"{frechet_distance(features_and_confidence(classifier, blurred(real))[0], real_features):.2f} "
+          f"(confidence {features_and_confidence(classifier, blurred(real))[1]:.2f}).\n")
+    print("| recipe | minutes | steps | Frechet distance | confidence | read as the class asked for |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as folder:
+        for recipe in args.recipes:
+            run, minutes = Path(folder) / f"run{args.recipes.index(recipe)}", 0.0
+            data_options = ["--data", str(write_quality_folder(data, Path(folder) / "images", args))] \
+                if args.quality_data != "faces" else []
+            for _ in range(args.quality_stages):
+                minutes += train_for(root, [*data_options, *recipe.split(), "--out", str(run)],
+                                     args.quality_minutes / args.quality_stages)
+                drawn, labels = sample_images(run, args.quality_samples)
+                features, confidence = features_and_confidence(classifier, drawn)
+                step = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"]
+                right = "" if labels is None else f"{accuracy(classifier, drawn, labels):.0%}"
+                print(f"| {recipe or 'defaults'} | {minutes:.1f} | {step} | {frechet_distance(features, real_features):.2f} "
+                      f"| {confidence:.2f} | {right} |", flush=True)
+    print()
+
+
+def write_quality_folder(data, folder: Path, args) -> Path:
+    """The training images of a built-in quality data set as PNGs, in class subfolders; once."""
+    if not folder.exists():
+        for i in range(args.quality_images):
+            item = data[i]
+            (folder / data.class_names[item["y"]]).mkdir(parents=True, exist_ok=True)
+            save_samples(item["x"][None], folder / data.class_names[item["y"]] / f"{i:06d}.png")
+    return folder
+
+
+def train_for(root: Path, options: list[str], minutes: float) -> float:
+    """Run train.py (resuming) for about `minutes`, then stop it with SIGINT, which saves its checkpoint; returns the
+    minutes it trained, from its first logged step to its last (start-up and saving left out)."""
+    out = Path(options[options.index("--out") + 1])
+    first = len((out / "log.jsonl").read_text().splitlines()) if (out / "log.jsonl").exists() else 0
+    run = subprocess.Popen([sys.executable, str(root / "train.py"), *options, "--steps", "10000000", "--device", "cpu",
+                            "--workers", "0", "--log-every", "1", "--sample-every", "10000000", "--ckpt-every", "10000000"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    start = None
+    while run.poll() is None:
+        time.sleep(1)
+        if start is None and (out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) > first:
+            start = time.monotonic()
+        if start is not None and time.monotonic() - start > minutes * 60:
+            run.send_signal(signal.SIGINT)
+            break
+    _, stderr = run.communicate()
+    if not (out / "ckpt.pt").exists():
+        raise UserError(f"train.py failed: {stderr.strip().splitlines()[-1] if stderr.strip() else 'nothing said'}")
+    return (time.monotonic() - start) / 60
 
 
 def read_images(folder: Path) -> torch.Tensor:
@@ -830,7 +967,7 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
 def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda if available, else cpu)")
-    parser.add_argument("--only", choices=["scan", "model", "compile", "busy", "labels"], help="run one table only")
+    parser.add_argument("--only", choices=["scan", "model", "compile", "busy", "labels", "quality"], help="run one table only")
     parser.add_argument("--gpu-check", type=Path, metavar="REPORT", help="run the GPU check (about 8 minutes on one GPU) "
                         "and write its report here; nothing else runs")
     parser.add_argument("--tiny", action="store_true", help="with --gpu-check: tiny sizes, for a dry run on a CPU")
@@ -851,6 +988,13 @@ def main(argv=None):
     parser.add_argument("--label-steps", type=int, nargs="+", default=[500, 1000, 2000],
                         help="training steps after which the label table samples")
     parser.add_argument("--label-grids", type=Path, help="keep the label table's sample grids in this folder")
+    parser.add_argument("--quality-data", default="faces", choices=QUALITY_DATA, help="the quality table's data (default: faces, built in)")
+    parser.add_argument("--recipes", nargs="+", default=[""], help="train.py options of each recipe the quality table "
+                        "tries, one string each (default: train.py's defaults)")
+    parser.add_argument("--quality-minutes", type=float, default=20, help="training minutes of each recipe (default: 20)")
+    parser.add_argument("--quality-stages", type=int, default=4, help="measurements across those minutes (default: 4)")
+    parser.add_argument("--quality-samples", type=int, default=512, help="samples (and real images) per measurement")
+    parser.add_argument("--quality-images", type=int, default=10000, help="training images of the glyphs")
     parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)  # one case in this process, used internally
     args = check_arguments(parser.parse_args(argv))
     device = pick_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -877,6 +1021,8 @@ def main(argv=None):
         busy_table()
     if args.only in (None, "labels"):
         labels_table(args)
+    if args.only == "quality":  # an hour or more: only when asked for
+        quality_table(args)
     if FAILED:
         raise UserError(f"{plural(len(FAILED), 'case')} failed: {FAILED[0]}" + (", ..." if len(FAILED) > 1 else ""))
 

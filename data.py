@@ -613,6 +613,14 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
+RENAMED_CONFIG_FIELDS = {"scan": "paths", "scan_paths": "num_paths", "video_scan": "video_pattern"}  # older names
+
+
+def checkpoint_config(checkpoint: dict) -> dict:
+    """The checkpoint's model config as ZigMaConfig's fields, with the names older checkpoints used renamed."""
+    return {RENAMED_CONFIG_FIELDS.get(name, name): value for name, value in checkpoint["config"].items()}
+
+
 def load_weights(networks: nn.ModuleDict, state: dict) -> None:
     """Load a checkpoint's weights into the networks. Checkpoints written before the scan orders stopped being
     saved hold them too; the config gives them, so they are dropped."""
@@ -631,7 +639,7 @@ def build_networks(config: ZigMaConfig, conditioning: dict) -> nn.ModuleDict:
 def networks_from_checkpoint(checkpoint: dict, path: Path, weights: str = "ema") -> nn.ModuleDict:
     """Rebuild the networks from the checkpoint's config and load their weights ("ema" or "model")."""
     try:
-        networks = build_networks(ZigMaConfig(**checkpoint["config"]), checkpoint["conditioning"])
+        networks = build_networks(ZigMaConfig(**checkpoint_config(checkpoint)), checkpoint["conditioning"])
         load_weights(networks, checkpoint[weights])
     except (TypeError, AssertionError, RuntimeError) as error:
         raise UserError(f"{path} does not match this version of ZigMa: {str(error).strip().splitlines()[0]}")

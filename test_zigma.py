@@ -8,8 +8,10 @@ import torch
 
 import data
 import zigma
-from zigma import (Scan, ZigMa, ZigMaBlock, ZigMaConfig, flow_loss, guided_velocity, layer_scans, sample,
-                   selective_scan, selective_scan_reference, sweep_paths, volume_path, zigzag_paths)
+import fast_scan
+from fast_scan import selective_scan
+from zigma import (ScanOrder, ZigMa, ZigMaBlock, ZigMaConfig, flow_loss, guided_velocity, layer_orders, sample,
+                   selective_scan_reference, sweep_paths, volume_path, zigzag_paths)
 
 
 def tiny_config(**fields) -> ZigMaConfig:
@@ -73,11 +75,11 @@ def test_hilbert_paths_start_at_four_corners_in_both_directions_on_square_grids(
 
 
 def test_a_hilbert_model_reads_orientation_i_mod_k():
-    model = ZigMa(tiny_config(scan="hilbert", depth=4, scan_paths=2))
-    orders = [scan.order for scan in model.scans]
+    model = ZigMa(tiny_config(paths="hilbert", depth=4, num_paths=2))
+    orders = [order.order for order in model.orders]
     paths = zigma.hilbert_paths(4, 4)
     assert all(torch.equal(order, paths[i % 2]) for i, order in enumerate(orders))
-    clips = layer_scans((3, 4, 4), depth=2, family="hilbert", scan_paths=8, pattern="v")
+    clips = layer_orders((3, 4, 4), depth=2, paths="hilbert", num_paths=8, pattern="v")
     path = clips[0].order.tolist()
     for a, b in zip(path, path[1:]):
         (ta, ra), (tb, rb) = divmod(a, 16), divmod(b, 16)
@@ -107,7 +109,7 @@ def test_volume_zigzag_is_continuous_in_space_and_time():
 @pytest.mark.parametrize("axis, order_length", [("space", 12), ("time", 3), ("volume", 36)])
 def test_scan_round_trip_restores_token_order(axis, order_length):
     grid = (3, 3, 4)
-    scan = Scan(grid, axis, torch.randperm(order_length))
+    scan = ScanOrder(grid, axis, torch.randperm(order_length))
     x = torch.randn(2, 36, 5)
     sequences = scan.to_sequences(x)
     assert sequences.shape[1] == order_length
@@ -118,12 +120,12 @@ def test_scan_sequences_follow_the_path():
     grid = (1, 3, 4)
     path = zigzag_paths(3, 4)[1]
     x = torch.arange(12.0).view(1, 12, 1)  # token i carries the value i
-    sequence = Scan(grid, "space", path).to_sequences(x)
+    sequence = ScanOrder(grid, "space", path).to_sequences(x)
     assert sequence.flatten().long().tolist() == path.tolist()
 
 
 def test_temporal_scans_alternate_direction_and_spatial_layers_cycle_paths():
-    scans = layer_scans((4, 3, 3), depth=12, family="zigzag", scan_paths=2, pattern="sst")
+    scans = layer_orders((4, 3, 3), depth=12, paths="zigzag", num_paths=2, pattern="sst")
     spatial = [s for s in scans if s.axis == "space"]
     temporal = [s for s in scans if s.axis == "time"]
     assert len(spatial) == 8 and len(temporal) == 4
@@ -136,22 +138,38 @@ def test_temporal_scans_alternate_direction_and_spatial_layers_cycle_paths():
 def test_scan_orders_are_buffers_that_checkpoints_need_not_carry():
     model = ZigMa(tiny_config(depth=8))
     for i in range(8):
-        assert torch.equal(model.scans[i].order, zigzag_paths(4, 4)[i]), f"layer {i} should read path {i}"
-        assert torch.equal(model.scans[i].inverse, torch.argsort(zigzag_paths(4, 4)[i]))
+        assert torch.equal(model.orders[i].order, zigzag_paths(4, 4)[i]), f"layer {i} should read path {i}"
+        assert torch.equal(model.orders[i].inverse, torch.argsort(zigzag_paths(4, 4)[i]))
     assert not any(".order" in name or ".inverse" in name for name in model.state_dict()), "they follow from the config"
     model.to(torch.float64)
-    assert model.scans[0].order.dtype == torch.long, "orders must stay integer under .to(dtype)"
+    assert model.orders[0].order.dtype == torch.long, "orders must stay integer under .to(dtype)"
 
 
 def test_checkpoints_that_carry_scan_orders_still_load():
-    # Checkpoints written before the orders became non-persistent buffers hold them.
-    networks = data.build_networks(tiny_config(depth=4), {"vocabulary": None})
+    # Checkpoints written before the orders became non-persistent buffers hold them, under the module's old name
+    # (scans), and their configs name the fields scan, scan_paths and video_scan.
+    config = tiny_config(depth=4, paths="hilbert", num_paths=2, frames=2, video_pattern="st")
+    networks = data.build_networks(config, {"vocabulary": None})
     old = dict(networks.state_dict())
-    for i, scan in enumerate(networks["zigma"].scans):
-        old[f"zigma.scans.{i}.order"], old[f"zigma.scans.{i}.inverse"] = scan.order, scan.inverse
-    loaded = data.networks_from_checkpoint({"config": asdict(tiny_config(depth=4)), "conditioning": {"vocabulary": None},
-                                            "ema": old}, Path("old.pt"))
+    for i, order in enumerate(networks["zigma"].orders):
+        old[f"zigma.scans.{i}.order"], old[f"zigma.scans.{i}.inverse"] = order.order, order.inverse
+    old_names = {"paths": "scan", "num_paths": "scan_paths", "video_pattern": "video_scan"}
+    old_config = {old_names.get(name, name): value for name, value in asdict(config).items()}
+    checkpoint = {"config": old_config, "conditioning": {"vocabulary": None}, "ema": old}
+    loaded = data.networks_from_checkpoint(checkpoint, Path("old.pt"))
+    assert loaded["zigma"].config == config
     assert torch.equal(loaded["zigma"].pos_embed, networks["zigma"].pos_embed)
+
+
+def test_zigma_py_runs_on_its_own_with_the_reference_scan(monkeypatch):
+    # Without fast_scan.py beside it, the layers run selective_scan_reference, and compute the same.
+    torch.manual_seed(0)
+    model = randomize(ZigMa(tiny_config())).double()
+    x, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    fast = model(x, t)
+    monkeypatch.setattr(zigma, "fast_scan", None)
+    assert zigma.selective_scan_for(x) is selective_scan_reference
+    assert relative_error(model(x, t), fast) < 1e-12
 
 
 # ---------------------------------------------------------------------------- selective scan
@@ -179,17 +197,17 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-# The fast scan cuts the tokens into blocks of chunks (zigma.scan_plan), by device: every plan is tested here, on
+# The fast scan cuts the tokens into blocks of chunks (fast_scan.scan_plan), by device: every plan is tested here, on
 # the CPU. "cuda" is the plan of GPUs and MPS; (12, 4) is blocks of 12 tokens in 3 chunks of 4, as a big batch gets.
 SCAN_PLANS = ["cpu", "cuda", (12, 4)]
 
 
 def use_scan_plan(monkeypatch, plan):
-    planner = zigma.scan_plan
+    planner = fast_scan.scan_plan
     if isinstance(plan, tuple):
-        monkeypatch.setattr(zigma, "scan_plan", lambda length, per_token, device_type: plan)
+        monkeypatch.setattr(fast_scan, "scan_plan", lambda length, per_token, device_type: plan)
     else:
-        monkeypatch.setattr(zigma, "scan_plan", lambda length, per_token, device_type: planner(length, per_token, plan))
+        monkeypatch.setattr(fast_scan, "scan_plan", lambda length, per_token, device_type: planner(length, per_token, plan))
 
 
 @pytest.mark.parametrize("plan", SCAN_PLANS)
@@ -390,9 +408,9 @@ def test_the_fused_kernel_gets_only_cuda_tensors_in_the_dtypes_it_takes(monkeypa
     fused = object()  # mamba-ssm "installed"
     monkeypatch.setattr(zigma, "fused_selective_scan", fused)
     for device_type, dtype, expected in [("cuda", torch.float32, fused), ("cuda", torch.bfloat16, fused),
-                                         ("cuda", torch.float16, fused), ("cuda", torch.float64, zigma.selective_scan),
-                                         ("mps", torch.float32, zigma.selective_scan),
-                                         ("cpu", torch.float32, zigma.selective_scan_eager)]:
+                                         ("cuda", torch.float16, fused), ("cuda", torch.float64, fast_scan.selective_scan),
+                                         ("mps", torch.float32, fast_scan.selective_scan),
+                                         ("cpu", torch.float32, fast_scan.selective_scan_eager)]:
         u = torch.empty(0, dtype=dtype, device="meta")
         monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: device_type == "cuda"))
         monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device(device_type)))
@@ -421,7 +439,7 @@ def test_fused_scan_equals_pure_torch_scan():
     (dict(num_classes=5), (2, 3, 8, 8), dict(y=torch.tensor([0, 4]))),
     (dict(context_dim=12), (2, 3, 8, 8), dict(context=torch.randn(2, 7, 12))),
     (dict(frames=3, num_classes=2, context_dim=12), (2, 3, 3, 8, 8), dict(y=torch.tensor([1, 0]), context=torch.randn(2, 4, 12))),
-    (dict(frames=2, video_scan="v", scan="sweep"), (2, 2, 3, 8, 8), {}),
+    (dict(frames=2, video_pattern="v", paths="sweep"), (2, 2, 3, 8, 8), {}),
 ])
 def test_model_output_has_the_input_shape(fields, x_shape, condition):
     model = randomize(ZigMa(tiny_config(**fields)))
@@ -444,13 +462,13 @@ def test_labels_and_context_change_the_output():
 
 
 def video_model_and_input():
-    model = randomize(ZigMa(tiny_config(frames=4, video_scan="st", depth=2)))
+    model = randomize(ZigMa(tiny_config(frames=4, video_pattern="st", depth=2)))
     return model, torch.randn(1, 4 * 16, model.config.dim), torch.randn(1, model.config.dim)
 
 
 def test_spatial_layer_does_not_mix_frames():
     model, tokens, c = video_model_and_input()
-    block, scan = model.blocks[0], model.scans[0]
+    block, scan = model.blocks[0], model.orders[0]
     assert scan.axis == "space"
     changed = tokens.clone()
     changed[:, 2 * 16:3 * 16] += torch.randn(1, 16, tokens.shape[-1])  # frame 2 only
@@ -461,7 +479,7 @@ def test_spatial_layer_does_not_mix_frames():
 
 def test_temporal_layer_mixes_only_the_same_position():
     model, tokens, c = video_model_and_input()
-    block, scan = model.blocks[1], model.scans[1]
+    block, scan = model.blocks[1], model.orders[1]
     assert scan.axis == "time"
     changed = tokens.clone()
     changed[:, 1 * 16 + 5] += torch.randn(tokens.shape[-1])  # position 5 of frame 1
@@ -475,7 +493,7 @@ def test_temporal_layer_mixes_only_the_same_position():
 def test_block_works_on_its_own():
     dim, h, w = 16, 3, 5
     block = randomize(ZigMaBlock(dim, d_state=4))
-    scan = Scan((1, h, w), "space", zigzag_paths(h, w)[3])
+    scan = ScanOrder((1, h, w), "space", zigzag_paths(h, w)[3])
     tokens = torch.randn(2, h * w, dim, requires_grad=True)
     out = block(tokens, torch.randn(2, dim), scan)
     out.sum().backward()
@@ -1136,7 +1154,7 @@ def test_video_train_resume_and_sample_end_to_end(tmp_path):
     train.main([*video_run, "--steps", "2"])
     train.main([*video_run, "--steps", "3"])
     checkpoint = data.load_checkpoint(out / "ckpt.pt")
-    assert checkpoint["step"] == 3 and checkpoint["config"]["frames"] == 3 and checkpoint["config"]["video_scan"] == "st"
+    assert checkpoint["step"] == 3 and checkpoint["config"]["frames"] == 3 and checkpoint["config"]["video_pattern"] == "st"
     assert (out / "samples_0000002.gif").exists()
     sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--steps", "2", "--out", str(tmp_path / "grid.gif"),
                         "--out-dir", str(tmp_path / "each")])
@@ -1150,7 +1168,7 @@ def test_builtin_video_data_trains_with_a_3d_zigzag(tmp_path):
     train.main(["--out", str(tmp_path), "--frames", "2", "--video-scan", "v", "--steps", "1", *TINY_RUN])
     checkpoint = data.load_checkpoint(tmp_path / "ckpt.pt")
     model = data.networks_from_checkpoint(checkpoint, tmp_path / "ckpt.pt")["zigma"]
-    assert model.scans[0].order.numel() == 2 * 4 * 4, "a volume scan reads the whole clip"
+    assert model.orders[0].order.numel() == 2 * 4 * 4, "a volume scan reads the whole clip"
 
 
 # ---------------------------------------------------------------------------- conditioning

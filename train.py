@@ -41,9 +41,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from data import (VAE, ArgumentParser, CaptionEncoder, ClipFolder, CPUThreads, ImageFolder, Latents, MovingShapes,
-                  SmileyFaces, UserError, build_networks, load_checkpoint, load_pretrained_text_encoder, load_weights, pick_device,
-                  check_writable, plural, save_atomically, save_samples, warn, written_atomically)
-from zigma import PRESETS, ZigMaConfig, flow_loss, fused_selective_scan, preset_config, sample
+                  SmileyFaces, UserError, build_networks, check_writable, checkpoint_config, load_checkpoint,
+                  load_pretrained_text_encoder, load_weights, pick_device, plural, save_atomically, save_samples, warn,
+                  written_atomically)
+from zigma import PRESETS, TIME_SAMPLING, ZigMaConfig, flow_loss, fused_selective_scan, preset_config, sample
 
 
 @torch.no_grad()
@@ -79,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.add_argument("--batch-size", type=int, default=32,
                           help="examples per step, across all processes under torchrun: each takes its share (default: 32)")
     training.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default: 3e-4)")
+    training.add_argument("--warmup", type=int, default=0, help="raise the learning rate linearly over this many first steps (default: 0)")
+    training.add_argument("--time-sampling", default="uniform", choices=TIME_SAMPLING,
+                          help="how t is drawn: uniform on [0, 1], or logit-normal, more of it mid-path (default: uniform)")
     training.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     training.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (default: 1)")
     training.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay, warmed up as min(decay, (1+step)/(10+step)) (default: 0.999)")
@@ -110,7 +114,7 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("cond_drop", "ema_decay"):
         if not 0 <= getattr(args, name) <= 1:
             raise UserError(f"--{name.replace('_', '-')} must be between 0 and 1, not {getattr(args, name)}")
-    for name in ("weight_decay", "workers", "frames", "sample_cfg"):
+    for name in ("weight_decay", "workers", "frames", "sample_cfg", "warmup"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more, not {getattr(args, name)}")
     if not 0 <= args.seed < 2 ** 63:
@@ -169,8 +173,8 @@ def build_config(args, conditioning: dict, text_dim: int, vae: VAE | None) -> Zi
     """The model's config: a latent one (the VAE's channels, image size / its downsampling factor) with a VAE."""
     class_names = conditioning["class_names"]
     size, channels = (args.image_size // vae.factor, vae.channels) if vae else (args.image_size, 3)
-    return preset_config(args.model, input_size=size, in_channels=channels, scan=args.scan, scan_paths=args.scan_paths,
-                         frames=args.frames, video_scan=args.video_scan, num_classes=len(class_names) if class_names else 0,
+    return preset_config(args.model, input_size=size, in_channels=channels, paths=args.scan, num_paths=args.scan_paths,
+                         frames=args.frames, video_pattern=args.video_scan, num_classes=len(class_names) if class_names else 0,
                          context_dim=text_dim if args.captions else 0)
 
 
@@ -192,7 +196,8 @@ def parameter_groups(networks: nn.Module, weight_decay: float) -> list[dict]:
 MODEL_OPTIONS = ["model", "image_size", "vae", "scan", "scan_paths", "frames", "video_scan", "class_cond", "captions",
                  "text_encoder"]
 # Options that may change when a run resumes: they take effect, and a line says so.
-TRAINING_OPTIONS = ["data", "batch_size", "lr", "weight_decay", "grad_clip", "ema_decay", "cond_drop"]
+TRAINING_OPTIONS = ["data", "batch_size", "lr", "warmup", "time_sampling", "weight_decay", "grad_clip", "ema_decay",
+                    "cond_drop"]
 
 
 def as_option(name: str, value) -> str:
@@ -222,7 +227,7 @@ def check_resumed_model(checkpoint: dict, path: Path, config: ZigMaConfig, condi
                         f"but --data has {', '.join(classes_now or ['none'])}; pass its data, or another --out")
     if checkpoint["conditioning"]["vocabulary"] != conditioning["vocabulary"]:
         raise UserError(f"the captions in --data use other words than those {path} was trained on; pass its data, or another --out")
-    changed = [field for field, value in asdict(config).items() if checkpoint["config"].get(field) != value]
+    changed = [field for field, value in asdict(config).items() if checkpoint_config(checkpoint).get(field) != value]
     if changed:
         raise UserError(f"{path} holds a model with another {', '.join(changed)} than these options give; pass another --out")
 
@@ -453,7 +458,10 @@ def train(args, rank: int, world: int, device: torch.device):
                 y = batch["y"].to(device) if "y" in batch else None
                 with autocast:
                     context, context_mask = encode(batch["caption"]) if "caption" in batch else (None, None)
-                    loss = flow_loss(train_model, x, y, context, context_mask, drop_prob=args.cond_drop)
+                    loss = flow_loss(train_model, x, y, context, context_mask, drop_prob=args.cond_drop,
+                                     time_sampling=args.time_sampling)
+                for group in optimizer.param_groups:  # the warm-up
+                    group["lr"] = args.lr * min(1.0, (step + 1) / (args.warmup + 1))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = nn.utils.clip_grad_norm_(networks.parameters(), args.grad_clip)  # clip before the step
