@@ -17,7 +17,8 @@ The file reads top to bottom:
     4. ZigMa block      ZigMaBlock: adaLN-Zero around a Mamba branch and an optional cross-attention
     5. the model        embeddings, ZigMaConfig, ZigMa, presets
     6. flow matching    flow_loss, guided_velocity, sample
-    fast_scan.py        selective_scan, the same scan fast and exact, which the layers run. Skip it at first.
+    fast_scan.py        selective_scan, the same scan fast and exact. Skip it at first: the layers run it,
+                        or mamba-ssm's fused kernel on CUDA where that is installed (selective_scan_for).
 
 Shape letters:
     B  batch              T  frames (1 for images)      C  image (or latent) channels
@@ -32,8 +33,8 @@ matrices, as in the paper and mamba-ssm. So the shapes there are lowercase (b, l
 SSM's state. Everywhere else c is DiT's condition vector.
 
 Numbers: the weights are float32, and training runs under autocast (bf16 on CUDA, as train.py does).
-The selective scan computes in float32 (float64 for a float64 model). A model.to(torch.bfloat16) trains
-and samples too.
+Every selective scan here turns autocast off and computes in float32 (float64 for a float64 model).
+A model.to(torch.bfloat16) trains and samples too.
 
 Time convention (SiT's linear interpolant, with velocity prediction):
     x_t = (1 - t) noise + t data, t in [0, 1]: t = 0 is noise, t = 1 is data.
@@ -67,8 +68,8 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 # The paper's zigzag paths, its Hilbert and sweep baselines, and the factorized video scan (its Fig. 5c).
 
 # Where a path starts: whether the grid's rows and columns are flipped. The official code takes the corners
-# as top-left, top-right, bottom-left, bottom-right. This order is older than this note, and it is kept so that
-# the models trained so far read the same paths. At K = 1, 2 and 8 both orders cover the same neighbours.
+# in another order (top-left, top-right, bottom-left, bottom-right); this one is kept so that the models trained
+# so far read the same paths. At K = 1, 2 and 8 both orders cover the same neighbours.
 CORNERS = {"top-left": (False, False), "bottom-right": (True, True), "top-right": (False, True),
            "bottom-left": (True, False)}
 
@@ -253,30 +254,32 @@ def layer_orders(grid: tuple[int, int, int], depth: int, paths: str, num_paths: 
 #     u, delta, z: (b, e, l)    A: (e, n)    B, C: (b, n, l)    D, delta_bias: (e,)
 #     h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t        (h: (b, e, n), zero before the first token)
 #     y_t = C_t . h_t + D u_t,  then gated: y_t * silu(z_t)
-# The continuous system h' = A h + B u is discretised with the step delta_t as mamba-ssm does (Mamba's Eq. 4):
-# A by a zero-order hold, exp(delta_t A), and B by a simplified Euler step, delta_t B_t.
+# The continuous system h' = A h + B u is discretised with the step delta_t. Mamba's Eq. 4 is the zero-order
+# hold for both A and B; its code, and this file, keep the hold for A, exp(delta_t A), and simplify B's to the
+# Euler step delta_t B_t, which it equals to first order in delta_t.
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The selective scan one token at a time: the definition. The layers run fast_scan.selective_scan, the
-    same function in few operations, tested against this one."""
+    """The selective scan one token at a time: the definition, against which the fast scans are tested.
+    Computes in float32 (float64 for float64 inputs) with autocast off, and returns u's dtype."""
     dtype = u.dtype
     compute = torch.promote_types(dtype, torch.float32)
-    u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, e, n)
-    ys = []
-    for t in range(u.shape[2]):
-        decay = torch.exp(delta[:, :, t, None] * A)  # (b, e, n)
-        h = decay * h + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]  # (b, e, n)
-        ys.append(torch.einsum("ben,bn->be", h, C[:, :, t]))  # (b, e)
-    y = torch.stack(ys, dim=-1)  # (b, e, l)
-    if D is not None:
-        y = y + D[:, None] * u
-    if z is not None:
-        y = y * F.silu(z)
+    with torch.autocast(u.device.type, enabled=False):  # else the einsum would run in bf16 under autocast
+        u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
+        if delta_bias is not None:
+            delta = delta + delta_bias[:, None]
+        if delta_softplus:
+            delta = F.softplus(delta)
+        h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, e, n)
+        ys = []
+        for i in range(u.shape[2]):  # token i
+            decay = torch.exp(delta[:, :, i, None] * A)  # (b, e, n)
+            h = decay * h + delta[:, :, i, None] * B[:, None, :, i] * u[:, :, i, None]  # (b, e, n)
+            ys.append(torch.einsum("ben,bn->be", h, C[:, :, i]))  # (b, e)
+        y = torch.stack(ys, dim=-1)  # (b, e, l)
+        if D is not None:
+            y = y + D[:, None] * u
+        if z is not None:
+            y = y * F.silu(z)
     return y.to(dtype)
 
 
@@ -343,12 +346,13 @@ class MambaMixer(nn.Module):
         x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))  # (b, l, e)
         delta, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)  # (b, l, r or n)
         delta = delta @ self.dt_proj.weight.t()  # (b, l, e); the bias is added inside the scan
-        ssm = torch.promote_types(self.A_log.dtype, torch.float32)  # the SSM's own parameters in float32 or more
-        A = -torch.exp(self.A_log.to(ssm))  # (e, n)
+        ssm_dtype = torch.promote_types(self.A_log.dtype, torch.float32)  # the SSM's own parameters: float32 or more
+        A = -torch.exp(self.A_log.to(ssm_dtype))  # (e, n)
         # Under autocast, u = x, delta, B, C and z are all bf16 (or fp16) here, and A, D and delta_bias float32:
-        # mamba-ssm's kernel demands exactly that.
+        # mamba-ssm's kernel demands exactly that. The scan takes channels-first views: u, delta, z (b, e, l) and
+        # B, C (b, n, l).
         y = selective_scan_for(x)(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
-                                  self.D.to(ssm), z.transpose(1, 2), delta_bias=self.dt_proj.bias.to(ssm),
+                                  self.D.to(ssm_dtype), z.transpose(1, 2), delta_bias=self.dt_proj.bias.to(ssm_dtype),
                                   delta_softplus=True)  # (b, e, l)
         return self.out_proj(y.transpose(1, 2))  # (b, l, d)
 
@@ -372,9 +376,10 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T*H*W, D); context: (B, S, context_dim); context_mask: (B, S), True for real tokens, False for padding."""
+        """x: (B, T*H*W, D); context: (B, S, context_dim); context_mask: (B, S), True for real tokens, False for
+        padding. Every row needs one real token: a row of padding alone has nothing to attend to (NaN)."""
         q = rearrange(self.to_q(x), "b l (heads d) -> b heads l d", heads=self.heads)  # (B, heads, T*H*W, D/heads)
-        k, v = rearrange(self.to_kv(context), "b s (two heads d) -> two b heads s d", two=2, heads=self.heads)
+        k, v = rearrange(self.to_kv(context), "b s (two heads d) -> two b heads s d", two=2, heads=self.heads)  # (B, heads, S, D/heads) each
         # Padding must not be attended to, or a caption's result would depend on the others in its batch.
         attn_mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, S)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, T*H*W, D/heads)
@@ -400,8 +405,9 @@ class ZigMaBlock(nn.Module):
         self.cross_attention = None
         if context_dim:
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-            # Heads of width 64, dim // 64 of them. The official ZigMa has 8 heads of 64 at every width.
-            self.cross_attention = CrossAttention(dim, context_dim, heads=max(1, dim // 64))
+            # Heads of width 64, dim // 64 of them (one head where 64 does not divide dim). The official ZigMa has
+            # 8 heads of 64 at every width.
+            self.cross_attention = CrossAttention(dim, context_dim, heads=dim // 64 if dim % 64 == 0 else 1)
         branches = 2 if context_dim else 1
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * branches * dim))  # shift, scale, gate
 
@@ -468,7 +474,7 @@ class ZigMaConfig:
     dim: int = 384  # D
     depth: int = 24
     paths: str = "zigzag"  # the 2D paths (PATHS): "zigzag" (the paper's), "sweep" or "hilbert" (its baselines)
-    num_paths: int = 8  # K, 1, 2 or 8: layer i reads path i mod K. The paper's best is Zigzag-8
+    num_paths: int = 8  # K, 1, 2 or 8: the i-th spatial layer reads path i mod K. The paper's best is Zigzag-8
     frames: int = 0  # 0 = images; T > 0 = clips of T frames
     video_pattern: str = "sst"  # for clips, a letter a layer: s spatial, t temporal, v volume. "sst", two spatial
     #                             layers to each temporal one, is the official video configuration (3d_zigzag8sst)
@@ -550,7 +556,10 @@ class ZigMa(nn.Module):
         """
         if self.y_embedder is not None:
             null_y = torch.full((batch,), self.config.num_classes, device=self.y_embedder.weight.device)
-            y = null_y if y is None else y if drop is None else torch.where(drop, null_y, y)
+            if y is None:
+                y = null_y
+            elif drop is not None:
+                y = torch.where(drop, null_y, y)
         if self.null_context is not None and context is None:
             context = self.null_context.expand(batch, 1, -1)
         elif self.null_context is not None and drop is not None:
@@ -569,8 +578,9 @@ class ZigMa(nn.Module):
         """
         config = self.config
         frames, height, width = config.grid
-        video = x.dim() == 5
-        assert video == (config.frames > 0), f"expected {'clips (B, T, C, H, W)' if config.frames else 'images (B, C, H, W)'}, got {tuple(x.shape)}"
+        video = config.frames > 0
+        expected = (config.frames,) * video + (config.in_channels, config.input_size, config.input_size)  # x without B
+        assert tuple(x.shape[1:]) == expected, f"expected {'clips' if video else 'images'} (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
         assert y is None or self.y_embedder is not None, "this model has no classes: leave y out"
         assert context is None or self.null_context is not None, "this model has no cross-attention: leave context out"
         assert context_mask is None or context is not None, "a context mask needs its context"
@@ -613,6 +623,8 @@ PRESETS = {f"ZigMa-{size}/{p}": dict(shape, patch_size=p) for size, shape in PRE
 
 def preset_config(name: str, **fields) -> ZigMaConfig:
     """The config of a named preset ("ZigMa-B/2"), with other fields (input_size, frames, ...) set by keyword."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; the presets are {', '.join(PRESETS)}")
     return ZigMaConfig(**PRESETS[name], **fields)
 
 
@@ -631,16 +643,16 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
 
     t is uniform on [0, 1] (SiT's choice), or logit-normal, t = sigmoid(n) with n ~ N(0, 1), which trains
     more on the middle of the path (SD3's choice; symmetric, so it does not matter which end is data).
-    For classifier-free guidance, each example's label and context become the null ones with probability
-    drop_prob (when given). noise (like x) and t (B,) are drawn unless given.
+    For classifier-free guidance, each example's label and context (where the model gets them) become the null
+    ones with probability drop_prob. noise (like x) and t (B,) are drawn unless given.
     """
     assert time_sampling in TIME_SAMPLING, f"time_sampling must be one of {', '.join(TIME_SAMPLING)}, not {time_sampling!r}"
     batch = x.shape[0]
     noise = torch.randn_like(x) if noise is None else noise
     if t is None:
         t = torch.rand(batch, device=x.device) if time_sampling == "uniform" else torch.randn(batch, device=x.device).sigmoid()
-    t_ = t.view(batch, *[1] * (x.dim() - 1)).to(x.dtype)  # broadcastable over x, in its dtype (a bf16 model takes bf16)
-    x_t = (1 - t_) * noise + t_ * x
+    t_x = t.view(batch, *[1] * (x.dim() - 1)).to(x.dtype)  # (B, 1, 1, 1), or (B, 1, 1, 1, 1) for clips: t over x
+    x_t = (1 - t_x) * noise + t_x * x  # in x's dtype: a bf16 model takes bf16
     drop = None
     if y is not None or context is not None:
         drop = torch.rand(batch, device=x.device) < drop_prob  # (B,)
