@@ -41,6 +41,17 @@ default model (ZigMa-Tiny/4, 32 x 32, batch 32) on the folder with --class-cond 
 (--label-kinds), resuming from stage to stage (--label-steps); after each stage sample.py draws --label-samples
 images of each class, at --cfg 1 and 4. The table gives the share that the classifier reads as the class asked
 for; --label-grids keeps the sample grids.
+
+Sample quality (--only quality, an hour or more): train.py trains each recipe (--recipes, each a string of train.py
+options) on --quality-data, in --quality-stages stages of --quality-minutes, or of --quality-steps (equal steps are
+equal time for recipes of one model, however busy the machine). After each stage --quality-samples samples from
+the EMA weights (25 Euler steps; cfg 4 with labels) are measured in the feature space of a small classifier
+trained on real images: the Frechet distance of its 64 pooled features to those of held-out real images, as FID
+does with Inception's, its mean confidence, and with labels the share read as the class asked for. Real images
+against other real images, and blurred real images, give the scale. --keep-runs keeps each run, with a sample
+grid at each stage when stages are counted in steps.
+
+    python bench.py --only quality --quality-steps 1000 --quality-samples 256 --recipes "" "--lr 1e-3"
 """
 
 import argparse
@@ -621,12 +632,13 @@ def quality_table(args):
     print("| --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as folder:
         for recipe in args.recipes:
-            run, minutes = Path(folder) / f"run{args.recipes.index(recipe)}", 0.0
+            run, minutes = (args.keep_runs or Path(folder)) / f"run{args.recipes.index(recipe)}", 0.0
             data_options = ["--data", str(write_quality_folder(data, Path(folder) / "images", args))] \
                 if args.quality_data != "faces" else []
-            for _ in range(args.quality_stages):
-                minutes += train_for(root, [*data_options, *recipe.split(), "--out", str(run)],
-                                     args.quality_minutes / args.quality_stages)
+            for stage in range(1, args.quality_stages + 1):
+                until = dict(steps=stage * args.quality_steps // args.quality_stages) if args.quality_steps else \
+                    dict(minutes=args.quality_minutes / args.quality_stages)
+                minutes += train_for(root, [*data_options, "--out", str(run), *recipe.split()], **until)
                 drawn, labels = sample_images(run, args.quality_samples)
                 features, confidence = features_and_confidence(classifier, drawn)
                 step = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"]
@@ -646,26 +658,30 @@ def write_quality_folder(data, folder: Path, args) -> Path:
     return folder
 
 
-def train_for(root: Path, options: list[str], minutes: float) -> float:
-    """Run train.py (resuming) for about `minutes`, then stop it with SIGINT, which saves its checkpoint; returns the
-    minutes it trained, from its first logged step to its last (start-up and saving left out)."""
+def train_for(root: Path, options: list[str], minutes: float | None = None, steps: int | None = None) -> float:
+    """Run train.py (resuming) for about `minutes`, then stop it with SIGINT, which saves its checkpoint; or until its
+    step `steps`. Returns the minutes it trained, from its first logged step to its last (start-up and saving left
+    out). options come last, so that they override the rest."""
     out = Path(options[options.index("--out") + 1])
     first = len((out / "log.jsonl").read_text().splitlines()) if (out / "log.jsonl").exists() else 0
-    run = subprocess.Popen([sys.executable, str(root / "train.py"), *options, "--steps", "10000000", "--device", "cpu",
-                            "--workers", "0", "--log-every", "1", "--sample-every", "10000000", "--ckpt-every", "10000000"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    start = None
+    run = subprocess.Popen([sys.executable, str(root / "train.py"), "--steps", str(steps or 10_000_000), "--device", "cpu",
+                            "--workers", "0", "--log-every", "1", "--sample-every", "10000000", "--ckpt-every", "10000000",
+                            *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    start = end = None
     while run.poll() is None:
         time.sleep(1)
-        if start is None and (out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) > first:
+        lines = len((out / "log.jsonl").read_text().splitlines()) if (out / "log.jsonl").exists() else 0
+        if start is None and lines > first:
             start = time.monotonic()
-        if start is not None and time.monotonic() - start > minutes * 60:
+        if start is not None and steps and lines >= steps:
+            end = end or time.monotonic()  # the last step is logged; the checkpoint is being written
+        if start is not None and minutes and time.monotonic() - start > minutes * 60:
             run.send_signal(signal.SIGINT)
             break
     _, stderr = run.communicate()
-    if not (out / "ckpt.pt").exists():
+    if not (out / "ckpt.pt").exists() or (steps and run.returncode):
         raise UserError(f"train.py failed: {stderr.strip().splitlines()[-1] if stderr.strip() else 'nothing said'}")
-    return (time.monotonic() - start) / 60
+    return ((end or time.monotonic()) - (start or time.monotonic())) / 60
 
 
 def read_images(folder: Path) -> torch.Tensor:
@@ -952,9 +968,12 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("lengths", "tokens", "label_steps"):
         if min(getattr(args, name)) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be 1 or more, not {min(getattr(args, name))}")
-    for name in ("batch_size", "steps", "depth", "dit_depth", "label_images", "label_samples", "classifier_steps"):
+    for name in ("batch_size", "steps", "depth", "dit_depth", "label_images", "label_samples", "classifier_steps",
+                 "quality_steps", "quality_stages", "quality_samples", "quality_images"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be 1 or more, not {getattr(args, name)}")
+    if args.quality_steps is not None and args.quality_steps < args.quality_stages:
+        raise UserError(f"--quality-steps must be at least --quality-stages ({args.quality_stages}), not {args.quality_steps}")
     if not args.max_seconds > 0:
         raise UserError(f"--max-seconds must be positive, not {args.max_seconds}")
     if args.label_steps != sorted(set(args.label_steps)):
@@ -992,6 +1011,10 @@ def main(argv=None):
     parser.add_argument("--recipes", nargs="+", default=[""], help="train.py options of each recipe the quality table "
                         "tries, one string each (default: train.py's defaults)")
     parser.add_argument("--quality-minutes", type=float, default=20, help="training minutes of each recipe (default: 20)")
+    parser.add_argument("--keep-runs", type=Path, metavar="DIR", help="keep each recipe's run (checkpoint, log, and with "
+                        "--quality-steps a sample grid at each stage) in DIR/run0, run1, ...")
+    parser.add_argument("--quality-steps", type=int, help="train each recipe for this many steps instead of --quality-minutes: "
+                        "equal steps are equal time for recipes of one model, however busy the machine")
     parser.add_argument("--quality-stages", type=int, default=4, help="measurements across those minutes (default: 4)")
     parser.add_argument("--quality-samples", type=int, default=512, help="samples (and real images) per measurement")
     parser.add_argument("--quality-images", type=int, default=10000, help="training images of the glyphs")

@@ -160,15 +160,16 @@ class ImageFolder(Dataset):
     i, as a clip of one frame: what the latent cache encodes.
     """
 
-    def __init__(self, folder: Path, image_size: int, class_cond: bool = False, captions: bool = False):
+    def __init__(self, folder: Path, image_size: int, class_cond: bool = False, captions: bool = False,
+                 option: str = "--data"):
         files = image_files(folder)
         if not files:
-            raise UserError(f"--data {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            raise UserError(f"{option} {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         self.files = [p for p in files if frame_count(p)]
         for p in sorted(set(files) - set(self.files)):
             warn(f"skipping {p}: not a readable image")
         if not self.files:
-            raise UserError(f"--data {folder}: none of its {len(files)} image files could be read")
+            raise UserError(f"{option} {folder}: none of its {len(files)} image files could be read")
         self.class_names = class_names_of(folder, self.files) if class_cond else None
         self.labels = [self.class_names.index(p.relative_to(folder).parts[0]) for p in self.files] if class_cond else None
         self.captions = read_captions(self.files) if captions else None

@@ -2,7 +2,8 @@
 
     python sample.py                                                   # out/ckpt.pt -> samples.png
     python sample.py --ckpt out/ckpt.pt --n 64 --steps 50 --out samples.png
-    python sample.py --ckpt out/ckpt.pt --n 10000 --batch-size 250 --out-dir fid_samples   # one PNG each, for FID
+    python sample.py --ckpt out/ckpt.pt --n 10000 --batch-size 250 --out-dir fid_samples   # one PNG each
+    python sample.py --ckpt out/ckpt.pt --n 10000 --batch-size 250 --fid ./faces          # FID against a folder
     python sample.py --ckpt out/ckpt.pt --class smiling --cfg 3        # class-conditional; --class takes a name or index
     python sample.py --ckpt out/ckpt.pt --prompt "a pink frowning face" --prompt "a yellow smiling face" --cfg 3
 
@@ -19,11 +20,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import (IMAGE_EXTENSIONS, VAE, ArgumentParser, CaptionEncoder, UserError, check_writable, load_checkpoint,
-                  load_pretrained_text_encoder, networks_from_checkpoint, pick_device, read_text, save_samples, warn)
+from data import (IMAGE_EXTENSIONS, VAE, ArgumentParser, CaptionEncoder, ImageFolder, UserError, check_writable,
+                  image_transform, load_checkpoint, load_pretrained_text_encoder, networks_from_checkpoint, pick_device,
+                  read_text, save_samples, warn)
 from zigma import sample
 
 GRID_LIMIT = 256  # samples in the grid image; --out-dir takes any number
+FID_FEATURES = 2048  # torchmetrics' FID network: Inception-v3's 2048 pooled features. The tests put a small one here.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt", action="append", help="a caption to sample (repeatable; samples cycle through them)")
     parser.add_argument("--prompts", type=Path, help="a file of captions, one per line")
     parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale; 1 = none (default: 1)")
+    parser.add_argument("--fid", type=Path, metavar="REAL_FOLDER", help="print the FID of the samples against the images "
+                        "in this folder (torchmetrics, with torch-fidelity's Inception-v3; its weights download once)")
     parser.add_argument("--vae", metavar="NAME_OR_PATH", help="decode with this VAE, for a latent model whose VAE folder "
                         "has moved (default: the one the checkpoint names)")
     return parser.parse_args(argv)
@@ -99,6 +104,45 @@ def output_path(args, video: bool) -> Path:
     return out
 
 
+def to_bytes(images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] as uint8 (B, 3, H, W), rounded as save_samples rounds them into PNGs."""
+    return ((images.float().clamp(-1, 1) * 0.5 + 0.5) * 255 + 0.5).clamp(0, 255).byte()
+
+
+class FID:
+    """FID (torchmetrics' FrechetInceptionDistance) between the samples and the images of a folder. The real images
+    are resized and centre-cropped to the samples' size as train.py reads them, and both sets are rounded to 8 bits
+    as PNGs are. Everything that can fail fast (the folder, the extras, the download) fails when it is built."""
+
+    def __init__(self, folder: Path, device: torch.device):
+        if not folder.is_dir():
+            raise UserError(f"--fid {folder} is not a folder of images")
+        self.device = device
+        self.real = ImageFolder(folder, image_size=1, option="--fid")  # its transform is set once the samples' size is known
+        if len(self.real) < 2:
+            raise UserError(f"--fid {folder} holds one image; FID needs two or more, and thousands to mean much")
+        try:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+            self.metric = FrechetInceptionDistance(feature=FID_FEATURES).to(device)
+        except ModuleNotFoundError as error:  # torchmetrics, or the torch-fidelity it needs for Inception
+            raise UserError(f"--fid needs torchmetrics and torch-fidelity ({error}): pip install torchmetrics torch-fidelity")
+        except (OSError, RuntimeError) as error:  # the weights' download (no network, a proxy), or a corrupt file
+            raise UserError(f"--fid: the Inception weights could not be fetched ({error}); they download once, on first "
+                            f"use, and need the network then")
+
+    def add_samples(self, samples: torch.Tensor) -> None:  # (B, 3, H, W) in [-1, 1]
+        self.metric.update(to_bytes(samples).to(self.device), real=False)
+        self.size = samples.shape[-1]
+
+    def compute(self, batch: int = 64) -> float:
+        """The FID of the samples added so far against every image of the folder, resized to their size."""
+        self.real.transform = image_transform(self.size)
+        for start in tqdm(range(0, len(self.real), batch), desc="FID: real images"):
+            images = torch.cat([self.real.unflipped(i) for i in range(start, min(start + batch, len(self.real)))])
+            self.metric.update(to_bytes(images).to(self.device), real=True)  # (B, 3, H, W)
+        return self.metric.compute().item()
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.n < 1 or args.steps < 1 or args.batch_size < 1:
@@ -108,6 +152,8 @@ def main(argv=None):
     if args.n > GRID_LIMIT and args.out_dir is None:
         raise UserError(f"--n {args.n}: the grid holds the first {GRID_LIMIT} samples; pass --out-dir to keep them all, "
                         f"or --n {GRID_LIMIT} or fewer")
+    if args.fid is not None and args.n < 2:
+        raise UserError(f"--fid needs 2 samples or more, and thousands to mean much, not --n {args.n}")
     if not args.cfg >= 0:
         raise UserError(f"--cfg must be 0 or more (1 is no guidance), not {args.cfg}")
     if args.ckpt.is_dir():
@@ -117,6 +163,8 @@ def main(argv=None):
     conditioning = checkpoint["conditioning"]
     video = checkpoint["config"]["frames"] > 0
     out = output_path(args, video)
+    if args.fid is not None and video:
+        raise UserError(f"{args.ckpt} is a video model; --fid is for images")
     label, prompts = label_for(args, conditioning["class_names"]), prompts_for(args, conditioning)
     captioned = bool(conditioning["vocabulary"] or conditioning["text_encoder"])
     if args.cfg != 1 and label is None and prompts is None:
@@ -140,6 +188,7 @@ def main(argv=None):
         encode.to(device)
     config = model.config
     shape = ((config.frames,) if video else ()) + (config.in_channels, config.input_size, config.input_size)
+    fid = FID(args.fid, device) if args.fid is not None else None
     print(f"{args.ckpt}: step {checkpoint['step']}, {args.n} samples, {args.steps} {args.method} steps, cfg {args.cfg}, on {device}")
 
     generator = torch.Generator(device).manual_seed(args.seed)
@@ -162,9 +211,15 @@ def main(argv=None):
         if args.out_dir:
             for i, one in enumerate(samples):
                 save_samples(one[None], args.out_dir / f"{start + i:06d}.{'gif' if video else 'png'}")
+        if fid:
+            fid.add_samples(samples)
         grid.append(samples[:max(0, GRID_LIMIT - start)])
     save_samples(torch.cat(grid), out)
     print(f"wrote {out}" + (f" and {args.n} files in {args.out_dir}" if args.out_dir else ""))
+    if fid:
+        value = fid.compute()
+        print(f"FID {value:.2f}: {args.n} samples against the {len(fid.real)} images of {args.fid}, at "
+              f"{fid.size} x {fid.size} px (FID falls as samples are added: compare it only at equal --n; papers use 50,000)")
 
 
 if __name__ == "__main__":

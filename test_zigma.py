@@ -280,6 +280,22 @@ def test_selective_scan_float32_within_1e5_of_float64_reference(device):
         assert relative_error(grads[name].double(), grads_ref[name]) < 1e-5, f"gradient of {name} differs"
 
 
+@pytest.mark.parametrize("scan", [selective_scan, selective_scan_reference])
+def test_selective_scans_compute_in_float32_under_autocast(scan):
+    # Autocast would run the scan's products in bf16 (relative error about 1e-2); each scan turns it off.
+    # The backward pass runs outside autocast, as in train.py.
+    inputs = {name: x.detach().float().requires_grad_() for name, x in scan_inputs(width=16, state=8, length=50).items()}
+    weights = torch.randn(2, 16, 50, generator=torch.Generator().manual_seed(1))  # (b, e, l), like y
+    y = scan(**inputs, delta_softplus=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_autocast = scan(**inputs, delta_softplus=True)
+    assert y_autocast.dtype == torch.float32
+    assert relative_error(y_autocast, y) < 1e-6
+    grads, grads_autocast = (torch.autograd.grad((out * weights).sum(), list(inputs.values())) for out in (y, y_autocast))
+    for name, g, g_autocast in zip(inputs, grads, grads_autocast):
+        assert relative_error(g_autocast, g) < 1e-6, f"gradient of {name} differs"
+
+
 @pytest.mark.parametrize("plan", SCAN_PLANS)
 def test_selective_scan_stays_finite_with_large_decay(monkeypatch, plan, device):
     use_scan_plan(monkeypatch, plan)
@@ -884,6 +900,19 @@ def test_bad_data_folder_is_a_clear_error(tmp_path, files, message):
         train.main(["--data", str(folder), "--out", str(tmp_path / "out"), *TINY_RUN])
 
 
+@pytest.mark.parametrize("options, model", [
+    ([], "ZigMa-Tiny/4"),  # 32 px: 8 x 8 tokens
+    (["--image-size", "16"], "ZigMa-Tiny/2"),  # 8 x 8
+    (["--image-size", "64"], "ZigMa-Tiny/8"),  # 8 x 8
+    (["--image-size", "48"], "ZigMa-Tiny/4"),  # 12 x 12: patch 8 does not divide 48
+    (["--image-size", "8"], "ZigMa-Tiny/2"),  # 4 x 4: no patch leaves 8 x 8
+    (["--image-size", "256", "--vae", "v", "--data", "d"], "ZigMa-Tiny/4"),  # 32 x 32 latent cells: 8 x 8
+    (["--image-size", "64", "--model", "ZigMa-S/2"], "ZigMa-S/2"),  # asked for
+])
+def test_the_default_model_leaves_a_grid_of_8_by_8_tokens_where_it_can(options, model):
+    assert train.parse_args(options).model == model
+
+
 def test_image_size_must_be_a_multiple_of_the_patch(tmp_path):
     with pytest.raises(UserError, match="not a multiple"):
         train.main(["--out", str(tmp_path), "--model", "ZigMa-Tiny/4", "--image-size", "10"])
@@ -1078,6 +1107,81 @@ def test_sampling_writes_into_new_folders_and_takes_a_run_folder(tmp_path, train
     grid = tmp_path / "new" / "deeper" / "grid.png"
     sample_script.main(["--ckpt", str(trained_run), "--n", "2", "--steps", "1", "--out", str(grid)])
     assert Image.open(grid).size[0] > 8
+
+
+class SmallFeatures(torch.nn.Module):
+    """A stand-in for FID's Inception network, made here: uint8 images (B, 3, H, W) -> 6 features (B, 6)."""
+
+    num_features = 6
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 6, 3)
+
+    def forward(self, images):
+        return self.conv(images.float() / 255).mean((2, 3)) * 100  # (B, 6)
+
+
+def fid_printed(capsys) -> float:
+    return float(re.search(r"FID (-?[0-9.]+): ", capsys.readouterr().out).group(1))
+
+
+def test_fid_is_the_frechet_distance_of_the_samples_to_the_folder(tmp_path, trained_run, monkeypatch, capsys):
+    pytest.importorskip("torchmetrics")
+    import bench
+    monkeypatch.setattr(sample_script, "FID_FEATURES", SmallFeatures())
+    real = make_image_folder(tmp_path / "real")
+    for i in range(12):
+        Image.fromarray((torch.rand(12, 10, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy()).save(real / f"{i}.png")
+    sample_script.main(["--ckpt", str(trained_run), "--n", "16", "--steps", "2", "--out", str(tmp_path / "grid.png"),
+                        "--out-dir", str(tmp_path / "samples"), "--fid", str(real)])
+    fid = fid_printed(capsys)
+    # The same distance from the written PNGs and the folder's images as train.py reads them (8 x 8), by bench.py's
+    # own Frechet distance.
+    network = SmallFeatures()
+    to_bytes = lambda x: ((x * 0.5 + 0.5) * 255 + 0.5).clamp(0, 255).byte()  # noqa: E731  [-1, 1] -> 0..255, as PNGs
+    samples = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in sorted((tmp_path / "samples").glob("*.png"))])
+    folder = data.ImageFolder(real, 8)
+    images = to_bytes(torch.cat([folder.unflipped(i) for i in range(len(folder))]))  # (18, 3, 8, 8)
+    with torch.no_grad():
+        expected = bench.frechet_distance(network(samples), network(images))
+    assert len(samples) == 16 and len(images) == 18
+    assert fid == pytest.approx(expected, rel=1e-3, abs=0.006)  # printed to 2 decimals
+    assert fid > 1, "the untrained model's samples are not the folder's images"
+
+
+def test_fid_says_what_it_lacks_in_one_sentence_before_sampling(tmp_path, trained_run, monkeypatch):
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sample.py sampled before it could compute FID")
+    monkeypatch.setattr(sample_script, "sample", no_sampling)
+    real = make_image_folder(tmp_path / "real")
+    (real / "a" / "b" / "c").mkdir()
+    run = ["--ckpt", str(trained_run), "--out", str(tmp_path / "grid.png"), "--fid"]
+    for options, message in [([str(tmp_path / "none")], "is not a folder of images"),
+                             ([str(real / "a" / "b" / "c")], "holds no images"),
+                             ([str(real), "--n", "1"], "--fid needs 2 samples or more")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            sample_script.main([*run, *options])
+    for name in ["torchmetrics", *[name for name in sys.modules if name.startswith("torchmetrics.")]]:
+        monkeypatch.setitem(sys.modules, name, None)  # not installed
+    with pytest.raises(UserError, match="--fid needs torchmetrics and torch-fidelity .*: pip install torchmetrics torch-fidelity"):
+        sample_script.main([*run, str(real)])
+
+
+def test_fid_without_a_network_is_one_sentence(tmp_path, trained_run, monkeypatch):
+    pytest.importorskip("torchmetrics")
+    inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no weights from an earlier download
+    with pytest.raises(UserError, match="the Inception weights could not be fetched .*need the network then"):
+        sample_script.main(["--ckpt", str(trained_run), "--out", str(tmp_path / "grid.png"), "--fid",
+                            str(make_image_folder(tmp_path / "real"))])
+    assert not (tmp_path / "grid.png").exists()
 
 
 def test_guidance_without_a_condition_is_refused(tmp_path):
@@ -1500,6 +1604,18 @@ def test_gpu_check_runs_every_part_on_a_cpu_at_tiny_sizes(tmp_path):
                  "| 4 | DiT |", "## Faces at 256 px", "step 2, loss", "## torch.compile"]:
         assert part in text, f"the report lacks {part!r}:\n{text}"
     assert text.count("exit status 0") == 2, "training and sampling should both succeed"
+
+
+def test_quality_table_measures_every_stage_and_keeps_the_runs(tmp_path):
+    recipe = "--batch-size 2 --class-cond --sample-steps 1"
+    finished = run_script("bench.py", "--only", "quality", "--quality-steps", "4", "--quality-stages", "2",
+                          "--quality-samples", "16", "--classifier-steps", "5", "--keep-runs", str(tmp_path),
+                          "--recipes", recipe)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    rows = [line.split(" | ") for line in finished.stdout.splitlines() if line.startswith(f"| {recipe} |")]
+    assert [row[2] for row in rows] == ["2", "4"], finished.stdout
+    assert all(math.isfinite(float(row[3])) and 0 <= float(row[4]) <= 1 and row[5].endswith("% |") for row in rows)
+    assert sorted(p.name for p in (tmp_path / "run0").glob("samples_*.png")) == ["samples_0000002.png", "samples_0000004.png"]
 
 
 # ---------------------------------------------------------------------------- faults: nothing lost, nothing silent
