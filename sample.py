@@ -137,9 +137,16 @@ class FID:
     def compute(self, batch: int = 64) -> float:
         """The FID of the samples added so far against every image of the folder, resized to their size."""
         self.real.transform = image_transform(self.size)
-        for start in tqdm(range(0, len(self.real), batch), desc="FID: real images"):
-            images = torch.cat([self.real.unflipped(i) for i in range(start, min(start + batch, len(self.real)))])
-            self.metric.update(to_bytes(images).to(self.device), real=True)  # (B, 3, H, W)
+        images, self.used = [], 0
+        for i in tqdm(range(len(self.real)), desc="FID: real images"):
+            try:
+                images.append(self.real.unflipped(i))  # (1, 3, H, W)
+                self.used += 1
+            except Exception as error:  # a file that passed the header check but does not decode
+                warn(f"skipping {self.real.files[i]}: {error}")
+            if images and (len(images) == batch or i == len(self.real) - 1):
+                self.metric.update(to_bytes(torch.cat(images)).to(self.device), real=True)
+                images = []
         return self.metric.compute().item()
 
 
@@ -218,7 +225,7 @@ def main(argv=None):
     print(f"wrote {out}" + (f" and {args.n} files in {args.out_dir}" if args.out_dir else ""))
     if fid:
         value = fid.compute()
-        print(f"FID {value:.2f}: {args.n} samples against the {len(fid.real)} images of {args.fid}, at "
+        print(f"FID {value:.2f}: {args.n} samples against the {fid.used} images of {args.fid}, at "
               f"{fid.size} x {fid.size} px (FID falls as samples are added: compare it only at equal --n; papers use 50,000)")
 
 

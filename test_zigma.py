@@ -913,6 +913,11 @@ def test_the_default_model_leaves_a_grid_of_8_by_8_tokens_where_it_can(options, 
     assert train.parse_args(options).model == model
 
 
+@pytest.mark.parametrize("options, lr", [([], 1e-3), (["--model", "ZigMa-S/2"], 1e-4), (["--model", "ZigMa-S/2", "--lr", "3e-4"], 3e-4)])
+def test_the_default_learning_rate_is_the_tiny_models_or_the_official_one(options, lr):
+    assert train.parse_args(options).lr == lr
+
+
 def test_image_size_must_be_a_multiple_of_the_patch(tmp_path):
     with pytest.raises(UserError, match="not a multiple"):
         train.main(["--out", str(tmp_path), "--model", "ZigMa-Tiny/4", "--image-size", "10"])
@@ -1002,14 +1007,15 @@ def test_resuming_with_another_model_names_the_option(tmp_path, trained_run, opt
 def test_resuming_with_a_new_learning_rate_uses_it_and_says_so(tmp_path, trained_run, capsys):
     out, folder = tmp_path / "out", make_class_folder(tmp_path / "data")
     shutil.copytree(trained_run, out)
-    train.main(["--out", str(out), "--steps", "2", *TINY_RUN, "--class-cond", "--lr", "0.001", "--weight-decay", "0.1"])
+    train.main(["--out", str(out), "--steps", "2", *TINY_RUN, "--class-cond", "--lr", "0.0003", "--warmup", "0",
+                "--weight-decay", "0.1"])
     printed = capsys.readouterr().out
-    assert "resuming with --lr 0.001 (the checkpoint was trained with 0.0003)" in printed
+    assert "resuming with --lr 0.0003 (the checkpoint was trained with 0.001)" in printed
     assert "resuming with --weight-decay 0.1 (the checkpoint was trained with 0.0)" in printed
     checkpoint = data.load_checkpoint(out / "ckpt.pt")
-    assert [group["lr"] for group in checkpoint["optimizer"]["param_groups"]] == [0.001, 0.001]
+    assert [group["lr"] for group in checkpoint["optimizer"]["param_groups"]] == [0.0003, 0.0003]  # no warm-up left
     assert [group["weight_decay"] for group in checkpoint["optimizer"]["param_groups"]] == [0.1, 0.0]
-    assert checkpoint["args"]["lr"] == 0.001 and checkpoint["step"] == 2
+    assert checkpoint["args"]["lr"] == 0.0003 and checkpoint["step"] == 2
     with pytest.raises(UserError, match="trained on the classes smiling, frowning, but --data has cats, dogs"):
         train.main(["--out", str(out), "--steps", "3", *TINY_RUN, "--class-cond", "--data", str(folder)])
 

@@ -638,11 +638,12 @@ TIME_SAMPLING = ("uniform", "logit-normal")
 
 
 def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=None, drop_prob: float = 0.1,
-              noise: torch.Tensor | None = None, t: torch.Tensor | None = None, time_sampling: str = "uniform") -> torch.Tensor:
+              noise: torch.Tensor | None = None, t: torch.Tensor | None = None, time_sampling: str = "logit-normal") -> torch.Tensor:
     """Velocity-matching loss for data x on the linear path x_t = (1 - t) noise + t x, one t per example.
 
-    t is uniform on [0, 1] (SiT's choice), or logit-normal, t = sigmoid(n) with n ~ N(0, 1), which trains
-    more on the middle of the path (SD3's choice; symmetric, so it does not matter which end is data).
+    t is logit-normal, t = sigmoid(n) with n ~ N(0, 1), which trains more on the middle of the path (SD3's
+    choice; symmetric, so it does not matter which end is data), or uniform on [0, 1] (SiT's). On a CPU budget
+    logit-normal t sampled better (README, Sample quality).
     For classifier-free guidance, each example's label and context (where the model gets them) become the null
     ones with probability drop_prob. noise (like x) and t (B,) are drawn unless given.
     """
