@@ -10,6 +10,7 @@
 """
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -49,9 +50,26 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+class Terminal:
+    """stderr for progress bars and warnings, where a terminal that has gone away (a closed pipe, a hung-up
+    session) is ignored, so that training goes on, and still saves its checkpoint when it stops."""
+
+    def write(self, text: str) -> int:
+        with contextlib.suppress(OSError):
+            sys.stderr.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):
+            sys.stderr.flush()
+
+    def fileno(self) -> int:  # for the progress bar's width
+        return sys.stderr.fileno()
+
+
 def warn(message: str) -> None:
     """One line on stderr, written so that it does not break a progress bar."""
-    tqdm.write(f"warning: {message}", file=sys.stderr)
+    tqdm.write(f"warning: {message}", file=Terminal())
 
 
 def plural(count: int, noun: str) -> str:

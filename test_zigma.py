@@ -1688,6 +1688,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_like_ctrl_c(tmp_path):
     assert "Traceback" not in stderr
 
 
+def test_a_closed_terminal_stops_training_with_a_checkpoint(tmp_path):
+    # The terminal goes away: its pipe closes, so writes to stderr fail, and the session's SIGHUP follows.
+    out = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "train.py", "--out", str(out), "--steps", "100000", *TINY_RUN,
+                            "--ckpt-every", "100000", "--sample-every", "100000"], cwd=Path(__file__).parent,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_steps(out, 3, run)
+    run.stderr.close()
+    wait_for_steps(out, len(logged(out)) + 3, run)  # training goes on without its progress bar
+    run.send_signal(signal.SIGHUP)
+    run.wait(timeout=60)
+    step = data.load_checkpoint(out / "ckpt.pt")["step"]
+    assert run.returncode != 0 and step >= 6 and logged(out)[-1]["step"] == step
+
+
 def test_sigterm_under_torchrun_saves_once(tmp_path):
     out = tmp_path / "out"
     run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

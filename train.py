@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from data import (VAE, ArgumentParser, CaptionEncoder, ClipFolder, CPUThreads, ImageFolder, Latents, MovingShapes,
-                  SmileyFaces, UserError, build_networks, check_writable, checkpoint_config, load_checkpoint,
+                  SmileyFaces, Terminal, UserError, build_networks, check_writable, checkpoint_config, load_checkpoint,
                   load_pretrained_text_encoder, load_weights, pick_device, plural, save_atomically, save_samples, warn,
                   written_atomically)
 from zigma import PRESETS, TIME_SAMPLING, ZigMaConfig, flow_loss, fused_selective_scan, preset_config, sample
@@ -291,10 +291,11 @@ class ResumableSampler(DistributedSampler):
 
 
 class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM (a cluster scheduler's, or torchrun's when it stops) while training: noted here
-    and acted on after the step under way, so that the checkpoint holds whole steps. A second signal stops at once."""
+    """Ctrl-C (SIGINT), SIGTERM (a cluster scheduler's, or torchrun's when it stops) or SIGHUP (the terminal closed)
+    while training: noted here and acted on after the step under way, so that the checkpoint holds whole steps. A
+    second signal stops at once."""
 
-    signals = (signal.SIGINT, signal.SIGTERM)
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self):
         self.name = None
@@ -456,7 +457,7 @@ def train(args, rank: int, world: int, device: torch.device):
               f"{plural(len(dataset), 'training clip' if args.frames else 'training image')}, on {device}"
               + (f", one of {world} processes" if world > 1 else "") + f", selective scan in {scan_name}")
 
-    progress = tqdm(total=args.steps, initial=step, dynamic_ncols=True, disable=rank > 0)
+    progress = tqdm(total=args.steps, initial=step, dynamic_ncols=True, disable=rank > 0, file=Terminal())
     recent = collections.deque([(time.perf_counter(), 0)], maxlen=21)  # (time, examples) after each of the last 20 steps
     threads = CPUThreads() if device.type == "cpu" else None
     stop = StopRequest()
