@@ -664,9 +664,10 @@ def train_for(root: Path, options: list[str], minutes: float | None = None, step
     out). options come last, so that they override the rest."""
     out = Path(options[options.index("--out") + 1])
     first = len((out / "log.jsonl").read_text().splitlines()) if (out / "log.jsonl").exists() else 0
+    said = tempfile.TemporaryFile("w+")  # not a pipe: a long run's progress bar would fill it, and train.py would wait
     run = subprocess.Popen([sys.executable, str(root / "train.py"), "--steps", str(steps or 10_000_000), "--device", "cpu",
                             "--workers", "0", "--log-every", "1", "--sample-every", "10000000", "--ckpt-every", "10000000",
-                            *options], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            *options], stdout=subprocess.DEVNULL, stderr=said, text=True)
     start = end = None
     while run.poll() is None:
         time.sleep(1)
@@ -678,9 +679,12 @@ def train_for(root: Path, options: list[str], minutes: float | None = None, step
         if start is not None and minutes and time.monotonic() - start > minutes * 60:
             run.send_signal(signal.SIGINT)
             break
-    _, stderr = run.communicate()
+    run.wait()
+    said.seek(0)
+    stderr = said.read().strip()
+    said.close()
     if not (out / "ckpt.pt").exists() or (steps and run.returncode):
-        raise UserError(f"train.py failed: {stderr.strip().splitlines()[-1] if stderr.strip() else 'nothing said'}")
+        raise UserError(f"train.py failed: {stderr.splitlines()[-1] if stderr else 'nothing said'}")
     return ((end or time.monotonic()) - (start or time.monotonic())) / 60
 
 

@@ -1636,7 +1636,7 @@ def test_divergence_stops_the_run_and_keeps_the_good_checkpoint(tmp_path):
     good = data.load_checkpoint(out / "ckpt.pt")
     with pytest.raises(UserError, match=r"training diverged at step \d+: the loss was nan.*kept as it was at step 2\. "
                                         r"Train with a lower --lr than 1000"):
-        train.main(["--out", str(out), "--steps", "40", "--lr", "1e3", "--ckpt-every", "1", *TINY_RUN])
+        train.main(["--out", str(out), "--steps", "40", "--lr", "1e3", "--warmup", "0", "--ckpt-every", "1", *TINY_RUN])
     after = data.load_checkpoint(out / "ckpt.pt")
     assert after["step"] >= 2 and all(torch.isfinite(p).all() for p in after["ema"].values() if p.is_floating_point())
     assert all(math.isfinite(line["loss"]) for line in logged(out)), "a NaN loss must not reach log.jsonl"
@@ -1910,9 +1910,11 @@ def test_data_that_teaches_little_is_said(tmp_path, capsys):
 
 
 def test_ctrl_c_while_sampling_is_one_sentence(trained_run, tmp_path):
+    # SIGINT as a terminal has it: a shell's background job (nohup ... &) starts with it ignored, and Python keeps that.
     run = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(trained_run), "--out", str(tmp_path / "s.png"),
                             "--steps", "100000"], cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                           text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "samples" in run.stdout.readline(), "sample.py should say what it samples before it starts"
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=60)
