@@ -606,7 +606,7 @@ def sample_images(run: Path, count: int, steps: int = 25) -> tuple[torch.Tensor,
     generator = torch.Generator().manual_seed(0)
     parts = []
     for start in range(0, count, 64):
-        noise = torch.randn(min(64, count - start), 3, 32, 32, generator=generator)
+        noise = torch.randn(min(64, count - start), *model.config.input_shape, generator=generator)
         y = torch.arange(start, start + len(noise)) % classes if classes else None
         parts.append(zigma.sample(model, noise, steps=steps, y=y, cfg_scale=4.0 if classes else 1.0).clamp(-1, 1))
     return torch.cat(parts), torch.arange(count) % classes if classes else None
@@ -664,25 +664,24 @@ def train_for(root: Path, options: list[str], minutes: float | None = None, step
     out). options come last, so that they override the rest."""
     out = Path(options[options.index("--out") + 1])
     first = len((out / "log.jsonl").read_text().splitlines()) if (out / "log.jsonl").exists() else 0
-    said = tempfile.TemporaryFile("w+")  # not a pipe: a long run's progress bar would fill it, and train.py would wait
-    run = subprocess.Popen([sys.executable, str(root / "train.py"), "--steps", str(steps or 10_000_000), "--device", "cpu",
-                            "--workers", "0", "--log-every", "1", "--sample-every", "10000000", "--ckpt-every", "10000000",
-                            *options], stdout=subprocess.DEVNULL, stderr=said, text=True)
-    start = end = None
-    while run.poll() is None:
-        time.sleep(1)
-        lines = len((out / "log.jsonl").read_text().splitlines()) if (out / "log.jsonl").exists() else 0
-        if start is None and lines > first:
-            start = time.monotonic()
-        if start is not None and steps and lines >= steps:
-            end = end or time.monotonic()  # the last step is logged; the checkpoint is being written
-        if start is not None and minutes and time.monotonic() - start > minutes * 60:
-            run.send_signal(signal.SIGINT)
-            break
-    run.wait()
-    said.seek(0)
-    stderr = said.read().strip()
-    said.close()
+    with tempfile.TemporaryFile("w+") as said:  # not a pipe: a long run's progress bar would fill it, and train.py wait
+        run = subprocess.Popen([sys.executable, str(root / "train.py"), "--steps", str(steps or 10_000_000), "--device",
+                                "cpu", "--workers", "0", "--log-every", "1", "--sample-every", "10000000", "--ckpt-every",
+                                "10000000", *options], stdout=subprocess.DEVNULL, stderr=said, text=True)
+        start = end = None
+        while run.poll() is None:
+            time.sleep(1)
+            lines = len((out / "log.jsonl").read_text().splitlines()) if (out / "log.jsonl").exists() else 0
+            if start is None and lines > first:
+                start = time.monotonic()
+            if start is not None and steps and lines >= steps:
+                end = end or time.monotonic()  # the last step is logged; the checkpoint is being written
+            if start is not None and minutes and time.monotonic() - start > minutes * 60:
+                run.send_signal(signal.SIGINT)
+                break
+        run.wait()
+        said.seek(0)
+        stderr = said.read().strip()
     if not (out / "ckpt.pt").exists() or (steps and run.returncode):
         raise UserError(f"train.py failed: {stderr.splitlines()[-1] if stderr else 'nothing said'}")
     return ((end or time.monotonic()) - (start or time.monotonic())) / 60

@@ -193,8 +193,6 @@ def main(argv=None):
     encode = networks["text"] if "text" in networks else load_pretrained_text_encoder(conditioning["text_encoder"])
     if encode is not None:
         encode.to(device)
-    config = model.config
-    shape = ((config.frames,) if video else ()) + (config.in_channels, config.input_size, config.input_size)
     fid = FID(args.fid, device) if args.fid is not None else None
     print(f"{args.ckpt}: step {checkpoint['step']}, {args.n} samples, {args.steps} {args.method} steps, cfg {args.cfg}, on {device}")
 
@@ -203,7 +201,7 @@ def main(argv=None):
     grid = []
     for start in tqdm(range(0, args.n, args.batch_size)):
         batch = slice(start, min(start + args.batch_size, args.n))
-        noise = torch.randn(batch.stop - start, *shape, generator=generator, device=device)
+        noise = torch.randn(batch.stop - start, *model.config.input_shape, generator=generator, device=device)
         y = None
         if label == -1:  # every class in turn
             y = torch.arange(start, batch.stop, device=device) % len(conditioning["class_names"])

@@ -493,6 +493,12 @@ class ZigMaConfig:
         side = self.input_size // self.patch_size
         return (max(self.frames, 1), side, side)  # (T, H, W) tokens
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input, without the batch: (C, H*P, W*P) for images, (T, C, H*P, W*P) for clips."""
+        image = (self.in_channels, self.input_size, self.input_size)
+        return (self.frames, *image) if self.frames else image
+
 
 class ZigMa(nn.Module):
     """ZigMa: patchify, add positions, a stack of ZigMaBlocks with their token orders, then unpatchify."""
@@ -579,7 +585,7 @@ class ZigMa(nn.Module):
         config = self.config
         frames, height, width = config.grid
         video = config.frames > 0
-        expected = (config.frames,) * video + (config.in_channels, config.input_size, config.input_size)  # x without B
+        expected = config.input_shape
         assert tuple(x.shape[1:]) == expected, f"expected {'clips' if video else 'images'} (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}"
         assert y is None or self.y_embedder is not None, "this model has no classes: leave y out"
         assert context is None or self.null_context is not None, "this model has no cross-attention: leave context out"
