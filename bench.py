@@ -6,7 +6,7 @@
     python bench.py --only busy                       # a tiny train.py run alone, then beside a busy process
     python bench.py --only compile                    # the graphs of a ZigMa block under torch.compile
     python bench.py --gpu-check gpu-check.md          # on one GPU, about 8 minutes: tests, tables, training; one report
-    python bench.py --gpu-check check.md --tiny --device cpu   # the same at tiny sizes, about 20 s
+    python bench.py --gpu-check check.md --tiny --device cpu   # the same at tiny sizes, about 40 s
 
 Scan level: one forward + backward of a selective scan with B=8, E=768, N=16 and D, z, delta_bias and
 softplus, for each sequence length L. Every case runs in fresh processes, so that the peak memory of one
@@ -77,7 +77,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fast_scan
 import zigma
-from data import ArgumentParser, SmileyFaces, UserError, pick_device, plural, save_samples
+from data import ArgumentParser, SmileyFaces, UserError, check_writable, pick_device, plural, save_samples
 from zigma import PRESETS, ZigMa, flow_loss, modulate, preset_config
 
 SCAN_SIZE = dict(batch=8, inner=768, d_state=16)  # B, E, N
@@ -208,9 +208,10 @@ def scan_operations(length: int, device_type: str) -> int:
 
 
 def run_scan_case(method: str, length: int, device: torch.device, max_seconds: float,
-                  compile_backend: str | None = None) -> dict:
+                  compile_backend: str | None = None, memory_pass: bool = False) -> dict:
     """Time one method at one length, in this (fresh) process; returns seconds per forward+backward, extra bytes
-    and operations (None for the compiled scan, whose kernels are not torch operations)."""
+    and operations (None for the compiled scan, whose kernels are not torch operations). memory_pass: the first
+    pass only, which measures the memory."""
     scan = scan_methods(device, compile_backend)[method]
     compiled = method == "compiled"
     warm_up = scan_inputs(length if compiled else 32, device, **SCAN_SIZE)  # compiling for this length happens here
@@ -229,7 +230,7 @@ def run_scan_case(method: str, length: int, device: torch.device, max_seconds: f
     extra = peak_since(device, before)
     # Then up to five timed passes, within the time limit; the first pass counts only when it is the only one.
     timed = []
-    while len(timed) < 5 and sum(times) + sum(timed) + times[0] < max_seconds:
+    while not memory_pass and len(timed) < 5 and sum(times) + sum(timed) + times[0] < max_seconds:
         start = time.perf_counter()
         forward_backward(scan, inputs, grad_y)
         synchronize(device)
@@ -258,8 +259,10 @@ def run_in_subprocess(case: list[str], args, device: torch.device, memory: bool 
     """One case (--case ...) in a fresh process. memory=True: one pass only, with glibc returning every freed
     block over 8 MiB to the system at once (a fixed mmap threshold), so that on the CPU the peak resident
     memory follows what torch holds, not what the allocator keeps for reuse."""
-    options = ["--device", str(device), "--max-seconds", str(0 if memory else args.max_seconds),
-               "--model", args.model, "--batch-size", str(args.batch_size), "--steps", str(1 if memory else args.steps)]
+    options = ["--device", str(device), "--max-seconds", str(args.max_seconds), "--model", args.model,
+               "--batch-size", str(args.batch_size), "--steps", str(1 if memory else args.steps)]
+    if memory:
+        options.append("--memory-pass")
     if args.depth:
         options += ["--depth", str(args.depth)]
     if args.dit_depth:
@@ -267,7 +270,8 @@ def run_in_subprocess(case: list[str], args, device: torch.device, memory: bool 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(8 << 20)) if memory else None
     finished = subprocess.run([sys.executable, __file__, *options, "--case", *case], capture_output=True, text=True, env=env)
     if finished.returncode:
-        raise RuntimeError(finished.stderr.strip().splitlines()[-1])
+        said = finished.stderr.strip().splitlines()
+        raise RuntimeError(said[-1] if said else f"exit status {finished.returncode}, nothing said")
     return json.loads(finished.stdout.splitlines()[-1])
 
 
@@ -631,8 +635,8 @@ def quality_table(args):
     print("| recipe | minutes | steps | Frechet distance | confidence | read as the class asked for |")
     print("| --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as folder:
-        for recipe in args.recipes:
-            run, minutes = (args.keep_runs or Path(folder)) / f"run{args.recipes.index(recipe)}", 0.0
+        for number, recipe in enumerate(args.recipes):  # by position: two equal recipes are two runs
+            run, minutes = (args.keep_runs or Path(folder)) / f"run{number}", 0.0
             data_options = ["--data", str(write_quality_folder(data, Path(folder) / "images", args))] \
                 if args.quality_data != "faces" else []
             for stage in range(1, args.quality_stages + 1):
@@ -782,20 +786,26 @@ def busy_table():
 #################################################################################
 #                                   GPU check                                   #
 #################################################################################
-# Everything a first GPU should show, in one command of about 8 minutes that writes one report: the tests on the
-# device, the scan and model tables in bf16, the graphs under torch.compile, and two minutes of the README's
-# faces-at-256 training on generated faces. Each part has a time budget, and a part that fails is written down
-# while the others go on. --tiny runs the same code at sizes a CPU finishes in seconds (the suite does).
+# Everything a first GPU should show, in one command of about 8 minutes that writes one report: the tests that take
+# a device, run on it, the scan and model tables in bf16, two minutes of the README's faces-at-256 training on
+# generated faces, and the graphs under torch.compile. Each part has a time budget and reports its time; a part that
+# fails is written down while the others go on. --tiny runs the same code at sizes a CPU finishes in seconds (the
+# suite does).
 
-GPU_CHECK_SIZES = {  # what each part runs: the full check, and the CPU dry run
+GPU_CHECK_SIZES = {  # what each part runs, and its budget in seconds: the full check, and the CPU dry run
+    # The full check's budgets add up to 8 minutes, inside the 10 that one command on a lent GPU may run. Its tests
+    # took 20 s on 2 CPU cores; 90 s leaves room for CUDA's start and compiling. Scan and model start no case after
+    # their budget. Training: train.py gets Ctrl-C at train_seconds, then saving and sample.py have the rest.
     "full": dict(test_filter=None, lengths=[256, 1024, 4096], model="ZigMa-B/2", dit_depth=12, tokens=[16, 32],
                  batch_size=8, steps=5, compile_backend="inductor", faces=256, train_seconds=120,
                  train=["--image-size", "256", "--model", "ZigMa-B/2", "--batch-size", "128", "--steps", "200000"],
-                 budgets=dict(tests=150, scan=120, model=90)),
+                 budgets=dict(tests=90, scan=90, model=75, training=210, compile=15)),
+    # On 2 shared CPU cores the dry run's tests took 6-7 s, scan 6-8, model 0.3, training 9-14 and compile 3-5:
+    # budgets of three times that or more.
     "tiny": dict(test_filter="test_training_step_under_bfloat16_autocast", lengths=[16], model="ZigMa-Tiny/4",
-                 dit_depth=1, tokens=[2], batch_size=2, steps=1, compile_backend="aot_eager", faces=4, train_seconds=60,
+                 dit_depth=1, tokens=[2], batch_size=2, steps=1, compile_backend="aot_eager", faces=4, train_seconds=30,
                  train=["--image-size", "8", "--model", "ZigMa-Tiny/2", "--batch-size", "2", "--steps", "2"],
-                 budgets=dict(tests=60, scan=60, model=60)),
+                 budgets=dict(tests=30, scan=30, model=10, training=60, compile=20)),
 }
 
 
@@ -803,7 +813,10 @@ class Report:
     """The GPU check's report: markdown, written and flushed as it goes, so that a cut-off run keeps what it had."""
 
     def __init__(self, path: Path):
-        self.file = open(path, "w")
+        try:
+            self.file = open(path, "w")
+        except OSError as error:
+            raise UserError(f"--gpu-check {path} cannot be written: {error.strerror or error}")
 
     def __call__(self, line: str = ""):
         print(line, flush=True)
@@ -812,18 +825,25 @@ class Report:
 
 
 def check_tests(report: Report, device: torch.device, sizes: dict):
-    """pytest test_zigma.py --device DEVICE: the tests that take a device run on it, the rest on the CPU."""
-    command = [sys.executable, "-m", "pytest", "test_zigma.py", "-q", "-p", "no:cacheprovider", "--device", str(device)]
+    """pytest test_zigma.py --device DEVICE -m device: the tests that take a device (conftest.py marks them), on it.
+    The others run on the CPU whatever the device, and the suite's CPU tests take minutes."""
+    command = [sys.executable, "-m", "pytest", "test_zigma.py", "-q", "-p", "no:cacheprovider", "--device", str(device),
+               "-m", "device"]
     if sizes["test_filter"]:
         command += ["-k", sizes["test_filter"]]
-    finished = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent,
-                              timeout=sizes["budgets"]["tests"])
+    try:
+        finished = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent,
+                                  timeout=sizes["budgets"]["tests"])
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"pytest ran past the part's budget of {sizes['budgets']['tests']} s and was stopped")
     lines = finished.stdout.strip().splitlines()
     report(f"`{' '.join(['pytest', *command[3:]])}`: {lines[-1] if lines else finished.stderr.strip()[-300:]}\n")
     for line in lines:
         if line.startswith(("FAILED", "ERROR")):
             report(f"- {line}")
     report()
+    if finished.returncode:
+        raise RuntimeError(f"pytest's exit status was {finished.returncode}")
 
 
 def check_scan(report: Report, device: torch.device, sizes: dict):
@@ -886,8 +906,10 @@ def sd_vae_like(folder: Path) -> Path | None:
 
 
 def check_training(report: Report, device: torch.device, sizes: dict):
-    """The README's faces-at-256 command on generated faces, stopped by Ctrl-C (SIGINT) after its time."""
+    """The README's faces-at-256 command on generated faces, stopped by Ctrl-C (SIGINT) after its time; saving and
+    sample.py get what is left of the part's budget."""
     root = Path(__file__).parent
+    deadline = time.perf_counter() + sizes["budgets"]["training"]
     with tempfile.TemporaryDirectory() as folder:
         images, out = Path(folder) / "faces", Path(folder) / "out"
         images.mkdir()
@@ -912,7 +934,13 @@ def check_training(report: Report, device: torch.device, sizes: dict):
             output, _ = run.communicate(timeout=sizes["train_seconds"])
         except subprocess.TimeoutExpired:
             run.send_signal(signal.SIGINT)  # train.py saves its checkpoint and exits
-            output, _ = run.communicate(timeout=120)
+            try:
+                output, _ = run.communicate(timeout=max(deadline - time.perf_counter(), 10))
+            except subprocess.TimeoutExpired:
+                run.kill()
+                run.communicate()
+                raise RuntimeError(f"train.py was still saving at the end of the part's budget of "
+                                   f"{sizes['budgets']['training']} s")
         wall = time.perf_counter() - start
         logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] if (out / "log.jsonl").exists() else []
         if logged:
@@ -922,9 +950,17 @@ def check_training(report: Report, device: torch.device, sizes: dict):
         if (out / "ckpt.pt").exists():
             drawn = subprocess.run([sys.executable, str(root / "sample.py"), "--ckpt", str(out), "--n", "4", "--steps", "10",
                                     "--out", str(Path(folder) / "samples.png"), "--device", str(device)],
-                                   capture_output=True, text=True)
+                                   capture_output=True, text=True, timeout=max(deadline - time.perf_counter(), 10))
             said = (drawn.stdout if drawn.returncode == 0 else drawn.stderr).strip().splitlines()
             report(f"- sample.py from its checkpoint: exit status {drawn.returncode}, `{said[-1][-200:] if said else ''}`")
+    report()
+
+
+def check_compile(report: Report, device: torch.device, sizes: dict):
+    for plan in ("cpu", "cuda"):
+        graphs, reasons = graph_breaks(plan)
+        report(f"- as the scan runs {'on a CPU' if plan == 'cpu' else 'on a GPU without mamba-ssm'}: {graphs} graphs; "
+               f"breaks: {'; '.join(dict.fromkeys(reasons)) or 'none'}")
     report()
 
 
@@ -934,22 +970,18 @@ def gpu_check(path: Path, device: torch.device, tiny: bool):
     report(f"# GPU check on {device_name(device)}\n")
     report(f"torch {torch.__version__}, mamba-ssm {'installed' if zigma.fused_selective_scan else 'not installed'}, "
            f"{time.strftime('%Y-%m-%d %H:%M')}\n")
-    parts = [("Tests", check_tests), ("Selective scan", check_scan), ("Training step against DiT", check_model),
-             ("Faces at 256 px, two minutes", check_training)]
-    for title, part in parts:
+    parts = [("Tests", "tests", check_tests), ("Selective scan", "scan", check_scan),
+             ("Training step against DiT", "model", check_model), ("Faces at 256 px, two minutes", "training", check_training),
+             ("torch.compile: the graphs of one ZigMa block", "compile", check_compile)]
+    for title, budget, part in parts:
         report(f"## {title}\n")
         start = time.perf_counter()
         try:
             part(report, device, sizes)
         except Exception as error:
             report(f"{failed(title, error)}\n")
-        report(f"({time.perf_counter() - start:.0f} s)\n")
-    report("## torch.compile: the graphs of one ZigMa block\n")
-    for plan in ("cpu", "cuda"):
-        graphs, reasons = graph_breaks(plan)
-        report(f"- as the scan runs {'on a CPU' if plan == 'cpu' else 'on a GPU without mamba-ssm'}: {graphs} graphs; "
-               f"breaks: {'; '.join(dict.fromkeys(reasons)) or 'none'}")
-    report()
+        took, budget = time.perf_counter() - start, sizes["budgets"][budget]
+        report(f"({took:.1f} s {'of its' if took <= budget else 'OVER its'} {budget} s budget)\n")
 
 
 def device_name(device: torch.device) -> str:
@@ -977,13 +1009,62 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"--{name.replace('_', '-')} must be 1 or more, not {getattr(args, name)}")
     if args.quality_steps is not None and args.quality_steps < args.quality_stages:
         raise UserError(f"--quality-steps must be at least --quality-stages ({args.quality_stages}), not {args.quality_steps}")
-    if not args.max_seconds > 0:
-        raise UserError(f"--max-seconds must be positive, not {args.max_seconds}")
+    for name in ("max_seconds", "quality_minutes"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
     if args.label_steps != sorted(set(args.label_steps)):
         raise UserError(f"--label-steps must rise, since each stage resumes the last: not {' '.join(map(str, args.label_steps))}")
+    if len(set(args.label_kinds)) < len(args.label_kinds):
+        raise UserError(f"--label-kinds names a kind twice: {' '.join(args.label_kinds)}")
     if args.tiny and not args.gpu_check:
         raise UserError("--tiny applies to --gpu-check only")
+    if args.keep_runs and (args.gpu_check or args.only != "quality"):
+        raise UserError("--keep-runs applies to the quality table only: add --only quality, or leave it out")
+    if args.label_grids and (args.gpu_check or args.only not in (None, "labels")):
+        raise UserError("--label-grids applies to the label table only: add --only labels, or leave it out")
     return args
+
+
+def refuse_a_file_as_folder(option: str, folder: Path):
+    """One sentence where folder, or the first of its parents that exists, is a file."""
+    for place in [folder, *folder.parents]:
+        if place.exists():
+            if not place.is_dir():
+                raise UserError(f"{option} {folder} is a file; name a folder" if place == folder else
+                                f"{option} {folder}: {place} is a file, not a folder")
+            return
+
+
+def check_paths(args: argparse.Namespace):
+    """Every file and folder bench.py writes, checked before any work (and missing folders made): one sentence each."""
+    if args.gpu_check:
+        if args.gpu_check.is_dir():
+            raise UserError(f"--gpu-check {args.gpu_check} is a folder; name the report's file in it, as gpu-check.md")
+        refuse_a_file_as_folder("--gpu-check's folder", args.gpu_check.parent)
+        check_writable(args.gpu_check.parent, "--gpu-check's folder")
+    if args.keep_runs and args.keep_runs.is_dir() and any(args.keep_runs.iterdir()):
+        raise UserError(f"--keep-runs {args.keep_runs} is not empty, and train.py would resume the runs in it; "
+                        f"name a new or empty folder")
+    for option, folder in [("--label-grids", args.label_grids), ("--keep-runs", args.keep_runs)]:
+        if folder:
+            refuse_a_file_as_folder(option, folder)
+            check_writable(folder, option)
+
+
+def check_recipes(recipes: list[str]):
+    """Each --recipes string read as train.py reads its options, so that one it refuses is one sentence before any
+    training; bench.py sets --out and --steps of each stage, and its classifier reads 32 x 32 images."""
+    import train
+    for recipe in recipes:
+        try:
+            options = train.parse_args(["--out", "bench-run", "--steps", "1", *recipe.split()])
+        except UserError as error:
+            raise UserError(f"--recipes {recipe!r}: {str(error).replace('(see --help)', '(see train.py --help)')}")
+        if options.out != Path("bench-run") or options.steps != 1:
+            raise UserError(f"--recipes {recipe!r}: bench.py sets each run's --out and --steps; leave them out")
+        if options.image_size != 32 or options.frames or options.vae:
+            raise UserError(f"--recipes {recipe!r}: the quality table measures 32 x 32 images; leave out "
+                            f"--image-size, --frames and --vae")
 
 
 def main(argv=None):
@@ -1009,25 +1090,29 @@ def main(argv=None):
     parser.add_argument("--classifier-steps", type=int, default=300, help="training steps of the label table's classifier")
     parser.add_argument("--label-steps", type=int, nargs="+", default=[500, 1000, 2000],
                         help="training steps after which the label table samples")
-    parser.add_argument("--label-grids", type=Path, help="keep the label table's sample grids in this folder")
+    parser.add_argument("--label-grids", type=Path, help="keep the label table's sample grids in this folder (made if need be)")
     parser.add_argument("--quality-data", default="faces", choices=QUALITY_DATA, help="the quality table's data (default: faces, built in)")
     parser.add_argument("--recipes", nargs="+", default=[""], help="train.py options of each recipe the quality table "
                         "tries, one string each (default: train.py's defaults)")
     parser.add_argument("--quality-minutes", type=float, default=20, help="training minutes of each recipe (default: 20)")
     parser.add_argument("--keep-runs", type=Path, metavar="DIR", help="keep each recipe's run (checkpoint, log, and with "
-                        "--quality-steps a sample grid at each stage) in DIR/run0, run1, ...")
+                        "--quality-steps a sample grid at each stage) in DIR/run0, run1, ...; DIR must be new or empty")
     parser.add_argument("--quality-steps", type=int, help="train each recipe for this many steps instead of --quality-minutes: "
                         "equal steps are equal time for recipes of one model, however busy the machine")
     parser.add_argument("--quality-stages", type=int, default=4, help="measurements across those minutes (default: 4)")
     parser.add_argument("--quality-samples", type=int, default=512, help="samples (and real images) per measurement")
     parser.add_argument("--quality-images", type=int, default=10000, help="training images of the glyphs")
     parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)  # one case in this process, used internally
+    parser.add_argument("--memory-pass", action="store_true", help=argparse.SUPPRESS)  # with --case scan: one pass, untimed
     args = check_arguments(parser.parse_args(argv))
+    if args.only == "quality" and not args.gpu_check:
+        check_recipes(args.recipes)
+    check_paths(args)
     device = pick_device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.case:
         table, what, size = args.case
         if table == "scan":
-            print(json.dumps(run_scan_case(what, int(size), device, args.max_seconds)))
+            print(json.dumps(run_scan_case(what, int(size), device, args.max_seconds, memory_pass=args.memory_pass)))
         else:
             print(json.dumps(run_model_case(what, int(size), args, device)))
         return

@@ -2,9 +2,11 @@
 
     pytest test_zigma.py --reseed 3 --reverse    # torch.manual_seed(3) before every test, tests in reverse order
 
-and for running the tests that take a `device` on another one (bench.py --gpu-check does):
+and for running the tests that take a `device` on another one, all of the suite or only those (marked `device`
+on collection; bench.py --gpu-check runs only those):
 
     pytest test_zigma.py --device cuda
+    pytest test_zigma.py --device cuda -m device
 """
 
 import pytest
@@ -17,7 +19,15 @@ def pytest_addoption(parser):
     parser.addoption("--device", default="cpu", help="where the tests that take a device run (default: cpu)")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: the test takes the `device` fixture (marked on collection, not by hand)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
     if config.getoption("--reverse"):
         items.reverse()
 

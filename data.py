@@ -11,9 +11,12 @@
 
 import argparse
 import contextlib
+import hashlib
+import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -32,7 +35,7 @@ from tqdm import tqdm
 
 from zigma import ZigMa, ZigMaConfig
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 #################################################################################
@@ -48,6 +51,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
+
+
+if sys.stderr is None:  # started with stderr closed (2>&-, cron, some supervisors): like a terminal that has gone away
+    sys.stderr = open(os.devnull, "w")
 
 
 class Terminal:
@@ -83,8 +90,12 @@ def plural(count: int, noun: str) -> str:
 def image_files(folder: Path) -> list[Path]:
     """Every image file under folder, recursively, sorted. Linked folders are followed, each real folder once, so
     that a link back up the tree is no loop."""
+    def unreadable(error: OSError):
+        raise UserError(f"cannot read the folder {error.filename} ({error.strerror}): its images would be left out; "
+                        f"make it readable, or move it out of {folder}")
+
     files, seen = [], set()
-    for parent, folders, names in os.walk(folder, followlinks=True):
+    for parent, folders, names in os.walk(folder, onerror=unreadable, followlinks=True):
         here = os.stat(parent)
         if (here.st_dev, here.st_ino) in seen:  # reached again through a link
             folders.clear()
@@ -96,12 +107,19 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def frame_count(path: Path) -> int:
-    """How many frames PIL finds in the file (1 for a still image), or 0 if it is not a readable image."""
+    """How many frames PIL finds in the file (1 for a still image), or 0, with a warning that says why, if it is
+    not a readable image."""
     try:
         with Image.open(path) as image:
             return getattr(image, "n_frames", 1)
-    except Exception:
-        return 0
+    except Image.DecompressionBombError as error:
+        warn(f"skipping {path}: {error.args[0].split(' exceeds')[0].lower()}, more than PIL's limit against "
+             f"decompression bombs (PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})")
+    except Image.UnidentifiedImageError:
+        warn(f"skipping {path}: not a readable image")
+    except Exception as error:
+        warn(f"skipping {path}: not a readable image ({error})")
+    return 0
 
 
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited over: white
@@ -111,6 +129,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any image as 8-bit RGB: 16-bit grey scaled down (not clipped to white), transparency composited over white."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit greyscale PNGs and TIFFs
         image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    elif image.mode == "F":  # 32-bit float greyscale TIFFs: in [0, 1] by convention, else taken to be in [0, 255]
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255 if np.nanmax(values, initial=0) <= 1 else 1
+        image = Image.fromarray(np.nan_to_num(values * scale).round().clip(0, 255).astype(np.uint8))
     if "A" in image.getbands() or "transparency" in image.info:  # RGBA, LA, PA, or a palette with a transparent colour
         image = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", image.size, BACKGROUND + (255,)), image).convert("RGB")
@@ -141,11 +163,13 @@ def class_names_of(root: Path, paths: list[Path]) -> list[str]:
 
 
 def read_text(path: Path) -> str:
-    """A text file's contents, or one sentence naming the file where it is not UTF-8."""
+    """A text file's contents, or one sentence naming the file where it is not UTF-8 or cannot be read."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise UserError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8")
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror or error}")
 
 
 def read_captions(images: list[Path]) -> list[str]:
@@ -171,27 +195,56 @@ def image_transform(image_size: int) -> transforms.Compose:
     ])
 
 
-class ImageFolder(Dataset):
-    """The images under a folder, as (3, S, S) tensors in [-1, 1]: resized, centre-cropped, randomly flipped.
+class Folder(Dataset):
+    """What ImageFolder and ClipFolder share: a file that passes the header check but does not decode (cut short,
+    say) is skipped with one warning, and the next one that decodes takes its place."""
+
+    def name(self, index) -> Path:
+        return self.files[index]
+
+    def decoded(self, index, read=None) -> torch.Tensor | None:
+        """read(index) (default: unflipped), or None, with a warning the first time, if its file does not decode."""
+        if index in self.broken:
+            return None
+        try:
+            return (read or self.unflipped)(index)
+        except Exception as error:
+            self.broken.add(index)
+            warn(f"skipping {self.name(index)}: {error}")
+            return None
+
+    def readable(self, index, read) -> tuple[int, torch.Tensor]:
+        """(j, read(j)) for the first item j from index on, wrapping round, whose file decodes."""
+        for j in [*range(index, len(self)), *range(index)]:
+            x = self.decoded(j, read)
+            if x is not None:
+                return j, x
+        raise UserError(f"none of the {plural(len(self), 'file')} in {self.folder} decodes; check that they are "
+                        f"whole image files")
+
+
+class ImageFolder(Folder):
+    """The images under a folder, as (3, S, S) tensors in [-1, 1]: resized, centre-cropped, flipped left to
+    right at random unless flip is False.
 
     Items are dicts: "x", and "y" (the class index) or "caption" when asked for. unflipped(i) is image
     i, as a clip of one frame: what the latent cache encodes.
     """
 
     def __init__(self, folder: Path, image_size: int, class_cond: bool = False, captions: bool = False,
-                 option: str = "--data"):
+                 option: str = "--data", flip: bool = True):
         files = image_files(folder)
         if not files:
             raise UserError(f"{option} {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         self.files = [p for p in files if frame_count(p)]
-        for p in sorted(set(files) - set(self.files)):
-            warn(f"skipping {p}: not a readable image")
         if not self.files:
             raise UserError(f"{option} {folder}: none of its {len(files)} image files could be read")
+        self.folder, self.flip, self.broken = folder, flip, set()
         self.class_names = class_names_of(folder, self.files) if class_cond else None
         self.labels = [self.class_names.index(p.relative_to(folder).parts[0]) for p in self.files] if class_cond else None
         self.captions = read_captions(self.files) if captions else None
         self.transform = image_transform(image_size)
+        self.readable(0, self.unflipped)  # one that decodes, or one sentence now rather than during training
 
     def __len__(self):
         return len(self.files)
@@ -200,12 +253,10 @@ class ImageFolder(Dataset):
         return self.transform(load_frames(self.files[index])[0])[None]  # (1, 3, S, S)
 
     def __getitem__(self, index):
-        try:
-            x = self.unflipped(index)[0]  # (3, S, S)
-        except Exception as error:  # a file that passed the header check but does not decode
-            warn(f"skipping {self.files[index]}: {error}")
-            return self[(index + 1) % len(self)]
-        item = {"x": x.flip(-1) if torch.rand(()) < 0.5 else x}
+        index, x = self.readable(index, self.unflipped)  # x: (1, 3, S, S)
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        item = {"x": x[0]}  # (3, S, S)
         if self.labels is not None:
             item["y"] = self.labels[index]
         if self.captions is not None:
@@ -213,25 +264,25 @@ class ImageFolder(Dataset):
         return item
 
 
-class ClipFolder(Dataset):
+class ClipFolder(Folder):
     """The clips under a folder, as (T, 3, S, S) tensors in [-1, 1].
 
     A clip is an animated GIF, or a folder of frame images (sorted by name). Each item is T frames,
-    `stride` apart, from a random start; every frame gets the same resize, crop and flip. unflipped(i) is
-    every frame of clip i: what the latent cache encodes.
+    `stride` apart, from a random start; every frame gets the same resize and crop, and the same random flip
+    unless flip is False. unflipped(i) is every frame of clip i: what the latent cache encodes.
     """
 
-    def __init__(self, folder: Path, image_size: int, frames: int, stride: int = 1, class_cond: bool = False):
+    def __init__(self, folder: Path, image_size: int, frames: int, stride: int = 1, class_cond: bool = False,
+                 flip: bool = True):
         files = image_files(folder)
         by_folder = {}  # folder -> its frame images
         self.clips = []  # (frame files, or one GIF file, frames available)
         for p in files:
-            if p.suffix.lower() == ".gif":
-                self.clips.append(([p], frame_count(p)))
-            elif frame_count(p):
+            count = frame_count(p)
+            if count and p.suffix.lower() == ".gif":
+                self.clips.append(([p], count))
+            elif count:
                 by_folder.setdefault(p.parent, []).append(p)
-            else:
-                warn(f"skipping {p}: not a readable image")
         self.clips += [(paths, len(paths)) for paths in by_folder.values()]
         if not self.clips:
             raise UserError(f"--data {folder} holds no clips (animated GIFs, or folders of frame images)")
@@ -243,7 +294,7 @@ class ClipFolder(Dataset):
         self.clips = [c for c in self.clips if c[1] >= span]
         if not self.clips:
             raise UserError(f"--data {folder}: no clip has the {span} frames that --frames {frames} --frame-stride {stride} needs")
-        self.frames, self.stride, self.span = frames, stride, span
+        self.folder, self.frames, self.stride, self.span, self.flip, self.broken = folder, frames, stride, span, flip, set()
         self.class_names, self.labels, self.captions = None, None, None
         if class_cond:
             anchors = [paths[0] for paths, _ in self.clips]
@@ -251,24 +302,32 @@ class ClipFolder(Dataset):
             self.labels = [self.class_names.index(p.relative_to(folder).parts[0]) for p in anchors]
         self.files = [p for paths, _ in self.clips for p in paths]
         self.transform = image_transform(image_size)
+        self.readable(0, self.frames_from_random_start)
 
     def __len__(self):
         return len(self.clips)
+
+    def name(self, index) -> Path:
+        paths, _ = self.clips[index]
+        return paths[0] if len(paths) == 1 else paths[0].parent
 
     def unflipped(self, index) -> torch.Tensor:
         paths, available = self.clips[index]
         images = load_frames(paths[0], 0, available) if len(paths) == 1 else [load_frames(p)[0] for p in paths]
         return torch.stack([self.transform(image) for image in images])  # (F, 3, S, S)
 
-    def __getitem__(self, index):
+    def frames_from_random_start(self, index) -> torch.Tensor:
         paths, available = self.clips[index]
         start = torch.randint(0, available - self.span + 1, ()).item()
         if len(paths) == 1:  # a GIF
             images = load_frames(paths[0], start, self.frames, self.stride)
         else:
             images = [load_frames(p)[0] for p in paths[start:start + self.span:self.stride]]
-        x = torch.stack([self.transform(image) for image in images])  # (T, 3, S, S)
-        if torch.rand(()) < 0.5:
+        return torch.stack([self.transform(image) for image in images])  # (T, 3, S, S)
+
+    def __getitem__(self, index):
+        index, x = self.readable(index, self.frames_from_random_start)
+        if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)  # the same flip for every frame
         item = {"x": x}
         if self.labels is not None:
@@ -500,71 +559,117 @@ class VAE:
 
 
 class Latents(Dataset):
-    """A folder data set (ImageFolder or ClipFolder) encoded once by a VAE, every frame and its mirror image.
+    """A folder data set (ImageFolder or ClipFolder) encoded once by a VAE: every frame, and its mirror image
+    unless the folder's flip is off.
 
-    The encoding is cached in a file, with what it was made from (the VAE, the image size and every file's
-    name, size and time); it is made again when any of them differs. With several processes (rank of world),
-    each encodes its share, and the first puts the cache together. Each item draws a fresh sample of the
-    latent distribution of a random flip: (C, h, w) for an image; for a clip, T frames `stride` apart from a
-    random start, (T, C, h, w). Labels and captions come from the folder.
+    The encoding is cached in a file, with what it was made from (the VAE, the image size, the flips and every
+    file's name relative to the folder and its size); it is made again when any of them differs. The encoding
+    goes chunk by chunk into a folder beside the cache, so that a run stopped while encoding goes on from its last
+    chunk. With several processes (rank of world), the first decides whether to encode, each encodes its share of
+    the chunks, and the first puts the cache together. A file that does not decode is skipped with a warning. Each
+    item draws a fresh sample of the latent distribution of a random flip: (C, h, w) for an image; for a clip, T
+    frames `stride` apart from a random start, (T, C, h, w). Labels and captions come from the folder.
     """
 
-    def __init__(self, source: Dataset, vae: VAE, image_size: int, cache: Path, device: torch.device,
+    chunk = 256  # items a chunk file holds
+
+    def __init__(self, source: Folder, vae: VAE, image_size: int, cache: Path, device: torch.device,
                  rank: int = 0, world: int = 1):
-        key = {"vae": vae.name, "image_size": image_size,
-               "files": [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source.files]}
-        load = lambda: torch.load(cache, map_location="cpu", weights_only=True, mmap=True)  # noqa: E731
-        contents = None
-        if cache.is_file():
-            try:
-                contents = load()
-            except Exception:  # cut short by a full disk or a killed run, or not written by train.py
-                print(f"{cache} cannot be read (cut short, or not written by train.py): encoding again")
-        if contents is None or contents["key"] != key:
-            if contents is not None:
-                print(f"{cache} was encoded from other data, another image size or another VAE: encoding again")
-            self.make_cache(source, vae, key, cache, device, rank, world)
-            contents = load()
+        key = {"vae": vae.name, "image_size": image_size, "flips": 2 if source.flip else 1,
+               "files": [(str(p.relative_to(source.folder)), p.stat().st_size) for p in source.files]}
+        digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()
+        encode = [rank > 0 or self.read(cache, digest) is None]  # the first process decides for all
+        if world > 1:
+            dist.broadcast_object_list(encode, src=0)
+        if encode[0]:
+            self.make_cache(source, vae, digest, key["flips"], cache, device, rank, world)
+        contents = self.read(cache, digest)
+        assert contents is not None, f"{cache} was just written"
         self.mean, self.std, self.first = contents["mean"], contents["std"], contents["first"].tolist()
         self.clips = isinstance(source, ClipFolder)
         self.frames, self.stride = (source.frames, source.stride) if self.clips else (1, 1)
-        self.class_names, self.labels, self.captions = source.class_names, source.labels, source.captions
+        kept = contents["kept"].tolist()  # the items whose files decoded
+        self.class_names = source.class_names
+        self.labels = [source.labels[i] for i in kept] if source.labels is not None else None
+        self.captions = [source.captions[i] for i in kept] if source.captions is not None else None
 
     @staticmethod
-    def encode(source: Dataset, vae: VAE, device: torch.device, items: range, batch: int = 16) -> list:
-        """For each of the items, the mean and std of its frames' latents, (F, 2 flips, C, h, w) each, in float16."""
-        encoded = []
-        for index in tqdm(items, desc="encoding --data with the VAE, once", dynamic_ncols=True, disable=items.start > 0):
-            frames = source.unflipped(index)  # (F, 3, S, S)
-            both = torch.stack([frames, frames.flip(-1)], dim=1).flatten(0, 1)  # (2 F, 3, S, S): each frame, then its mirror
-            moments = [vae.moments(part.to(device)) for part in both.split(batch)]
-            encoded.append([torch.cat(m).unflatten(0, (-1, 2)).half().cpu() for m in zip(*moments)])  # mean, std
-        return encoded
+    def read(cache: Path, digest: str) -> dict | None:
+        """The cache's contents if it was made from what digest sums up, else None, saying why."""
+        if not cache.is_file():
+            return None
+        try:
+            contents = torch.load(cache, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # cut short by a full disk or a killed run, or not written by train.py
+            print(f"{cache} cannot be read (cut short, or not written by train.py): encoding again")
+            return None
+        if not isinstance(contents, dict) or contents.get("digest") != digest:
+            print(f"{cache} was encoded from other data, another image size, other flips or another VAE: encoding again")
+            return None
+        return contents
 
     @classmethod
-    def make_cache(cls, source, vae: VAE, key: dict, cache: Path, device: torch.device, rank: int, world: int):
-        encoded = cls.encode(source, vae, device, range(rank, len(source), world))  # this process's share
-        if world > 1:  # each process writes its share; the first puts them together
-            save_atomically({"items": encoded}, cache.with_name(f"{cache.name}.part{rank}"))
-            dist.barrier()
+    def make_cache(cls, source: Folder, vae: VAE, digest: str, flips: int, cache: Path, device: torch.device,
+                   rank: int, world: int, batch: int = 16):
+        """Encode this process's chunks (chunk c is process c mod world's) that are not yet in the chunk folder;
+        then the first process puts every chunk together into the cache and removes the folder."""
+        parts = cache.with_name(f"{cache.name}.parts")
+        chunks = range(math.ceil(len(source) / cls.chunk))
         if rank == 0:
-            parts = [torch.load(cache.with_name(f"{cache.name}.part{r}"), weights_only=True)["items"]
-                     for r in range(1, world)]
-            shares = [encoded] + parts
-            items = [shares[i % world][i // world] for i in range(len(source))]  # back in the folder's order
-            counts = torch.tensor([0] + [len(mean) for mean, _ in items])
-            save_atomically({"key": key, "mean": torch.cat([m for m, _ in items]), "std": torch.cat([s for _, s in items]),
-                             "first": counts.cumsum(0)}, cache)
-            for r in range(world):
-                cache.with_name(f"{cache.name}.part{r}").unlink(missing_ok=True)
+            parts.mkdir(exist_ok=True)
         if world > 1:
-            dist.barrier()
+            dist.barrier()  # the folder exists
+        mine = [c for c in chunks if c % world == rank and cls.read_chunk(parts, c, digest) is None]
+        done = len(chunks) - len(mine) if world == 1 else 0
+        progress = tqdm(total=len(chunks), initial=done, unit="chunk", desc=f"encoding --data with the VAE, once "
+                        f"({cls.chunk} items a chunk, kept in {parts})", dynamic_ncols=True, disable=rank > 0,
+                        file=Terminal())
+        for c in mine:
+            means, stds = [], []  # an item's (F, flips, C, h, w) each, or None where its file does not decode
+            for index in range(c * cls.chunk, min((c + 1) * cls.chunk, len(source))):
+                frames = source.decoded(index)  # (F, 3, S, S), or None, with a warning
+                mean = std = None
+                if frames is not None:
+                    views = torch.stack([frames, frames.flip(-1)][:flips], dim=1).flatten(0, 1)  # (F flips, 3, S, S)
+                    moments = [vae.moments(part.to(device)) for part in views.split(batch)]
+                    mean, std = (torch.cat(m).unflatten(0, (-1, flips)).half().cpu() for m in zip(*moments))
+                means.append(mean)
+                stds.append(std)
+            save_atomically({"digest": digest, "mean": means, "std": stds}, parts / f"{c:06d}.pt")
+            progress.update()
+        progress.close()
+        if world > 1:
+            dist.barrier()  # every chunk is written
+        if rank == 0:
+            means, stds = [], []
+            for c in chunks:
+                chunk = cls.read_chunk(parts, c, digest)
+                means += chunk["mean"]
+                stds += chunk["std"]
+            kept = [i for i, mean in enumerate(means) if mean is not None]
+            if not kept:
+                raise UserError(f"none of the {plural(len(source), 'file')} in {source.folder} decodes")
+            counts = torch.tensor([0] + [len(means[i]) for i in kept])
+            save_atomically({"digest": digest, "mean": torch.cat([means[i] for i in kept]),
+                             "std": torch.cat([stds[i] for i in kept]), "first": counts.cumsum(0),
+                             "kept": torch.tensor(kept)}, cache)
+            shutil.rmtree(parts)
+        if world > 1:
+            dist.barrier()  # the cache is written
+
+    @staticmethod
+    def read_chunk(parts: Path, c: int, digest: str) -> dict | None:
+        try:
+            chunk = torch.load(parts / f"{c:06d}.pt", map_location="cpu", weights_only=True)
+        except Exception:  # not written yet, or cut short
+            return None
+        return chunk if isinstance(chunk, dict) and chunk.get("digest") == digest else None
 
     def __len__(self):
         return len(self.first) - 1
 
     def __getitem__(self, index):
-        start, flip = self.first[index], torch.randint(2, ()).item()
+        start, flip = self.first[index], torch.randint(self.mean.shape[1], ()).item()
         if self.clips:
             span = (self.frames - 1) * self.stride + 1
             start += torch.randint(self.first[index + 1] - start - span + 1, ()).item()
@@ -584,16 +689,21 @@ class Latents(Dataset):
 #################################################################################
 
 def written_atomically(path: Path, write) -> None:
-    """write(temporary) to a temporary file beside path (with its extension), then rename it over path: a crash
-    never leaves a broken file. A failed write (a full disk) removes the temporary file and keeps the old one."""
-    temporary = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    """write(temporary) to a hidden temporary file beside path, then rename it over path: a crash never leaves a
+    broken file, nor one that a reader of *.png takes for a sample. A failed write (a full disk) removes the
+    temporary file and keeps the old one. Where path is a link, the file it points to is replaced."""
+    path = Path(os.path.realpath(path))
+    temporary = path.with_name(f".{path.name}.tmp")
     try:
         write(temporary)
         os.replace(temporary, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # torch.save's zip writer raises RuntimeError on a full disk
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip().splitlines()[0]
+        if isinstance(error, RuntimeError) and shutil.disk_usage(path.parent).free < 2 ** 20:
+            reason = "No space left on device"  # what the zip writer's "unexpected pos" means
         temporary.unlink(missing_ok=True)
         kept = "; the one there before is kept" if path.exists() else ""
-        raise UserError(f"could not write {path}: {error.strerror or error}{kept}")
+        raise UserError(f"could not write {path}: {reason}{kept}")
 
 
 def save_atomically(contents: dict, path: Path) -> None:
@@ -629,6 +739,9 @@ def load_checkpoint(path: Path) -> dict:
     missing = {"model", "ema", "config", "step", "conditioning"} - set(checkpoint)
     if missing:
         raise UserError(f"{path} is not a ZigMa checkpoint from train.py (it lacks {', '.join(sorted(missing))})")
+    # A checkpoint stripped for release may hold no conditions at all: an unconditional model.
+    checkpoint["conditioning"] = {"class_names": None, "vocabulary": None, "text_encoder": None,
+                                  **(checkpoint["conditioning"] or {})}
     return checkpoint
 
 
@@ -640,11 +753,24 @@ def checkpoint_config(checkpoint: dict) -> dict:
     return {RENAMED_CONFIG_FIELDS.get(name, name): value for name, value in checkpoint["config"].items()}
 
 
-def load_weights(networks: nn.ModuleDict, state: dict) -> None:
-    """Load a checkpoint's weights into the networks. Checkpoints written before the scan orders stopped being
-    saved hold them too; the config gives them, so they are dropped."""
-    networks.load_state_dict({name: value for name, value in state.items()
-                              if not re.fullmatch(r"zigma\.scans\.\d+\.(order|inverse)", name)})
+def load_weights(networks: nn.ModuleDict, state: dict, path: Path, weights: str) -> None:
+    """Load the checkpoint's weights (its "model" or "ema") into the networks, or say in one sentence which tensor
+    is missing, unexpected or of another shape. Checkpoints written before the scan orders stopped being saved
+    hold them too; the config gives them, so they are dropped."""
+    state = {name: value for name, value in state.items() if not re.fullmatch(r"zigma\.scans\.\d+\.(order|inverse)", name)}
+    needed = networks.state_dict()
+    missing, unexpected = sorted(set(needed) - set(state)), sorted(set(state) - set(needed))
+    if missing or unexpected:
+        what = f"lack {missing[0]}" if missing else f"hold {unexpected[0]}, which the model has not"
+        count = len(missing) + len(unexpected)
+        raise UserError(f"{path} does not match the model its config describes: its {weights} weights {what}"
+                        + (f", and {count - 1} more tensors differ" if count > 1 else ""))
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor) or value.shape != needed[name].shape:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise UserError(f"{path} does not match the model its config describes: its {weights} weights hold {name} "
+                            f"of shape {shape}, where the model has {tuple(needed[name].shape)}")
+    networks.load_state_dict(state)
 
 
 def build_networks(config: ZigMaConfig, conditioning: dict) -> nn.ModuleDict:
@@ -659,9 +785,9 @@ def networks_from_checkpoint(checkpoint: dict, path: Path, weights: str = "ema")
     """Rebuild the networks from the checkpoint's config and load their weights ("ema" or "model")."""
     try:
         networks = build_networks(ZigMaConfig(**checkpoint_config(checkpoint)), checkpoint["conditioning"])
-        load_weights(networks, checkpoint[weights])
     except (TypeError, AssertionError, RuntimeError) as error:
         raise UserError(f"{path} does not match this version of ZigMa: {str(error).strip().splitlines()[0]}")
+    load_weights(networks, checkpoint[weights], path, weights)
     broken = [name for name, p in networks.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if broken:
         raise UserError(f"{path} holds NaN or infinite weights (in {plural(len(broken), 'tensor')}, {broken[0]} first): "
@@ -674,13 +800,14 @@ def save_samples(samples: torch.Tensor, path: Path, fps: int = 8) -> None:
     samples = samples.float().clamp(-1, 1) * 0.5 + 0.5
     nrow = math.ceil(math.sqrt(samples.shape[0]))
     if samples.dim() == 4:
-        written_atomically(path, lambda temporary: save_image(samples, temporary, nrow=nrow))
+        image_format = Image.registered_extensions()[path.suffix.lower()]  # the temporary file's name has no extension
+        written_atomically(path, lambda temporary: save_image(samples, temporary, nrow=nrow, format=image_format))
         return
     frames = [make_grid(samples[:, t], nrow=nrow).mul(255).round().byte().permute(1, 2, 0).numpy()
               for t in range(samples.shape[1])]  # (H', W', 3) each
     images = [Image.fromarray(frame) for frame in frames]
-    written_atomically(path, lambda temporary: images[0].save(temporary, save_all=True, append_images=images[1:],
-                                                              duration=1000 // fps, loop=0))
+    written_atomically(path, lambda temporary: images[0].save(temporary, format="GIF", save_all=True,
+                                                              append_images=images[1:], duration=1000 // fps, loop=0))
 
 
 #################################################################################

@@ -12,20 +12,31 @@ checkpoint writes an animated grid GIF (--out samples.gif) and, with --out-dir, 
 checkpoint (train.py --vae) is decoded with the VAE it names, or with --vae where that folder has moved.
 """
 
-import argparse
-import re
+import signal
 import sys
+
+QUIET_START = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C while torch imports: one line
+if QUIET_START:
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("sample.py: interrupted while starting; nothing was written"))
+
+import argparse
+import math
+import re
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from data import (IMAGE_EXTENSIONS, VAE, ArgumentParser, CaptionEncoder, ImageFolder, UserError, check_writable,
-                  image_transform, load_checkpoint, load_pretrained_text_encoder, networks_from_checkpoint, pick_device,
-                  read_text, save_samples, warn)
+from data import (IMAGE_EXTENSIONS, VAE, ArgumentParser, CaptionEncoder, ImageFolder, Terminal, UserError,
+                  check_writable, image_transform, load_checkpoint, load_pretrained_text_encoder, networks_from_checkpoint,
+                  pick_device, read_text, save_samples, warn)
 from zigma import sample
 
+if QUIET_START:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
+
 GRID_LIMIT = 256  # samples in the grid image; --out-dir takes any number
+MAX_STEPS = 10_000  # ODE steps: sample quality stops changing long before
 FID_FEATURES = 2048  # torchmetrics' FID network: Inception-v3's 2048 pooled features. The tests put a small one here.
 
 
@@ -138,12 +149,11 @@ class FID:
         """The FID of the samples added so far against every image of the folder, resized to their size."""
         self.real.transform = image_transform(self.size)
         images, self.used = [], 0
-        for i in tqdm(range(len(self.real)), desc="FID: real images"):
-            try:
-                images.append(self.real.unflipped(i))  # (1, 3, H, W)
+        for i in tqdm(range(len(self.real)), desc="FID: real images", file=Terminal()):
+            image = self.real.decoded(i)  # (1, 3, H, W), or None (with a warning) where the file does not decode
+            if image is not None:
+                images.append(image)
                 self.used += 1
-            except Exception as error:  # a file that passed the header check but does not decode
-                warn(f"skipping {self.real.files[i]}: {error}")
             if images and (len(images) == batch or i == len(self.real) - 1):
                 self.metric.update(to_bytes(torch.cat(images)).to(self.device), real=True)
                 images = []
@@ -154,15 +164,20 @@ def main(argv=None):
     args = parse_args(argv)
     if args.n < 1 or args.steps < 1 or args.batch_size < 1:
         raise UserError("--n, --steps and --batch-size must be 1 or more")
+    if args.steps > MAX_STEPS:
+        raise UserError(f"--steps must be {MAX_STEPS} or less, not {args.steps}")
     if not 0 <= args.seed < 2 ** 63:
         raise UserError(f"--seed must be between 0 and 2^63 - 1, not {args.seed}")
     if args.n > GRID_LIMIT and args.out_dir is None:
         raise UserError(f"--n {args.n}: the grid holds the first {GRID_LIMIT} samples; pass --out-dir to keep them all, "
                         f"or --n {GRID_LIMIT} or fewer")
+    if args.fid is not None and args.out_dir is not None and args.out_dir.resolve().is_relative_to(args.fid.resolve()):
+        raise UserError(f"--out-dir {args.out_dir} is inside --fid {args.fid}: the samples would count as real images; "
+                        f"pass an --out-dir outside it")
     if args.fid is not None and args.n < 2:
         raise UserError(f"--fid needs 2 samples or more, and thousands to mean much, not --n {args.n}")
-    if not args.cfg >= 0:
-        raise UserError(f"--cfg must be 0 or more (1 is no guidance), not {args.cfg}")
+    if not 0 <= args.cfg < math.inf:
+        raise UserError(f"--cfg must be 0 or more (1 is no guidance) and finite, not {args.cfg}")
     if args.ckpt.is_dir():
         args.ckpt = args.ckpt / "ckpt.pt"  # a training run's --out folder
     device = pick_device(args.device)
@@ -199,7 +214,7 @@ def main(argv=None):
     generator = torch.Generator(device).manual_seed(args.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     grid = []
-    for start in tqdm(range(0, args.n, args.batch_size)):
+    for start in tqdm(range(0, args.n, args.batch_size), file=Terminal()):
         batch = slice(start, min(start + args.batch_size, args.n))
         noise = torch.randn(batch.stop - start, *model.config.input_shape, generator=generator, device=device)
         y = None
@@ -212,6 +227,9 @@ def main(argv=None):
             context, context_mask = encode(captions) if captions else (None, None)
             samples = sample(model, noise, steps=args.steps, y=y, context=context, context_mask=context_mask,
                              cfg_scale=args.cfg, method=args.method)
+        if not torch.isfinite(samples).all():  # nothing is written from them
+            raise UserError(f"samples {start} to {batch.stop - 1} are NaN or infinite: {args.ckpt} comes from a run that "
+                            f"diverged" + (f", or --cfg {args.cfg:g} is too strong" if args.cfg > 1 else ""))
         samples = (vae.decode(samples) if vae else samples).float().cpu()  # (B, 3, H, W), or (B, T, 3, H, W) for clips
         if args.out_dir:
             for i, one in enumerate(samples):

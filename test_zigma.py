@@ -961,7 +961,13 @@ def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):
     (["--image-size", "-8"], "--image-size must be 1 or more"),
     (["--lr", "0"], "--lr must be positive, not 0.0"),
     (["--lr=-1e-4"], "--lr must be positive"),
-    (["--lr", "nan"], "--lr must be positive"),
+    (["--lr", "nan"], "--lr must be a finite number, not nan"),
+    (["--lr", "inf"], "--lr must be a finite number, not inf"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number, not nan"),
+    (["--sample-cfg", "nan"], "--sample-cfg must be a finite number, not nan"),
+    (["--grad-clip", "inf"], "--grad-clip must be a finite number, not inf"),
+    (["--image-size", "10000000"], "--image-size must be 8192 or less, not 10000000"),
+    (["--sample-steps", str(10 ** 11)], "--sample-steps must be 10000 or less, not 100000000000"),
     (["--cond-drop", "1.5"], "--cond-drop must be between 0 and 1"),
     (["--cond-drop", "-0.1"], "--cond-drop must be between 0 and 1"),
     (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
@@ -1010,8 +1016,8 @@ def test_resuming_with_a_new_learning_rate_uses_it_and_says_so(tmp_path, trained
     train.main(["--out", str(out), "--steps", "2", *TINY_RUN, "--class-cond", "--lr", "0.0003", "--warmup", "0",
                 "--weight-decay", "0.1"])
     printed = capsys.readouterr().out
-    assert "resuming with --lr 0.0003 (the checkpoint was trained with 0.001)" in printed
-    assert "resuming with --weight-decay 0.1 (the checkpoint was trained with 0.0)" in printed
+    assert "resuming with --lr 0.0003 (the checkpoint was trained with --lr 0.001)" in printed
+    assert "resuming with --weight-decay 0.1 (the checkpoint was trained with --weight-decay 0.0)" in printed
     checkpoint = data.load_checkpoint(out / "ckpt.pt")
     assert [group["lr"] for group in checkpoint["optimizer"]["param_groups"]] == [0.0003, 0.0003]  # no warm-up left
     assert [group["weight_decay"] for group in checkpoint["optimizer"]["param_groups"]] == [0.1, 0.0]
@@ -1024,7 +1030,7 @@ def test_resuming_on_other_data_says_so(tmp_path, capsys):
     first, second, out = make_image_folder(tmp_path / "a"), make_image_folder(tmp_path / "b"), tmp_path / "out"
     train.main(["--data", str(first), "--out", str(out), "--steps", "1", *TINY_RUN])
     train.main(["--data", str(second), "--out", str(out), "--steps", "2", *TINY_RUN])
-    assert f"resuming with --data {second} (the checkpoint was trained with {first})" in capsys.readouterr().out
+    assert f"resuming with --data {second} (the checkpoint was trained with --data {first})" in capsys.readouterr().out
 
 
 def test_weight_decay_applies_to_weight_matrices_only():
@@ -1099,7 +1105,7 @@ def test_bad_sampling_options_are_refused_before_sampling(tmp_path, trained_run,
         raise AssertionError("sample.py sampled before checking its options")
     monkeypatch.setattr(sample_script, "sample", no_sampling)
     for options, message in [
-        (["--out", str(tmp_path / "grid.mp4")], "ending in .bmp, .jpeg, .jpg, .png, .webp"),
+        (["--out", str(tmp_path / "grid.mp4")], "ending in .bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp"),
         (["--out", str(tmp_path / "grid")], "ending in"),
         (["--out", str(tmp_path)], "is a folder"),
         (["--cfg", "-1"], "--cfg must be 0 or more"),
@@ -1600,28 +1606,130 @@ def test_batch_that_does_not_split_across_processes_is_refused(tmp_path):
 # ---------------------------------------------------------------------------- bench.py
 
 def test_gpu_check_runs_every_part_on_a_cpu_at_tiny_sizes(tmp_path):
-    # The GPU check must work the first time a GPU runs it: its dry run takes the same code paths.
-    report = tmp_path / "check.md"
+    # The GPU check must work the first time a GPU runs it: its dry run takes the same code paths, and writes its
+    # report into a folder it makes.
+    report = tmp_path / "reports" / "check.md"
     finished = run_script("bench.py", "--gpu-check", str(report), "--tiny", "--device", "cpu")
     assert finished.returncode == 0, finished.stderr[-2000:]
     text = report.read_text()
     assert "failed" not in text, text
-    for part in ["## Tests", "1 passed", "## Selective scan", "| 16 | fast |", "| 16 | compiled |", "## Training step",
-                 "| 4 | DiT |", "## Faces at 256 px", "step 2, loss", "## torch.compile"]:
+    for part in ["## Tests", "-m device", "1 passed", "## Selective scan", "| 16 | fast |", "| 16 | compiled |",
+                 "## Training step", "| 4 | DiT |", "## Faces at 256 px", "step 2, loss", "## torch.compile", "4 graphs"]:
         assert part in text, f"the report lacks {part!r}:\n{text}"
     assert text.count("exit status 0") == 2, "training and sampling should both succeed"
+    times = re.findall(r"^\(\d+\.\d s (?:of its|OVER its) \d+ s budget\)$", text, flags=re.MULTILINE)
+    assert len(times) == 5, f"each of the 5 parts should report its time and its budget:\n{text}"
+
+
+def test_the_gpu_checks_tests_are_the_ones_that_take_a_device():
+    # The GPU check runs pytest -m device, within a budget: conftest.py must mark exactly the tests with a device.
+    import inspect
+    finished = subprocess.run([sys.executable, "-m", "pytest", "test_zigma.py", "--collect-only", "-q", "-m", "device",
+                               "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert finished.returncode == 0, finished.stdout[-2000:]
+    selected = {line.split("::")[1].split("[")[0] for line in finished.stdout.splitlines() if "::" in line}
+    taking = {name for name, test in globals().items() if name.startswith("test_") and callable(test)
+              and "device" in inspect.signature(test).parameters}
+    assert taking and selected == taking, f"selected but take no device: {selected - taking}; not selected: {taking - selected}"
+
+
+def test_the_full_gpu_check_fits_in_one_command_on_a_lent_gpu():
+    import bench
+    for size, parts in bench.GPU_CHECK_SIZES.items():
+        budgets = parts["budgets"]
+        assert sum(budgets.values()) <= 8 * 60, f"{size}: budgets {budgets} add up to more than 8 of the 10 minutes " \
+                                                "one command may run on a lent GPU"
+        assert budgets["training"] > parts["train_seconds"], f"{size}: no budget left to save and sample after Ctrl-C"
+
+
+def markdown_column(text: str, column: str) -> list[str]:
+    """The cells under `column` in every markdown table of text that has that column."""
+    cells, index = [], None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            index = None  # between tables
+            continue
+        row = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if index is None:
+            index = row.index(column) if column in row else -1
+        elif index >= 0 and set(row[0]) != {"-"}:
+            cells.append(row[index])
+    return cells
+
+
+@pytest.mark.parametrize("options, column, value", [
+    (["--device", "cpu", "--only", "scan", "--lengths", "16", "--max-seconds", "30"], "time", r"\d+\.\d+ m?s"),
+    (["--device", "cpu", "--only", "model", "--model", "ZigMa-Tiny/4", "--depth", "1", "--batch-size", "2", "--tokens", "2",
+      "--steps", "1"], "step time", r"\d+\.\d+ m?s"),
+    (["--only", "compile"], "graphs", r"[1-9]\d*"),
+], ids=["scan", "model", "compile"])
+def test_the_readmes_benchmark_commands_fill_every_row(options, column, value):
+    # The README's commands at tiny sizes: each case timed and measured in fresh processes, none failed.
+    finished = run_script("bench.py", *options)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    cells = markdown_column(finished.stdout, column)
+    assert cells and all(re.fullmatch(value, cell) for cell in cells), f"column {column!r}:\n{finished.stdout}"
 
 
 def test_quality_table_measures_every_stage_and_keeps_the_runs(tmp_path):
     recipe = "--batch-size 2 --class-cond --sample-steps 1"
+    runs = tmp_path / "runs"
     finished = run_script("bench.py", "--only", "quality", "--quality-steps", "4", "--quality-stages", "2",
-                          "--quality-samples", "16", "--classifier-steps", "5", "--keep-runs", str(tmp_path),
-                          "--recipes", recipe)
+                          "--quality-samples", "16", "--classifier-steps", "5", "--keep-runs", str(runs),
+                          "--recipes", recipe, recipe)
     assert finished.returncode == 0, finished.stderr[-2000:]
     rows = [line.split(" | ") for line in finished.stdout.splitlines() if line.startswith(f"| {recipe} |")]
-    assert [row[2] for row in rows] == ["2", "4"], finished.stdout
+    assert [row[2] for row in rows] == ["2", "4", "2", "4"], f"two equal recipes are two runs:\n{finished.stdout}"
     assert all(math.isfinite(float(row[3])) and 0 <= float(row[4]) <= 1 and row[5].endswith("% |") for row in rows)
-    assert sorted(p.name for p in (tmp_path / "run0").glob("samples_*.png")) == ["samples_0000002.png", "samples_0000004.png"]
+    for run in ("run0", "run1"):
+        assert sorted(p.name for p in (runs / run).glob("samples_*.png")) == ["samples_0000002.png", "samples_0000004.png"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--only", "labels", "--label-grids", "FILE"], "--label-grids FILE is a file; name a folder"),
+    (["--only", "labels", "--label-grids", "FILE/grids"], "--label-grids FILE/grids: FILE is a file, not a folder"),
+    (["--only", "labels", "--label-grids", "/sys/zigma-grids"], "--label-grids /sys/zigma-grids cannot be written"),
+    (["--only", "quality", "--keep-runs", "FILE"], "--keep-runs FILE is a file; name a folder"),
+    (["--only", "quality", "--keep-runs", "EARLIER"], "--keep-runs EARLIER is not empty"),
+    (["--only", "quality", "--keep-runs", "/sys/zigma-runs"], "--keep-runs /sys/zigma-runs cannot be written"),
+    (["--gpu-check", "FOLDER"], "--gpu-check FOLDER is a folder; name the report's file in it"),
+    (["--gpu-check", "FILE/check.md"], "--gpu-check's folder FILE is a file; name a folder"),
+    (["--gpu-check", "/sys/zigma-check.md"], "--gpu-check's folder /sys cannot be written"),
+    (["--only", "scan", "--label-grids", "NEW"], "--label-grids applies to the label table only"),
+    (["--only", "scan", "--keep-runs", "NEW"], "--keep-runs applies to the quality table only"),
+    (["--only", "quality", "--recipes=--no-such-option"], "--recipes '--no-such-option': unrecognized arguments"),
+    (["--only", "quality", "--recipes", "", "--out elsewhere"], "bench.py sets each run's --out and --steps"),
+    (["--only", "quality", "--recipes=--frames 4"], "the quality table measures 32 x 32 images"),
+    (["--only", "quality", "--quality-minutes", "0"], "--quality-minutes must be positive"),
+    (["--only", "labels", "--label-kinds", "labels", "labels"], "--label-kinds names a kind twice"),
+])
+def test_bench_py_refuses_bad_paths_and_options_before_any_work(tmp_path, monkeypatch, options, message):
+    import bench
+    for work in ("scan_table", "model_table", "compile_table", "busy_table", "labels_table", "quality_table", "gpu_check"):
+        monkeypatch.setattr(bench, work, lambda *args, work=work: pytest.fail(f"bench.py began {work}"))
+    (tmp_path / "file").write_text("")
+    (tmp_path / "earlier" / "run0").mkdir(parents=True)  # a run from an earlier call, which train.py would resume
+    (tmp_path / "folder").mkdir()
+    paths = {"FILE": tmp_path / "file", "EARLIER": tmp_path / "earlier", "FOLDER": tmp_path / "folder", "NEW": tmp_path / "new"}
+
+    def put(text: str) -> str:
+        for name, path in paths.items():
+            text = text.replace(name, str(path))
+        return text
+
+    with pytest.raises(UserError, match=re.escape(put(message))):
+        bench.main([put(option) for option in options])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "file", "folder"], "nothing was made"
+
+
+def test_bench_py_makes_missing_output_folders_before_any_work(tmp_path, monkeypatch):
+    import bench
+    made = []
+    monkeypatch.setattr(bench, "labels_table", lambda args: made.append(args.label_grids.is_dir()))
+    monkeypatch.setattr(bench, "quality_table", lambda args: made.append(args.keep_runs.is_dir()))
+    bench.main(["--only", "labels", "--label-grids", str(tmp_path / "a" / "b" / "grids")])
+    bench.main(["--only", "quality", "--keep-runs", str(tmp_path / "c" / "runs")])
+    assert made == [True, True], "each table should find its folder made"
 
 
 # ---------------------------------------------------------------------------- faults: nothing lost, nothing silent
@@ -1684,7 +1792,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_like_ctrl_c(tmp_path):
     _, stderr = run.communicate(timeout=60)
     step = data.load_checkpoint(out / "ckpt.pt")["step"]
     assert run.returncode != 0 and step >= 3
-    assert stderr.count("saved") == 1 and f"stopped by SIGTERM at step {step}; saved" in stderr, stderr[-2000:]
+    assert stderr.count("is kept as it was") == 1, stderr[-2000:]
+    assert f"stopped by SIGTERM at step {step}; {out / 'ckpt.pt'} is kept as it was at step {step}: re-run" in stderr
     assert "Traceback" not in stderr
 
 
@@ -1713,7 +1822,7 @@ def test_sigterm_under_torchrun_saves_once(tmp_path):
     run.send_signal(signal.SIGTERM)  # torchrun's agent passes it on to its workers
     _, stderr = run.communicate(timeout=90)
     step = data.load_checkpoint(out / "ckpt.pt")["step"]
-    assert step >= 2 and stderr.count(f"stopped by SIGTERM at step {step}; saved") == 1, stderr[-3000:]
+    assert step >= 2 and stderr.count(f"stopped by SIGTERM at step {step}; {out / 'ckpt.pt'} is kept") == 1, stderr[-3000:]
 
 
 def test_symlinked_folders_are_followed_once_and_loops_are_not(tmp_path):
@@ -1912,7 +2021,7 @@ def test_data_that_teaches_little_is_said(tmp_path, capsys):
 def test_ctrl_c_while_sampling_is_one_sentence(trained_run, tmp_path):
     # SIGINT as a terminal has it: a shell's background job (nohup ... &) starts with it ignored, and Python keeps that.
     run = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(trained_run), "--out", str(tmp_path / "s.png"),
-                            "--steps", "100000"], cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            "--steps", "10000"], cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "samples" in run.stdout.readline(), "sample.py should say what it samples before it starts"
@@ -1933,3 +2042,288 @@ def test_a_full_disk_while_logging_is_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.open", full_disk)
     with pytest.raises(UserError, match="could not write .*log.jsonl: No space left on device"):
         train.main(["--out", str(tmp_path / "out"), "--steps", "2", *TINY_RUN])
+
+
+# ---------------------------------------------------------------------------- faults under real conditions
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB tmpfs, too small for a checkpoint: a disk that fills up. Needs root (tests and CI run as root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a tmpfs cannot be mounted here ({mounted.stderr.strip()})")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_real_full_disk_is_one_sentence_and_leaves_no_temporary_file(small_disk, tmp_path, trained_run):
+    out = small_disk / "out"
+    with pytest.raises(UserError, match=f"could not write {re.escape(str(out / 'ckpt.pt'))}: No space left on device$"):
+        train.main(["--out", str(out), "--steps", "2", *TINY_RUN])
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "train.lock"], "no partial checkpoint is left"
+    (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 512))  # what is left: 512 bytes
+    with pytest.raises(UserError, match=r"could not write .*s\.png: No space left on device"):
+        sample_script.main(["--ckpt", str(trained_run), "--out", str(small_disk / "s.png"), "--n", "64", "--steps", "1"])
+    assert not list(small_disk.glob("*.png")) and not list(small_disk.glob(".*.tmp")), "no image, whole or partial"
+
+
+def test_a_read_only_disk_is_refused_before_any_work(tmp_path, trained_run):
+    disk = tmp_path / "read-only"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("a tmpfs cannot be mounted here")
+    try:
+        with pytest.raises(UserError, match="--out .* cannot be written: Read-only file system"):
+            train.main(["--out", str(disk / "out"), *TINY_RUN])
+        with pytest.raises(UserError, match="--out's folder .* cannot be written: Read-only file system"):
+            sample_script.main(["--ckpt", str(trained_run), "--out", str(disk / "s.png"), "--n", "1"])
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_step_that_ruins_the_weights_never_replaces_the_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    train.main(["--out", str(out), "--steps", "5", *TINY_RUN, "--ckpt-every", "5", "--sample-every", "100"])
+    good = data.load_checkpoint(out / "ckpt.pt")
+    # One step at lr 1e3 multiplies the weights without making the loss or the gradients NaN first.
+    with pytest.raises(UserError, match=r"training diverged at step 6: the loss of its weights is .* against .* over the "
+                                        r"last steps; .*ckpt.pt is kept as it was at step 5\. Train with a lower --lr"):
+        train.main(["--out", str(out), "--steps", "12", *TINY_RUN, "--lr", "1e3", "--warmup", "0", "--ckpt-every", "6"])
+    kept = data.load_checkpoint(out / "ckpt.pt")
+    assert kept["step"] == 5 and all(torch.equal(kept["model"][k], v) for k, v in good["model"].items())
+
+
+def test_weights_that_are_not_finite_are_never_saved():
+    networks = data.build_networks(tiny_config(), {})
+    batch = {"x": torch.randn(2, 3, 8, 8)}
+    with torch.no_grad():
+        networks["zigma"].final_layer.linear.bias[0] = float("nan")
+    with pytest.raises(UserError, match="training diverged at step 3: .*some weights are NaN or infinite; kept"):
+        train.check_weights_are_sane(networks, None, batch, [1.0], 3, 1, torch.device("cpu"), contextlib.nullcontext(),
+                                     "kept", "uniform")
+
+
+def test_samples_that_are_not_finite_write_nothing(tmp_path, trained_run):
+    checkpoint = data.load_checkpoint(trained_run / "ckpt.pt")
+    checkpoint["ema"]["zigma.final_layer.linear.weight"] = torch.full_like(checkpoint["ema"]["zigma.final_layer.linear.weight"], 3e38)
+    torch.save(checkpoint, tmp_path / "overflows.pt")  # finite weights whose velocities are not
+    with pytest.raises(UserError, match="samples 0 to 3 are NaN or infinite: .*overflows.pt comes from a run that diverged"):
+        sample_script.main(["--ckpt", str(tmp_path / "overflows.pt"), "--out", str(tmp_path / "s.png"), "--n", "4", "--steps", "2"])
+    assert not (tmp_path / "s.png").exists()
+
+
+def truncated_png(path: Path, seed: int = 0) -> Path:
+    """A PNG cut short: its header reads, its pixels do not decode."""
+    pixels = (torch.rand(16, 16, 3, generator=torch.Generator().manual_seed(seed)) * 255).byte().numpy()
+    Image.fromarray(pixels).save(path)
+    path.write_bytes(path.read_bytes()[:100])
+    return path
+
+
+def test_files_that_do_not_decode_are_skipped_once_each_and_training_goes_on(tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    broken = [truncated_png(folder / f"a{i:03d}.png", i) for i in range(30)]  # sorted before the good ones
+    for i in range(3):
+        Image.new("RGB", (8, 8), (80 * i, 100, 200)).save(folder / f"z{i}.png")
+    out = tmp_path / "out"
+    train.main(["--data", str(folder), "--out", str(out), "--steps", "4", *TINY_RUN, "--sample-every", "4"])
+    err = capsys.readouterr().err
+    for p in broken:
+        assert err.count(f"skipping {p}:") == 1, f"{p.name} should be warned about once"
+    assert (out / "samples_0000004.png").exists() and data.load_checkpoint(out / "ckpt.pt")["step"] == 4
+    for p in folder.glob("z*.png"):
+        p.unlink()
+    with pytest.raises(UserError, match=f"none of the 30 files in {re.escape(str(folder))} decodes"):
+        train.main(["--data", str(folder), "--out", str(tmp_path / "again"), *TINY_RUN])
+
+
+def test_latent_encoding_skips_what_does_not_decode_and_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
+    vae = data.VAE(str(make_tiny_vae(tmp_path / "vae")), torch.device("cpu"))
+    folder, cache = make_class_folder(tmp_path / "data"), tmp_path / "latents.pt"
+    truncated_png(folder / "dogs" / "inner" / "0.png")
+    monkeypatch.setattr(data.Latents, "chunk", 1)  # one image a chunk
+
+    class StopsAtThirdImage(data.ImageFolder):
+        def unflipped(self, index):
+            if index == 2:
+                raise KeyboardInterrupt  # Ctrl-C, two chunks in
+            return super().unflipped(index)
+
+    with pytest.raises(KeyboardInterrupt):
+        data.Latents(StopsAtThirdImage(folder, 8, class_cond=True), vae, 8, cache, torch.device("cpu"))
+    assert sorted(p.name for p in cache.with_name("latents.pt.parts").iterdir()) == ["000000.pt", "000001.pt"]
+    decoded = []
+    monkeypatch.setattr(data.ImageFolder, "unflipped", lambda self, i, read=data.ImageFolder.unflipped: decoded.append(i) or read(self, i))
+    latents = data.Latents(data.ImageFolder(folder, 8, class_cond=True), vae, 8, cache, torch.device("cpu"))
+    assert decoded.count(0) <= 1 and 1 not in decoded, "the chunks encoded before the stop are not encoded again"
+    assert f"skipping {folder / 'dogs' / 'inner' / '0.png'}" in capsys.readouterr().err
+    assert len(latents) == 3 and latents.labels == [0, 0, 1], "the broken dog is left out, and the labels follow"
+    assert not cache.with_name("latents.pt.parts").exists()
+
+
+def test_the_latent_cache_is_keyed_on_names_and_sizes_inside_the_folder(tmp_path, capsys):
+    vae = data.VAE(str(make_tiny_vae(tmp_path / "vae")), torch.device("cpu"))
+    folder, cache = make_image_folder(tmp_path / "data"), tmp_path / "latents.pt"
+    data.Latents(data.ImageFolder(folder, 8), vae, 8, cache, torch.device("cpu"))
+    copy = tmp_path / "copy"  # another machine's copy of the data: other times, the same names and sizes
+    shutil.copytree(folder, copy)
+    for p in data.image_files(copy):
+        os.utime(p, (1, 1))
+    capsys.readouterr()
+    data.Latents(data.ImageFolder(copy, 8), vae, 8, cache, torch.device("cpu"))
+    assert "encoding again" not in capsys.readouterr().out
+    data.Latents(data.ImageFolder(copy, 8, flip=False), vae, 8, cache, torch.device("cpu"))
+    assert "encoding again" in capsys.readouterr().out, "without flips the cache holds one view of each image"
+
+
+def test_a_broken_log_line_does_not_block_a_resume_and_a_fresh_run_starts_a_new_log(tmp_path):
+    out = tmp_path / "out"
+    train.main(["--out", str(out), "--steps", "3", *TINY_RUN])
+    lines = (out / "log.jsonl").read_text().splitlines()
+    (out / "log.jsonl").write_text(lines[0] + "\n" + lines[1][:7] + "\n" + lines[2] + "\n" + '{"step": 4, "lo')  # a full disk
+    train.main(["--out", str(out), "--steps", "5", *TINY_RUN])
+    assert [line["step"] for line in logged(out)] == [1, 3, 4, 5]
+    (out / "ckpt.pt").unlink()  # a new run in the old run's folder
+    train.main(["--out", str(out), "--steps", "2", *TINY_RUN])
+    assert [line["step"] for line in logged(out)] == [1, 2]
+
+
+def test_closed_stderr_is_a_closed_terminal(tmp_path):
+    out = tmp_path / "out"
+    closed = subprocess.run(["bash", "-c", f"{sys.executable} train.py --out {out} --steps 2 {' '.join(TINY_RUN)} 2>&- && "
+                             f"{sys.executable} sample.py --ckpt {out} --out {tmp_path / 's.png'} --n 2 --steps 1 2>&-"],
+                            cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert closed.returncode == 0, closed.stdout
+    assert data.load_checkpoint(out / "ckpt.pt")["step"] == 2 and (tmp_path / "s.png").exists()
+
+
+def test_checkpoints_with_parts_missing_are_named_in_one_sentence(tmp_path, capsys):
+    out = tmp_path / "out"
+    train.main(["--out", str(out), "--steps", "1", *TINY_RUN])
+    checkpoint = data.load_checkpoint(out / "ckpt.pt")
+    released = {k: v for k, v in checkpoint.items() if k != "optimizer"}
+    released["conditioning"] = {}
+    torch.save(released, out / "ckpt.pt")  # stripped for release
+    sample_script.main(["--ckpt", str(out), "--out", str(tmp_path / "s.png"), "--n", "1", "--steps", "1"])
+    train.main(["--out", str(out), "--steps", "2", *TINY_RUN])
+    assert "holds no optimizer state; AdamW's moments start afresh" in capsys.readouterr().err
+    resumed = data.load_checkpoint(out / "ckpt.pt")
+    assert resumed["step"] == 2
+    for change, message in [(lambda w: w.pop("zigma.pos_embed"), "its ema weights lack zigma.pos_embed"),
+                            (lambda w: w.update({"zigma.pos_embed": w["zigma.pos_embed"][:, :3]}),
+                             r"its ema weights hold zigma.pos_embed of shape \(1, 3, \d+\), where the model has \(1, 16, \d+\)")]:
+        broken = {**resumed, "ema": dict(resumed["ema"])}
+        change(broken["ema"])
+        torch.save(broken, tmp_path / "broken.pt")
+        with pytest.raises(UserError, match="broken.pt does not match the model its config describes: " + message):
+            sample_script.main(["--ckpt", str(tmp_path / "broken.pt"), "--out", str(tmp_path / "s.png")])
+        shutil.copy(tmp_path / "broken.pt", out / "ckpt.pt")
+        with pytest.raises(UserError, match="ckpt.pt does not match the model its config describes: " + message):
+            train.main(["--out", str(out), "--steps", "3", *TINY_RUN])
+
+
+UNREADABLE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import data
+for folder, options in [(sys.argv[2], {"class_cond": True}), (sys.argv[3], {"captions": True})]:
+    try:
+        data.ImageFolder(data.Path(folder), 8, **options)
+        print("read")
+    except data.UserError as error:
+        print(error)
+"""
+
+
+def test_unreadable_folders_and_captions_are_named(tmp_path):
+    classes, captioned = make_class_folder(tmp_path / "classes"), make_class_folder(tmp_path / "captioned")
+    (classes / "dogs").chmod(0)
+    caption = captioned / "cats" / "inner" / "0.txt"
+    caption.write_text("a cat")
+    caption.chmod(0)
+    # Root reads every file, so as root the check runs without the capabilities that let it.
+    drop = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("as root, the check needs setpriv (util-linux) to drop the capability to read every file")
+    try:
+        said = subprocess.run([*(drop if os.geteuid() == 0 else []), sys.executable, "-c", UNREADABLE,
+                               str(Path(__file__).parent), str(classes), str(captioned)], capture_output=True, text=True)
+    finally:
+        (classes / "dogs").chmod(0o755)
+    assert said.stdout.splitlines() == [
+        f"cannot read the folder {classes / 'dogs'} (Permission denied): its images would be left out; make it "
+        f"readable, or move it out of {classes}",
+        f"cannot read {caption}: Permission denied"], said.stdout + said.stderr[-2000:]
+
+
+def test_a_busy_out_stops_every_torchrun_process(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / "train.lock", "w") as lock:  # as a run in another process holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "train.py", "--device", "cpu", "--out", str(out), *TINY_RUN], capture_output=True, text=True,
+                              cwd=Path(__file__).parent)
+    # torchrun prints a traceback of its own when a process exits non-zero; the processes print none.
+    assert held.returncode != 0 and 'train.py", line' not in held.stderr, held.stderr[-3000:]
+    assert held.stderr.count(f"train.py: another train.py is writing to {out}") == 1
+    (out / "train.lock").unlink()
+    (out / "train.lock").mkdir()
+    with pytest.raises(UserError, match="cannot open the lock file .*train.lock \\(Is a directory\\); remove what is there"):
+        train.main(["--out", str(out), *TINY_RUN])
+
+
+def test_temporary_files_are_hidden_and_links_are_written_through(tmp_path):
+    seen = []
+    data.written_atomically(tmp_path / "000230.png", lambda temporary: seen.append(temporary) or temporary.write_bytes(b"x"))
+    assert seen[0].parent == tmp_path and seen[0].name.startswith(".") and not seen[0].name.endswith(".png")
+    real = tmp_path / "elsewhere" / "real.pt"
+    real.parent.mkdir()
+    data.save_atomically({"step": 1}, real)
+    (tmp_path / "ckpt.pt").symlink_to(real)
+    data.save_atomically({"step": 2}, tmp_path / "ckpt.pt")
+    assert (tmp_path / "ckpt.pt").is_symlink() and torch.load(real)["step"] == 2
+
+
+def test_float_images_and_decompression_bombs(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.fromarray(np.full((8, 8), 0.8, dtype=np.float32), mode="F").save(folder / "grey.tif")
+    Image.new("RGB", (64, 64)).save(folder / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is more than twice this: refused as a bomb
+    dataset = data.ImageFolder(folder, 8)
+    assert len(dataset) == 1 and torch.allclose(dataset[0]["x"], torch.full((3, 8, 8), 0.6), atol=0.01), "0.8 grey, not black"
+    assert "huge.png: image size (4096 pixels), more than PIL's limit against decompression bombs" in capsys.readouterr().err
+
+
+def test_nonsense_guidance_is_refused(tmp_path, trained_run):
+    for cfg in ("inf", "nan"):
+        with pytest.raises(UserError, match=rf"--cfg must be 0 or more \(1 is no guidance\) and finite, not {cfg}"):
+            sample_script.main(["--ckpt", str(trained_run), "--out", str(tmp_path / "s.png"), "--class", "0", "--cfg", cfg])
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py"])
+def test_ctrl_c_while_torch_imports_is_one_sentence(script):
+    # -X importtime reports each import as it finishes: the first line about torch means torch is being imported.
+    run = subprocess.Popen([sys.executable, "-X", "importtime", script], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in run.stderr:
+        if "torch" in line:
+            break
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode != 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith(f"{script}: interrupted"), stderr[-2000:]
+
+
+def test_outputs_inside_the_data_they_learn_from_are_refused(tmp_path, trained_run):
+    folder = make_image_folder(tmp_path / "data")
+    with pytest.raises(UserError, match="--out .* is inside --data .*: its sample grids would become training images"):
+        train.main(["--data", str(folder), "--out", str(folder / "out"), *TINY_RUN])
+    with pytest.raises(UserError, match="--out-dir .* is inside --fid .*: the samples would count as real images"):
+        sample_script.main(["--ckpt", str(trained_run), "--out", str(tmp_path / "s.png"), "--fid", str(folder),
+                            "--out-dir", str(folder / "a" / "samples")])
+    assert not (folder / "out").exists() and not (folder / "a" / "samples").exists()

@@ -18,6 +18,13 @@ and, with --vae, latents.pt (the encoded data). Re-running a command resumes fro
 every batch with DistributedDataParallel; the first writes the files.
 """
 
+import signal
+import sys
+
+QUIET_START = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C while torch imports: one line
+if QUIET_START:
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("train.py: interrupted while starting; nothing was written"))
+
 import argparse
 import collections
 import contextlib
@@ -27,8 +34,6 @@ import itertools
 import json
 import math
 import os
-import signal
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -45,6 +50,9 @@ from data import (VAE, ArgumentParser, CaptionEncoder, ClipFolder, CPUThreads, I
                   load_pretrained_text_encoder, load_weights, pick_device, plural, save_atomically, save_samples, warn,
                   written_atomically)
 from zigma import PRESETS, TIME_SAMPLING, ZigMaConfig, flow_loss, fused_selective_scan, preset_config, sample
+
+if QUIET_START:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
 
 
 @torch.no_grad()
@@ -83,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.add_argument("--lr", type=float, help="AdamW learning rate, after the warm-up (default: 1e-3 for the Tiny "
                           "presets, measured on a CPU; 1e-4, the official ZigMa's, for the larger ones)")
     training.add_argument("--warmup", type=int, default=200, help="raise the learning rate linearly over this many first steps (default: 200)")
+    training.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                          help="flip images and clips left to right at random, as DiT does; --no-flip for digits, text "
+                          "and anything else with a handedness (default: --flip)")
     training.add_argument("--time-sampling", default="logit-normal", choices=TIME_SAMPLING,
                           help="how t is drawn: logit-normal, more of it mid-path, or uniform on [0, 1] (default: logit-normal)")
     training.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
@@ -105,11 +116,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return check_arguments(parser.parse_args(argv))
 
 
+MAX_IMAGE_SIZE = 8192  # pixels a side: 1024 x 1024 latent cells, far past the paper's largest model
+MAX_SAMPLE_STEPS = 10_000  # ODE steps: sample quality stops changing long before
+
+
 def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """One sentence for an option out of range, or one that does nothing without another; then the defaults that depend on others."""
     for name in ("image_size", "steps", "batch_size", "sample_every", "sample_steps", "ckpt_every", "log_every"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be 1 or more, not {getattr(args, name)}")
+    for name, most in (("image_size", MAX_IMAGE_SIZE), ("sample_steps", MAX_SAMPLE_STEPS)):
+        if getattr(args, name) > most:
+            raise UserError(f"--{name.replace('_', '-')} must be {most} or less, not {getattr(args, name)}")
+    for name in ("lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "cond_drop", "sample_cfg"):
+        if not math.isfinite(getattr(args, name) if getattr(args, name) is not None else 0):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, not {getattr(args, name)}")
     args.model = args.model or default_model(args.image_size // (8 if args.vae else 1))
     if args.lr is None:
         args.lr = 1e-3 if args.model.startswith("ZigMa-Tiny/") else 1e-4
@@ -129,6 +150,9 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--image-size {args.image_size} is not a multiple of {args.model}'s patch size {patch}")
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file; name a folder")
+    if args.data is not None and args.out.resolve().is_relative_to(args.data.resolve()):
+        raise UserError(f"--out {args.out} is inside --data {args.data}: its sample grids would become training images; "
+                        f"pass an --out outside it")
     if not args.frames:
         for name in ("frame_stride", "video_scan"):
             if getattr(args, name) is not None:
@@ -170,8 +194,8 @@ def build_dataset(args) -> Dataset:
     if not args.data.is_dir():
         raise UserError(f"--data {args.data} is not a folder; point it at a folder of images")
     if args.frames:
-        return ClipFolder(args.data, args.image_size, args.frames, args.frame_stride, args.class_cond)
-    return ImageFolder(args.data, args.image_size, args.class_cond, args.captions)
+        return ClipFolder(args.data, args.image_size, args.frames, args.frame_stride, args.class_cond, flip=args.flip)
+    return ImageFolder(args.data, args.image_size, args.class_cond, args.captions, flip=args.flip)
 
 
 def build_conditioning(args, dataset) -> dict:
@@ -212,7 +236,7 @@ MODEL_OPTIONS = ["model", "image_size", "vae", "scan", "scan_paths", "frames", "
                  "text_encoder"]
 # Options that may change when a run resumes: they take effect, and a line says so.
 TRAINING_OPTIONS = ["data", "batch_size", "lr", "warmup", "time_sampling", "weight_decay", "grad_clip", "ema_decay",
-                    "cond_drop"]
+                    "cond_drop", "flip"]
 
 
 def as_option(name: str, value) -> str:
@@ -231,7 +255,8 @@ def check_resumed_options(checkpoint: dict, path: Path, args) -> None:
                             f"{as_option(name, now[name])}; pass the options it was trained with, or another --out")
     for name in TRAINING_OPTIONS:
         if name in before and before[name] != now[name]:
-            print(f"resuming with {as_option(name, now[name])} (the checkpoint was trained with {before[name]})")
+            print(f"resuming with {as_option(name, now[name])} (the checkpoint was trained with "
+                  f"{as_option(name, before[name])})")
 
 
 def check_resumed_model(checkpoint: dict, path: Path, config: ZigMaConfig, conditioning: dict) -> None:
@@ -310,6 +335,32 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+FAR_ABOVE = 10  # a checkpoint whose loss is this many times the recent training loss is a diverged one
+
+
+@torch.no_grad()
+def check_weights_are_sane(networks: nn.ModuleDict, encode, batch: dict, recent_losses, step: int, world: int,
+                           device: torch.device, autocast, kept: str, time_sampling: str) -> None:
+    """Stop with the divergence sentence where the weights are not finite, or where their loss on the last batch
+    is far above the recent training loss: one step at a huge learning rate can ruin weights before any loss or
+    gradient is NaN. Every process checks its share; their random numbers are left as they were."""
+    finite = all(torch.isfinite(p).all() for p in networks.parameters())
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
+        y = batch["y"].to(device) if "y" in batch else None
+        context, context_mask = encode(batch["caption"]) if "caption" in batch else (None, None)
+        loss = flow_loss(networks["zigma"], batch["x"].to(device), y, context, context_mask, drop_prob=0.0,
+                         time_sampling=time_sampling)
+    found = torch.stack([loss.float(), torch.tensor(float(finite), device=device)])  # (2,)
+    if world > 1:
+        dist.all_reduce(found)
+        found /= world
+    loss, finite = found.tolist()
+    reference = sum(recent_losses) / len(recent_losses)
+    if finite < 1 or not loss <= FAR_ABOVE * reference:
+        raise UserError(f"training diverged at step {step}: the loss of its weights is {loss:.4g}, against {reference:.4g} "
+                        f"over the last steps" + (", and some weights are NaN or infinite" if finite < 1 else "") + f"; {kept}")
+
+
 def step_seed(seed: int, rank: int, step: int) -> int:
     """The seed of one step's random numbers (data order aside): the same after a resume as in a run that never
     stopped. (Python hashes tuples of ints alike in every process.)"""
@@ -317,11 +368,15 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def trim_log(log: Path, step: int) -> None:
-    """Keep the lines of log.jsonl up to step: a run resumed from an earlier checkpoint logs the later steps again."""
+    """Keep the lines of log.jsonl up to step: a run resumed from an earlier checkpoint logs the later steps again,
+    and a fresh run (step 0) starts an empty log. A line cut short (by a full disk, say) is dropped."""
     if log.exists():
-        lines = [line for line in log.read_text().splitlines() if line.startswith("{") and line.endswith("}")]
-        written_atomically(log, lambda temporary: temporary.write_text(
-            "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step)))
+        lines = []
+        for line in log.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                if json.loads(line)["step"] <= step:
+                    lines.append(line)
+        written_atomically(log, lambda temporary: temporary.write_text("".join(line + "\n" for line in lines)))
 
 
 def append_log(log: Path, line: dict) -> None:
@@ -334,25 +389,39 @@ def append_log(log: Path, line: dict) -> None:
 
 
 @contextlib.contextmanager
-def only_writer(out: Path):
-    """Hold OUT/train.lock while training, so that a second run on the same --out is refused, not left to crash."""
-    with open(out / "train.lock", "w") as lock:
+def only_writer(out: Path, rank: int, world: int):
+    """Hold OUT/train.lock while training, so that a second run on the same --out is refused, not left to crash.
+    The first process takes it, and tells the others whether it could before any of them goes on."""
+    refusal, lock = None, None
+    if rank == 0:
         try:
+            check_writable(out, "--out")
+            lock = open(out / "train.lock", "w")
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except UserError as error:
+            refusal = str(error)
         except BlockingIOError:
-            raise UserError(f"another train.py is writing to {out}; wait for it to finish, or pass another --out")
+            refusal = f"another train.py is writing to {out}; wait for it to finish, or pass another --out"
+        except OSError as error:
+            refusal = f"cannot open the lock file {out / 'train.lock'} ({error.strerror}); remove what is there"
+    if world > 1:
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal:
+        raise UserError(refusal)
+    try:
         yield
+    finally:
+        if lock:
+            lock.close()
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = start_processes(args)
     try:
-        if rank == 0:
-            check_writable(args.out, "--out")
-            with only_writer(args.out):
-                train(args, rank, world, device)
-        else:
+        with only_writer(args.out, rank, world):
             train(args, rank, world, device)
     except UserError:
         if rank > 0:
@@ -404,26 +473,38 @@ def train(args, rank: int, world: int, device: torch.device):
 
     if checkpoint is not None:
         check_resumed_model(checkpoint, ckpt_path, config, conditioning)
-        load_weights(networks, checkpoint["model"])
-        load_weights(ema, checkpoint["ema"])
+        load_weights(networks, checkpoint["model"], ckpt_path, "model")
+        load_weights(ema, checkpoint["ema"], ckpt_path, "ema")
         chosen = [{"lr": group["lr"], "weight_decay": group["weight_decay"]} for group in optimizer.param_groups]
-        try:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except ValueError:
-            raise UserError(f"{ckpt_path} holds the optimizer of an older train.py; sample from it, or train in another --out")
+        if "optimizer" not in checkpoint:  # stripped for release: the weights alone
+            warn(f"{ckpt_path} holds no optimizer state; AdamW's moments start afresh")
+        else:
+            try:
+                optimizer.load_state_dict(checkpoint["optimizer"])
+            except ValueError:
+                raise UserError(f"{ckpt_path} holds the optimizer of an older train.py; sample from it, or train in another --out")
         for group, values in zip(optimizer.param_groups, chosen):
             group.update(values)  # this run's --lr and --weight-decay, not the checkpoint's
         step = checkpoint["step"]
         epoch, seen = checkpoint.get("data_position", (step // len(loader), 0))  # older checkpoints: the epoch's start
         saved = f"{ckpt_path} is kept as it was at step {step}"
-        if rank == 0:
-            trim_log(args.out / "log.jsonl", step)
         print(f"resuming from {ckpt_path} at step {step}")
+    if rank == 0:
+        trim_log(args.out / "log.jsonl", step)  # a fresh run starts a new log
 
-    def checkpoint_now():
-        save_atomically({"model": networks.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                         "step": step, "data_position": (epoch, seen), "config": asdict(config),
-                         "conditioning": conditioning, "vae": args.vae, "args": saved_arguments(args)}, ckpt_path)
+    recent_losses = collections.deque(maxlen=50)  # the training loss of the last 50 steps
+    recent_losses += [checkpoint["recent_loss"]] if checkpoint and "recent_loss" in checkpoint else []
+
+    def checkpoint_now(batch) -> str:
+        """Write the checkpoint, if the weights have not diverged: every process checks the loss of the weights
+        as they are now, on its share of the last batch, against the recent training loss. Returns `saved`."""
+        check_weights_are_sane(networks, encode_for_check, batch, recent_losses, step, world, device, autocast,
+                               f"{saved}. Train with a lower --lr than {args.lr:g}", args.time_sampling)
+        if rank == 0:
+            save_atomically({"model": networks.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                             "step": step, "data_position": (epoch, seen), "config": asdict(config),
+                             "conditioning": conditioning, "vae": args.vae, "args": saved_arguments(args),
+                             "recent_loss": sum(recent_losses) / len(recent_losses)}, ckpt_path)
         return f"{ckpt_path} is kept as it was at step {step}"
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -431,13 +512,15 @@ def train(args, rank: int, world: int, device: torch.device):
 
     def save_preview():
         generator = torch.Generator(device).manual_seed(args.seed)
-        noise = torch.randn(16, *dataset[0]["x"].shape, generator=generator, device=device)
+        noise = torch.randn(16, *config.input_shape, generator=generator, device=device)
         y = preview_labels.to(device) if preview_labels is not None else None
         encode = ema["text"] if "text" in ema else pretrained
         with autocast:
             context, context_mask = encode(preview_captions) if preview_captions else (None, None)
             samples = sample(ema["zigma"], noise, steps=args.sample_steps, y=y, context=context, context_mask=context_mask,
                              cfg_scale=args.sample_cfg)
+        if not torch.isfinite(samples).all():  # the weights are checked at each checkpoint, which came first
+            raise UserError(f"the samples of step {step} are NaN or infinite; {saved}")
         save_samples(vae.decode(samples) if vae else samples, args.out / f"samples_{step:07d}.{'gif' if args.frames else 'png'}")
 
     if device.type == "cuda":
@@ -451,6 +534,7 @@ def train(args, rank: int, world: int, device: torch.device):
     train_model = parallel(model)
     train_model = torch.compile(train_model) if args.compile else train_model
     encode = parallel(networks["text"]) if "text" in networks else pretrained
+    encode_for_check = networks["text"] if "text" in networks else pretrained  # outside DDP: no gradients to average
     scan_name = "mamba-ssm's fused kernel" if fused_selective_scan is not None and device.type == "cuda" else "pure torch"
     if rank == 0:
         print(f"{args.model}: {sum(p.numel() for p in networks.parameters()) / 1e6:.2f}M parameters, "
@@ -461,6 +545,7 @@ def train(args, rank: int, world: int, device: torch.device):
     recent = collections.deque([(time.perf_counter(), 0)], maxlen=21)  # (time, examples) after each of the last 20 steps
     threads = CPUThreads() if device.type == "cpu" else None
     stop = StopRequest()
+    last_batch = None  # the batch of the last step, while that step is not in the checkpoint
     try:
         # Noise, times, dropped conditions and (with --workers 0) flips come from a seed for each step and process.
         torch.manual_seed(step_seed(args.seed, rank, step))
@@ -489,6 +574,7 @@ def train(args, rank: int, world: int, device: torch.device):
                 seen += x.shape[0] * world
                 update_ema(ema, networks, min(args.ema_decay, (1 + step) / (10 + step)))
 
+                recent_losses.append(loss.item())
                 recent.append((time.perf_counter(), recent[-1][1] + x.shape[0] * world))
                 speed = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])  # over the last 20 steps
                 progress.update()
@@ -501,10 +587,11 @@ def train(args, rank: int, world: int, device: torch.device):
                     if rank == 0:
                         append_log(args.out / "log.jsonl", {"step": step, "loss": round(loss.item(), 5),
                                                             "examples_per_s": round(speed, 2)})
+                last_batch = batch
+                if step % args.ckpt_every == 0 or step == args.steps:  # first the checkpoint, then the preview
+                    saved, last_batch = checkpoint_now(batch), None
                 if rank == 0 and (step % args.sample_every == 0 or step == args.steps):
                     save_preview()
-                if rank == 0 and (step % args.ckpt_every == 0 or step == args.steps):
-                    saved = checkpoint_now()
                 torch.manual_seed(step_seed(args.seed, rank, step))
                 stopping = torch.tensor(float(stop.name is not None), device=device)
                 if world > 1:  # stop together: a process that went on alone would wait for the others for ever
@@ -520,9 +607,9 @@ def train(args, rank: int, world: int, device: torch.device):
         stop.restore()
         progress.close()
     if stop.name:
-        if rank == 0:
-            checkpoint_now()
-        raise UserError(f"stopped by {stop.name} at step {step}; saved {ckpt_path}, re-run the same command to resume")
+        if last_batch is not None:  # a step since the last checkpoint
+            saved = checkpoint_now(last_batch)
+        raise UserError(f"stopped by {stop.name} at step {step}; {saved}: re-run the same command to resume")
     print(f"done: step {step}, checkpoint {ckpt_path}, samples in {args.out}")
 
 
