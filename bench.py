@@ -948,7 +948,7 @@ def check_training(report: Report, device: torch.device, sizes: dict):
                    f"{logged[-1]['examples_per_s']} images/s over the last 20 steps")
         report(f"- exit status {run.returncode}; its last line: `{output.strip().splitlines()[-1][-200:] if output.strip() else ''}`")
         if (out / "ckpt.pt").exists():
-            drawn = subprocess.run([sys.executable, str(root / "sample.py"), "--ckpt", str(out), "--n", "4", "--steps", "10",
+            drawn = subprocess.run([sys.executable, str(root / "sample.py"), "--ckpt", str(out), "--n", "4", "--sample-steps", "10",
                                     "--out", str(Path(folder) / "samples.png"), "--device", str(device)],
                                    capture_output=True, text=True, timeout=max(deadline - time.perf_counter(), 10))
             said = (drawn.stdout if drawn.returncode == 0 else drawn.stderr).strip().splitlines()

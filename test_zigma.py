@@ -802,6 +802,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import plumbing  # noqa: E402
 import sample as sample_script  # noqa: E402
 import train  # noqa: E402
 from data import UserError  # noqa: E402
@@ -972,7 +973,7 @@ def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):
     (["--cond-drop", "-0.1"], "--cond-drop must be between 0 and 1"),
     (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
     (["--scan-paths", "3"], "invalid choice: 3"),
-    (["--video-scan", "st"], "--video-scan applies to clips only: add --frames"),
+    (["--video-scan", "st"], "--video-pattern applies to clips only: add --frames"),
     (["--frame-stride", "2"], "--frame-stride applies to clips only: add --frames"),
     (["--text-encoder", "bert"], "--text-encoder applies to captions only: add --captions"),
     (["--device", "gpu"], "gpu is not a device name; use cuda, mps or cpu"),
@@ -994,7 +995,7 @@ def trained_run(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("options, message", [
     (["--model", "ZigMa-Tiny/4"], "was trained with --model ZigMa-Tiny/2, but this run has --model ZigMa-Tiny/4"),
-    (["--scan", "sweep"], "was trained with --scan zigzag, but this run has --scan sweep"),
+    (["--scan", "sweep"], "was trained with --paths zigzag, but this run has --paths sweep"),
     (["--image-size", "16"], "was trained with --image-size 8, but this run has --image-size 16"),
     (["--no-class-cond"], "was trained with --class-cond, but this run has no --class-cond"),
 ])
@@ -1142,7 +1143,7 @@ def fid_printed(capsys) -> float:
 def test_fid_is_the_frechet_distance_of_the_samples_to_the_folder(tmp_path, trained_run, monkeypatch, capsys):
     pytest.importorskip("torchmetrics")
     import bench
-    monkeypatch.setattr(sample_script, "FID_FEATURES", SmallFeatures())
+    monkeypatch.setattr(plumbing, "FID_FEATURES", SmallFeatures())
     real = make_image_folder(tmp_path / "real")
     for i in range(12):
         Image.fromarray((torch.rand(12, 10, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy()).save(real / f"{i}.png")
@@ -1281,7 +1282,7 @@ def test_video_train_resume_and_sample_end_to_end(tmp_path):
 
 
 def test_builtin_video_data_trains_with_a_3d_zigzag(tmp_path):
-    train.main(["--out", str(tmp_path), "--frames", "2", "--video-scan", "v", "--steps", "1", *TINY_RUN])
+    train.main(["--out", str(tmp_path), "--frames", "2", "--video-pattern", "v", "--steps", "1", *TINY_RUN])
     checkpoint = data.load_checkpoint(tmp_path / "ckpt.pt")
     model = data.networks_from_checkpoint(checkpoint, tmp_path / "ckpt.pt")["zigma"]
     assert model.orders[0].order.numel() == 2 * 4 * 4, "a volume scan reads the whole clip"
@@ -1368,9 +1369,9 @@ def test_a_prompt_samples_the_same_alone_and_beside_a_longer_prompt():
 
 def test_preview_grids_show_the_classes_in_order_row_by_row():
     for moods, rows in [(2, [0] * 8 + [1] * 8), (4, [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4)]:
-        labels, captions = train.preview_conditions(data.SmileyFaces(8, class_cond=True, moods=moods), 16)
+        labels, captions = plumbing.preview_conditions(data.SmileyFaces(8, class_cond=True, moods=moods), 16)
         assert labels.tolist() == rows and captions is None
-    labels, _ = train.preview_conditions(data.SmileyFaces(8, class_cond=True, moods=3), 16)
+    labels, _ = plumbing.preview_conditions(data.SmileyFaces(8, class_cond=True, moods=3), 16)
     assert labels.tolist() == sorted(labels.tolist()) and set(labels.tolist()) == {0, 1, 2}
 
 
@@ -2101,7 +2102,7 @@ def test_weights_that_are_not_finite_are_never_saved():
     with torch.no_grad():
         networks["zigma"].final_layer.linear.bias[0] = float("nan")
     with pytest.raises(UserError, match="training diverged at step 3: .*some weights are NaN or infinite; kept"):
-        train.check_weights_are_sane(networks, None, batch, [1.0], 3, 1, torch.device("cpu"), contextlib.nullcontext(),
+        plumbing.check_weights_are_sane(networks, None, batch, [1.0], 3, 1, torch.device("cpu"), contextlib.nullcontext(),
                                      "kept", "uniform")
 
 

@@ -1,0 +1,696 @@
+"""What train.py and sample.py do around the model, kept out of their reading path: the checks that turn a user's
+mistake into one sentence before any work, and what keeps a run from losing work.
+
+    1. training options   check_training_arguments, and the checks of a resumed run
+    2. processes          start_processes (torchrun), only_writer (the lock on --out), StopRequest (signals)
+    3. steps              Batches (endless, resumed mid-epoch), step_seed, check_weights_are_sane, precision
+    4. run files          RunLog (log.jsonl and TensorBoard), numbered checkpoints
+    5. sampling           check_sampling_arguments, each sample's seed and condition, gathering, the adaptive solver
+    6. FID                FID against a folder or saved statistics, which are cached
+"""
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import signal
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.utils import make_grid
+from tqdm import tqdm
+
+from data import (IMAGE_EXTENSIONS, RENAMED_CONFIG_FIELDS, CaptionEncoder, ClipFolder, ImageFolder, MovingShapes,
+                  SmileyFaces, Terminal, UserError, check_writable, checkpoint_config, image_transform, pick_device,
+                  read_text, warn, written_atomically)
+from zigma import PRESETS, ZigMaConfig, flow_loss, guided_velocity
+
+MAX_IMAGE_SIZE = 8192  # pixels a side: 1024 x 1024 latent cells, far past the paper's largest model
+MAX_ODE_STEPS = 10_000  # sample quality stops changing long before
+PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
+
+
+#################################################################################
+#                               Training options                                #
+#################################################################################
+
+def option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_training_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """One sentence for an option out of range, or one that does nothing without another; then the defaults that
+    depend on others."""
+    for name in ("image_size", "steps", "batch_size", "sample_steps", "ckpt_every", "log_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"{option(name)} must be 1 or more, not {getattr(args, name)}")
+    for name, most in (("image_size", MAX_IMAGE_SIZE), ("sample_steps", MAX_ODE_STEPS)):
+        if getattr(args, name) > most:
+            raise UserError(f"{option(name)} must be {most} or less, not {getattr(args, name)}")
+    for name in ("lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "cond_drop", "sample_cfg"):
+        if not math.isfinite(getattr(args, name) if getattr(args, name) is not None else 0):
+            raise UserError(f"{option(name)} must be a finite number, not {getattr(args, name)}")
+    args.model = args.model or default_model(args.image_size // (8 if args.vae else 1))
+    if args.lr is None:
+        args.lr = 1e-3 if args.model.startswith("ZigMa-Tiny/") else 1e-4
+    for name in ("lr", "grad_clip"):
+        if not getattr(args, name) > 0:
+            raise UserError(f"{option(name)} must be positive, not {getattr(args, name)}")
+    for name in ("cond_drop", "ema_decay"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise UserError(f"{option(name)} must be between 0 and 1, not {getattr(args, name)}")
+    for name in ("weight_decay", "workers", "frames", "sample_cfg", "warmup", "sample_every", "keep_checkpoints"):
+        if getattr(args, name) < 0:
+            raise UserError(f"{option(name)} must be 0 or more, not {getattr(args, name)}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed must be between 0 and 2^63 - 1, not {args.seed}")
+    patch = PRESETS[args.model]["patch_size"]
+    if args.image_size % patch:
+        raise UserError(f"--image-size {args.image_size} is not a multiple of {args.model}'s patch size {patch}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file; name a folder")
+    if args.data is not None and args.out.resolve().is_relative_to(args.data.resolve()):
+        raise UserError(f"--out {args.out} is inside --data {args.data}: its sample grids would become training images; "
+                        f"pass an --out outside it")
+    if not args.frames:
+        for name in ("frame_stride", "video_pattern"):
+            if getattr(args, name) is not None:
+                raise UserError(f"{option(name)} applies to clips only: add --frames, or leave it out")
+    if args.vae is not None and args.data is None:
+        raise UserError("--vae needs --data: the built-in data is made for pixel space")
+    if args.text_encoder is not None and not args.captions:
+        raise UserError("--text-encoder applies to captions only: add --captions, or leave it out")
+    if args.frame_stride is not None and args.frame_stride < 1:
+        raise UserError(f"--frame-stride must be 1 or more, not {args.frame_stride}")
+    if args.video_pattern is not None and (not args.video_pattern or set(args.video_pattern) - set("stv")):
+        raise UserError(f"--video-pattern takes the letters s, t and v, not {args.video_pattern!r}")
+    if args.tensorboard:
+        tensorboard_writer(None)  # one sentence now where tensorboard is missing
+    args.frame_stride, args.video_pattern = args.frame_stride or 1, args.video_pattern or "sst"
+    args.text_encoder = args.text_encoder or "learned"
+    return args
+
+
+def default_model(side: int) -> str:
+    """The Tiny preset with the largest patch that leaves a grid of 8 x 8 tokens or more on an input of this side
+    (pixels, or latent cells: a VAE's factor is 8), else patch 2. At equal time on a CPU, Tiny/4's 8 x 8 grid at 32
+    px sampled as well as Tiny/2's 16 x 16 (docs/quality.md); a 4 x 4 grid leaves the zigzag little to order."""
+    for patch in (8, 4, 2):
+        if side % patch == 0 and side // patch >= 8:
+            return f"ZigMa-Tiny/{patch}"
+    return "ZigMa-Tiny/2"
+
+
+def build_dataset(args):
+    """The training data that the options name: a folder of images or clips, or the built-in faces or shapes."""
+    if args.frames and args.captions:
+        raise UserError("--captions is for images; clips take --class-cond")
+    if args.data is None:
+        if args.frames:
+            if args.class_cond:
+                raise UserError("the built-in moving shapes have no classes; pass --data with one subfolder per class")
+            return MovingShapes(args.image_size, args.frames)
+        return SmileyFaces(args.image_size, class_cond=args.class_cond, captions=args.captions)
+    if not args.data.exists():
+        raise UserError(f"--data {args.data} does not exist")
+    if not args.data.is_dir():
+        raise UserError(f"--data {args.data} is not a folder; point it at a folder of images")
+    if args.frames:
+        return ClipFolder(args.data, args.image_size, args.frames, args.frame_stride, args.class_cond, flip=args.flip)
+    return ImageFolder(args.data, args.image_size, args.class_cond, args.captions, flip=args.flip)
+
+
+# What sets each field of the model's config, for the message when a resumed checkpoint differs.
+MODEL_OPTIONS = ["model", "image_size", "vae", "paths", "num_paths", "frames", "video_pattern", "class_cond", "captions",
+                 "text_encoder"]
+# Options that may change when a run resumes: they take effect, and a line says so.
+TRAINING_OPTIONS = ["data", "batch_size", "lr", "warmup", "time_sampling", "weight_decay", "grad_clip", "ema_decay",
+                    "cond_drop", "flip", "precision"]
+
+
+def as_option(name: str, value) -> str:
+    if isinstance(value, bool):
+        return option(name) if value else f"no {option(name)}"
+    return f"{option(name)} {value}"
+
+
+def saved_arguments(args) -> dict:
+    """The arguments as the checkpoint keeps them: paths as strings."""
+    return {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()}
+
+
+def check_resumed_options(checkpoint: dict, path: Path, args) -> None:
+    """Refuse to resume a checkpoint trained with other model options, naming the option; say which training
+    options changed."""
+    before = {RENAMED_CONFIG_FIELDS.get(name, name): value for name, value in checkpoint.get("args", {}).items()}
+    now = saved_arguments(args)
+    for name in MODEL_OPTIONS:
+        if name in before and before[name] != now[name]:
+            raise UserError(f"{path} was trained with {as_option(name, before[name])}, but this run has "
+                            f"{as_option(name, now[name])}; pass the options it was trained with, or another --out")
+    for name in TRAINING_OPTIONS:
+        if name in before and before[name] != now[name]:
+            print(f"resuming with {as_option(name, now[name])} (the checkpoint was trained with "
+                  f"{as_option(name, before[name])})")
+
+
+def check_resumed_model(checkpoint: dict, path: Path, config: ZigMaConfig, conditioning: dict) -> None:
+    """Refuse to resume a checkpoint whose classes, caption words or model differ from what the options and data give."""
+    classes_before, classes_now = checkpoint["conditioning"]["class_names"], conditioning["class_names"]
+    if classes_before != classes_now:
+        raise UserError(f"{path} was trained on the classes {', '.join(classes_before or ['none'])}, "
+                        f"but --data has {', '.join(classes_now or ['none'])}; pass its data, or another --out")
+    if checkpoint["conditioning"]["vocabulary"] != conditioning["vocabulary"]:
+        raise UserError(f"the captions in --data use other words than those {path} was trained on; pass its data, "
+                        f"or another --out")
+    changed = [field for field, value in asdict(config).items() if checkpoint_config(checkpoint).get(field) != value]
+    if changed:
+        raise UserError(f"{path} holds a model with another {', '.join(changed)} than these options give; pass another --out")
+
+
+#################################################################################
+#                                   Processes                                   #
+#################################################################################
+
+def start_processes(device_name: str | None, batch_size: int | None = None) -> tuple[int, int, torch.device]:
+    """This process's rank, the number of processes, and its device. Under torchrun (WORLD_SIZE > 1): the
+    process group (nccl on CUDA, gloo on the CPU), one GPU per process; run alone: rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(device_name)
+    if world == 1:
+        return 0, 1, device
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"several processes run on CUDA or the CPU, not {device.type}")
+    if batch_size is not None and batch_size % world:
+        raise UserError(f"--batch-size {batch_size} does not split evenly across {world} processes")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+@contextlib.contextmanager
+def only_writer(out: Path, rank: int, world: int):
+    """Hold OUT/train.lock while training, so that a second run on the same --out is refused, not left to crash.
+    The first process takes it, and tells the others whether it could before any of them goes on."""
+    refusal, lock = None, None
+    if rank == 0:
+        try:
+            check_writable(out, "--out")
+            lock = open(out / "train.lock", "w")
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except UserError as error:
+            refusal = str(error)
+        except BlockingIOError:
+            refusal = f"another train.py is writing to {out}; wait for it to finish, or pass another --out"
+        except OSError as error:
+            refusal = f"cannot open the lock file {out / 'train.lock'} ({error.strerror}); remove what is there"
+    if world > 1:
+        shared = [refusal]
+        dist.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal:
+        raise UserError(refusal)
+    try:
+        yield
+    finally:
+        if lock:
+            lock.close()
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT), SIGTERM (a cluster scheduler's, or torchrun's when it stops) or SIGHUP (the terminal closed)
+    while training: noted here and acted on after the step under way, so that the checkpoint holds whole steps. A
+    second signal stops at once."""
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self):
+        self.name = None
+        self.before = {s: signal.signal(s, self.note) for s in self.signals}
+
+    def note(self, signum, frame):
+        self.name = signal.Signals(signum).name
+        self.restore()
+
+    def restore(self):
+        for s, handler in self.before.items():
+            signal.signal(s, handler)
+
+    def agreed(self, world: int, device: torch.device) -> bool:
+        """Whether any process was asked to stop: all stop together, since one that went on alone would wait for the
+        others for ever."""
+        stopping = torch.tensor(float(self.name is not None), device=device)
+        if world > 1:
+            dist.all_reduce(stopping)
+        return stopping.item() > 0
+
+
+#################################################################################
+#                                     Steps                                     #
+#################################################################################
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that starts its epoch after the first `skip` examples of this process's share."""
+
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+class Batches:
+    """The batches of this process's share of each batch, for ever: a new order every epoch, the same in every
+    process. `position` (epoch, examples of it trained on by all processes) goes into the checkpoint, so that a
+    resumed run goes on where the epoch stopped. The loader draws its workers' seeds from a generator of its own,
+    so that it takes nothing from the steps' seeds."""
+
+    def __init__(self, dataset, batch_size: int, workers: int, seed: int, rank: int, world: int, device: torch.device,
+                 position: tuple[int, int] = (0, 0)):
+        self.sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, seed=seed)
+        self.loader = DataLoader(dataset, batch_size=batch_size // world, sampler=self.sampler, num_workers=workers,
+                                 drop_last=len(dataset) >= batch_size, pin_memory=device.type == "cuda",
+                                 persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+        self.world, self.position, self.batches = world, tuple(position), None
+
+    def __next__(self) -> dict:
+        epoch, seen = self.position
+        if self.batches is None:
+            self.sampler.set_epoch(epoch)
+            self.sampler.skip = seen // self.world
+            self.batches = iter(self.loader)
+        batch = next(self.batches, None)
+        if batch is None:  # the epoch is over
+            self.position, self.batches = (epoch + 1, 0), None
+            return next(self)
+        self.position = (epoch, seen + len(batch["x"]) * self.world)
+        return batch
+
+
+def preview_conditions(dataset, count: int) -> tuple[torch.Tensor | None, list[str] | None]:
+    """What train.py's sample grids show: the classes in order, an equal share of the grid each, row by row; or
+    the first captions."""
+    labels = torch.arange(count) * len(dataset.class_names) // count if dataset.class_names else None
+    captions = [dataset.captions[i % len(dataset.captions)] for i in range(count)] if dataset.captions else None
+    return labels, captions
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of one step's random numbers (data order aside): the same after a resume as in a run that never
+    stopped. (Python hashes tuples of ints alike in every process.)"""
+    return hash((seed, rank, step)) % 2 ** 63
+
+
+FAR_ABOVE = 10  # a checkpoint whose loss is this many times the recent training loss is a diverged one
+
+
+@torch.no_grad()
+def check_weights_are_sane(networks: nn.ModuleDict, encode, batch: dict, recent_losses, step: int, world: int,
+                           device: torch.device, autocast, kept: str, time_sampling: str) -> None:
+    """Stop with the divergence sentence where the weights are not finite, or where their loss on the last batch
+    is far above the recent training loss: one step at a huge learning rate can ruin weights before any loss or
+    gradient is NaN. Every process checks its share; their random numbers are left as they were."""
+    finite = all(torch.isfinite(p).all() for p in networks.parameters())
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
+        y = batch["y"].to(device) if "y" in batch else None
+        context, context_mask = encode(batch["caption"]) if "caption" in batch else (None, None)
+        loss = flow_loss(networks["zigma"], batch["x"].to(device), y, context, context_mask, drop_prob=0.0,
+                         time_sampling=time_sampling)
+    found = torch.stack([loss.float(), torch.tensor(float(finite), device=device)])  # (2,)
+    if world > 1:
+        dist.all_reduce(found)
+        found /= world
+    loss, finite = found.tolist()
+    reference = sum(recent_losses) / len(recent_losses)
+    if finite < 1 or not loss <= FAR_ABOVE * reference:
+        raise UserError(f"training diverged at step {step}: the loss of its weights is {loss:.4g}, against {reference:.4g} "
+                        f"over the last steps" + (", and some weights are NaN or infinite" if finite < 1 else "") + f"; {kept}")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype that --precision asks autocast for, or None for float32. auto: bf16 on a GPU that has it, else
+    fp16 (with a gradient scaler in training), as nanoGPT picks; float32 on a CPU or a Mac."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast", None: "float32"}[dtype]
+
+
+#################################################################################
+#                                   Run files                                   #
+#################################################################################
+
+def trim_log(log: Path, step: int) -> None:
+    """Keep the lines of log.jsonl up to step: a run resumed from an earlier checkpoint logs the later steps again,
+    and a fresh run (step 0) starts an empty log. A line cut short (by a full disk, say) is dropped."""
+    if log.exists():
+        lines = []
+        for line in log.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                if json.loads(line)["step"] <= step:
+                    lines.append(line)
+        written_atomically(log, lambda temporary: temporary.write_text("".join(line + "\n" for line in lines)))
+
+
+def tensorboard_writer(folder: Path | None):
+    """torch.utils.tensorboard's SummaryWriter for folder, or one sentence where tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    return SummaryWriter(str(folder)) if folder is not None else None
+
+
+class RunLog:
+    """log.jsonl, a line of scalars every --log-every steps, and with --tensorboard the same scalars and each
+    sample grid in OUT/tensorboard. A full disk is one sentence."""
+
+    def __init__(self, out: Path, step: int, tensorboard: bool):
+        self.path = out / "log.jsonl"
+        trim_log(self.path, step)
+        self.tensorboard = tensorboard_writer(out / "tensorboard") if tensorboard else None
+
+    def scalars(self, step: int, values: dict) -> None:
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+        except OSError as error:
+            raise UserError(f"could not write {self.path}: {error.strerror or error}")
+        for name, value in values.items() if self.tensorboard else ():
+            self.tensorboard.add_scalar(name, value, step)
+
+    def images(self, step: int, samples: torch.Tensor) -> None:
+        """Images (B, 3, H, W) in [-1, 1] as one grid; of clips (B, T, 3, H, W), the first frames."""
+        if self.tensorboard:
+            images = (samples if samples.dim() == 4 else samples[:, 0]).float().clamp(-1, 1) * 0.5 + 0.5
+            self.tensorboard.add_image("samples", make_grid(images, nrow=math.ceil(math.sqrt(len(images)))), step)
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+def keep_numbered(path: Path, step: int, keep: int) -> None:
+    """Keep the checkpoint just written as ckpt_STEP.pt too (a hard link: no more disk), and only the last `keep`
+    of those."""
+    numbered = path.with_name(f"{path.stem}_{step:07d}{path.suffix}")
+    numbered.unlink(missing_ok=True)
+    try:
+        os.link(path, numbered)
+    except OSError:  # a file system without hard links
+        written_atomically(numbered, lambda temporary: temporary.write_bytes(path.read_bytes()))
+    for old in sorted(path.parent.glob(f"{path.stem}_[0-9]*{path.suffix}"))[:-keep]:
+        old.unlink()
+
+
+#################################################################################
+#                                    Sampling                                   #
+#################################################################################
+
+GRID_LIMIT = 256  # samples in the grid image; --out-dir takes any number
+
+
+def check_sampling_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """One sentence for an option out of range or without what it needs, before the checkpoint is read."""
+    if args.n < 1 or args.sample_steps < 1 or args.batch_size < 1:
+        raise UserError("--n, --sample-steps and --batch-size must be 1 or more")
+    if args.sample_steps > MAX_ODE_STEPS:
+        raise UserError(f"--sample-steps must be {MAX_ODE_STEPS} or less, not {args.sample_steps}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed must be between 0 and 2^63 - 1, not {args.seed}")
+    if args.n > GRID_LIMIT and args.out_dir is None and args.npz is None:
+        raise UserError(f"--n {args.n}: the grid holds the first {GRID_LIMIT} samples; pass --out-dir or --npz to keep "
+                        f"them all, or --n {GRID_LIMIT} or fewer")
+    if args.fid is not None and args.out_dir is not None and args.out_dir.resolve().is_relative_to(args.fid.resolve()):
+        raise UserError(f"--out-dir {args.out_dir} is inside --fid {args.fid}: the samples would count as real images; "
+                        f"pass an --out-dir outside it")
+    if args.fid is not None and args.n < 2:
+        raise UserError(f"--fid needs 2 samples or more, and thousands to mean much, not --n {args.n}")
+    if not 0 <= args.cfg < math.inf:
+        raise UserError(f"--cfg must be 0 or more (1 is no guidance) and finite, not {args.cfg}")
+    for name in ("rtol", "atol"):
+        if not 0 < getattr(args, name) < 1:
+            raise UserError(f"{option(name)} must be between 0 and 1, not {getattr(args, name)}")
+    if args.method == "dopri5":
+        try:
+            import torchdiffeq  # noqa: F401
+        except ImportError:
+            raise UserError("--method dopri5 needs the torchdiffeq package: pip install torchdiffeq")
+    if args.npz is not None and args.npz.suffix != ".npz":
+        raise UserError(f"--npz {args.npz}: name a file ending in .npz")
+    if args.ckpt.is_dir():
+        args.ckpt = args.ckpt / "ckpt.pt"  # a training run's --out folder
+    return args
+
+
+def output_path(args, video: bool) -> Path:
+    """The grid's file, checked before any sampling: an extension PIL writes, in a folder that exists or is made now."""
+    out = args.out or Path("samples.gif" if video else "samples.png")
+    allowed = [".gif"] if video else sorted(IMAGE_EXTENSIONS - {".gif"})
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name a file in it, or use --out-dir for one file per sample")
+    if out.suffix.lower() not in allowed:
+        raise UserError(f"--out {out}: write {'clips' if video else 'images'} to a file ending in {', '.join(allowed)}")
+    check_writable(out.parent, "--out's folder")
+    if args.out_dir is not None:
+        check_writable(args.out_dir, "--out-dir")
+    if args.npz is not None:
+        if video:
+            raise UserError(f"{args.ckpt} is a video model; --npz is for images")
+        check_writable(args.npz.parent, "--npz's folder")
+    return out
+
+
+class Conditions:
+    """What each sample is drawn for: the class of --class (by name or index), else every class in turn; the
+    captions of --prompt and --prompts, in turn; or nothing, for an unconditional model."""
+
+    def __init__(self, args, conditioning: dict):
+        class_names, self.label, self.prompts = conditioning["class_names"], None, None
+        if class_names is None and args.class_ is not None:
+            raise UserError(f"{args.ckpt} was trained without classes; leave out --class")
+        if class_names is not None and args.class_ is not None:
+            if args.class_ in class_names:
+                self.label = class_names.index(args.class_)
+            elif re.fullmatch(r"[0-9]+", args.class_) and int(args.class_) < len(class_names):
+                self.label = int(args.class_)
+            else:
+                raise UserError(f"unknown class {args.class_!r}; the classes are {', '.join(class_names)} "
+                                f"(or 0 to {len(class_names) - 1})")
+        self.classes = len(class_names) if class_names else 0
+        prompts = list(args.prompt or [])
+        if args.prompts:
+            if not args.prompts.is_file():
+                raise UserError(f"--prompts {args.prompts} is not a file")
+            prompts += [line.strip() for line in read_text(args.prompts).splitlines() if line.strip()]
+        captioned = bool(conditioning["vocabulary"] or conditioning["text_encoder"])
+        if prompts and not captioned:
+            raise UserError(f"{args.ckpt} was trained without captions; leave out --prompt")
+        if conditioning["vocabulary"]:
+            unknown = sorted({word for prompt in prompts for word in CaptionEncoder.words(prompt)}
+                             - set(conditioning["vocabulary"]))
+            if unknown:
+                warn(f"the model never saw the words {', '.join(unknown)} in training; it reads them as 'unknown'")
+            for prompt in prompts:
+                if not CaptionEncoder.words(prompt):
+                    warn(f"the prompt {prompt!r} has no words; it samples the empty caption")
+        self.prompts = prompts or None
+        if args.cfg != 1 and not self.classes and not self.prompts:
+            raise UserError("--cfg guides towards a prompt: add --prompt, or leave out --cfg" if captioned else
+                            f"{args.ckpt} was trained without classes or captions, so --cfg has nothing to guide "
+                            f"towards; leave it out")
+        if captioned and not self.prompts:
+            print(f"{args.ckpt} was trained on captions; without --prompt its samples are not conditioned on one")
+
+    def labels(self, indices: range, device: torch.device) -> torch.Tensor | None:
+        if not self.classes:
+            return None
+        if self.label is None:  # every class in turn
+            return torch.tensor([i % self.classes for i in indices], device=device)
+        return torch.full((len(indices),), self.label, device=device)
+
+    def captions(self, indices: range) -> list[str] | None:
+        return [self.prompts[i % len(self.prompts)] for i in indices] if self.prompts else None
+
+
+def sample_noise(seed: int, indices: range, shape: tuple, device: torch.device) -> torch.Tensor:
+    """The noise of samples `indices`, (len(indices), *shape): sample i's from a seed of its own, from (seed, i),
+    so that any number of processes draws the same samples."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator(device).manual_seed(hash((seed, i)) % 2 ** 63),
+                                    device=device) for i in indices])
+
+
+def gather(samples: torch.Tensor, world: int) -> torch.Tensor | None:
+    """Every process's samples, in rank order, on the first process (None on the others)."""
+    if world == 1:
+        return samples
+    shares = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(samples.cpu(), shares, dst=0)
+    return torch.cat([share for share in shares if len(share)]) if shares else None
+
+
+def write_npz(path: Path, **arrays) -> None:
+    """np.savez, written atomically."""
+    def write(temporary: Path):
+        with open(temporary, "wb") as f:
+            np.savez(f, **arrays)
+    written_atomically(path, write)
+
+
+def sample_adaptive(model, noise: torch.Tensor, y=None, context=None, context_mask=None, cfg_scale: float = 1.0,
+                    rtol: float = 1e-3, atol: float = 1e-6) -> tuple[torch.Tensor, int]:
+    """zigma.sample's ODE, integrated by torchdiffeq's adaptive dopri5 (as SiT and the official code evaluate);
+    returns the samples and the number of model calls."""
+    from torchdiffeq import odeint
+
+    calls = 0
+
+    def velocity(t, x_t):
+        nonlocal calls
+        calls += 1
+        return guided_velocity(model, x_t, t.expand(x_t.shape[0]), y, context, context_mask, cfg_scale)
+
+    with torch.no_grad():
+        ends = torch.tensor([0.0, 1.0], device=noise.device)
+        return odeint(velocity, noise, ends, method="dopri5", rtol=rtol, atol=atol)[-1], calls
+
+
+class CountedCalls(nn.Module):
+    """The model, moving a progress bar on by 1 / calls_per_step at each call: a bar that counts ODE steps."""
+
+    def __init__(self, model: nn.Module, progress, calls_per_step: int):
+        super().__init__()
+        self.model, self.progress, self.step = model, progress, 1 / calls_per_step
+
+    def forward(self, *args):
+        self.progress.update(self.step)
+        return self.model(*args)
+
+
+#################################################################################
+#                                      FID                                      #
+#################################################################################
+
+FID_FEATURES = 2048  # torchmetrics' FID network: Inception-v3's 2048 pooled features. The tests put a small one here.
+
+
+def to_bytes(images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] as uint8 (B, 3, H, W), rounded as save_samples rounds them into PNGs."""
+    return ((images.float().clamp(-1, 1) * 0.5 + 0.5) * 255 + 0.5).clamp(0, 255).byte()
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), in float64: FID from two feature statistics."""
+    root_trace = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()  # tr (sigma1 sigma2)^(1/2)
+    return ((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root_trace).item()
+
+
+class Statistics:
+    """The mean and covariance of feature vectors, added batch by batch, in float64."""
+
+    def __init__(self):
+        self.count, self.total, self.products = 0, 0.0, 0.0
+
+    def add(self, features: torch.Tensor) -> None:  # (B, F)
+        features = features.double().cpu()
+        self.count += len(features)
+        self.total = self.total + features.sum(0)
+        self.products = self.products + features.T @ features
+
+    def mean_and_covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mu = self.total / self.count
+        return mu, (self.products - self.count * torch.outer(mu, mu)) / (self.count - 1)
+
+
+def statistics_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "zigma" / "fid"
+
+
+class FID:
+    """FID between the samples and real images: the images of a folder, resized and centre-cropped to the samples'
+    size as train.py reads them, or the statistics (mu, sigma) of a .npz file, as pytorch-fid's --save-stats and
+    ADM's reference batches hold them. Both sets are rounded to 8 bits as PNGs are. A folder's statistics are cached
+    (keyed by its path, its files' count and latest time, the size and the features), so that a second call costs
+    nothing. Everything that can fail fast (the folder, the extras, the download) fails when it is built."""
+
+    def __init__(self, source: Path, device: torch.device):
+        self.source, self.device, self.samples, self.real = source, device, Statistics(), None
+        if source.is_file() and source.suffix == ".npz":
+            try:
+                with np.load(source) as saved:
+                    self.real = torch.from_numpy(saved["mu"]).double(), torch.from_numpy(saved["sigma"]).double()
+            except (OSError, ValueError, KeyError) as error:
+                raise UserError(f"--fid {source} is not a .npz of FID statistics with mu and sigma ({error})")
+            self.used = "the statistics in"
+        elif source.is_dir():
+            self.folder = ImageFolder(source, image_size=1, option="--fid")  # its transform is set at the samples' size
+            if len(self.folder) < 2:
+                raise UserError(f"--fid {source} holds one image; FID needs two or more, and thousands to mean much")
+        else:
+            raise UserError(f"--fid {source} is not a folder of images, nor a .npz of FID statistics")
+        try:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+            self.network = FrechetInceptionDistance(feature=FID_FEATURES).inception.to(device)
+        except ModuleNotFoundError as error:  # torchmetrics, or the torch-fidelity it needs for Inception
+            raise UserError(f"--fid needs torchmetrics and torch-fidelity ({error}): pip install torchmetrics torch-fidelity")
+        except (OSError, RuntimeError) as error:  # the weights' download (no network, a proxy), or a corrupt file
+            raise UserError(f"--fid: the Inception weights could not be fetched ({error}); they download once, on first "
+                            f"use, and need the network then")
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) in [-1, 1] -> (B, F)
+        return self.network(to_bytes(images).to(self.device)).reshape(len(images), -1)
+
+    def add_samples(self, samples: torch.Tensor) -> None:
+        self.samples.add(self.features(samples))
+        self.size = samples.shape[-1]
+
+    def compute(self, batch: int = 64) -> float:
+        """The FID of the samples added so far against the real statistics, computed (or read from the cache) now."""
+        if self.real is None:
+            self.real = self.folder_statistics(batch)
+        return frechet_distance(*self.samples.mean_and_covariance(), *self.real)
+
+    def folder_statistics(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        files = self.folder.files
+        key = json.dumps([str(self.source.resolve()), len(files), max(p.stat().st_mtime_ns for p in files), self.size,
+                          repr(FID_FEATURES)])
+        cache = statistics_cache() / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.npz"
+        if cache.is_file():
+            with contextlib.suppress(OSError, ValueError, KeyError), np.load(cache) as saved:
+                self.used = f"the {int(saved['count'])} images (statistics cached in {cache}) of"
+                return torch.from_numpy(saved["mu"]), torch.from_numpy(saved["sigma"])
+        self.folder.transform = image_transform(self.size)
+        statistics, images = Statistics(), []
+        for i in tqdm(range(len(self.folder)), desc="FID: real images", file=Terminal()):
+            image = self.folder.decoded(i)  # (1, 3, H, W), or None (with a warning) where the file does not decode
+            if image is not None:
+                images.append(image)
+            if images and (len(images) == batch or i == len(self.folder) - 1):
+                statistics.add(self.features(torch.cat(images)))
+                images = []
+        mu, sigma = statistics.mean_and_covariance()
+        with contextlib.suppress(OSError, UserError):  # a cache that cannot be written is only slower next time
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            write_npz(cache, mu=mu.numpy(), sigma=sigma.numpy(), count=statistics.count)
+        self.used = f"the {statistics.count} images of"
+        return mu, sigma
