@@ -744,7 +744,7 @@ def labels_table(args):
                         out = Path(folder) / f"samples_{kind}_{steps}_{cfg}_{name}"
                         condition = ["--class", name] if kind == "labels" else ["--prompt", caption(name)]
                         run_child([sys.executable, str(root / "sample.py"), "--ckpt", str(run), *condition,
-                                   "--n", str(args.label_samples), "--cfg", str(cfg), "--seed", str(label),
+                                   "--num-samples", str(args.label_samples), "--cfg", str(cfg), "--seed", str(label),
                                    "--out", str(out / "grid.png"), "--out-dir", str(out / "each"), "--device", "cpu"])
                         drawn = read_images(out / "each")
                         right += round(accuracy(classifier, drawn, torch.full((len(drawn),), label)) * len(drawn))
@@ -948,7 +948,7 @@ def check_training(report: Report, device: torch.device, sizes: dict):
                    f"{logged[-1]['examples_per_s']} images/s over the last 20 steps")
         report(f"- exit status {run.returncode}; its last line: `{output.strip().splitlines()[-1][-200:] if output.strip() else ''}`")
         if (out / "ckpt.pt").exists():
-            drawn = subprocess.run([sys.executable, str(root / "sample.py"), "--ckpt", str(out), "--n", "4", "--sample-steps", "10",
+            drawn = subprocess.run([sys.executable, str(root / "sample.py"), "--ckpt", str(out), "--num-samples", "4", "--sample-steps", "10",
                                     "--out", str(Path(folder) / "samples.png"), "--device", str(device)],
                                    capture_output=True, text=True, timeout=max(deadline - time.perf_counter(), 10))
             said = (drawn.stdout if drawn.returncode == 0 else drawn.stderr).strip().splitlines()

@@ -432,19 +432,19 @@ GRID_LIMIT = 256  # samples in the grid image; --out-dir takes any number
 def check_sampling_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """One sentence for an option out of range or without what it needs, before the checkpoint is read."""
     if args.n < 1 or args.sample_steps < 1 or args.batch_size < 1:
-        raise UserError("--n, --sample-steps and --batch-size must be 1 or more")
+        raise UserError("--num-samples, --sample-steps and --batch-size must be 1 or more")
     if args.sample_steps > MAX_ODE_STEPS:
         raise UserError(f"--sample-steps must be {MAX_ODE_STEPS} or less, not {args.sample_steps}")
     if not 0 <= args.seed < 2 ** 63:
         raise UserError(f"--seed must be between 0 and 2^63 - 1, not {args.seed}")
     if args.n > GRID_LIMIT and args.out_dir is None and args.npz is None:
-        raise UserError(f"--n {args.n}: the grid holds the first {GRID_LIMIT} samples; pass --out-dir or --npz to keep "
-                        f"them all, or --n {GRID_LIMIT} or fewer")
+        raise UserError(f"--num-samples {args.n}: the grid holds the first {GRID_LIMIT} samples; pass --out-dir or --npz "
+                        f"to keep them all, or --num-samples {GRID_LIMIT} or fewer")
     if args.fid is not None and args.out_dir is not None and args.out_dir.resolve().is_relative_to(args.fid.resolve()):
         raise UserError(f"--out-dir {args.out_dir} is inside --fid {args.fid}: the samples would count as real images; "
                         f"pass an --out-dir outside it")
     if args.fid is not None and args.n < 2:
-        raise UserError(f"--fid needs 2 samples or more, and thousands to mean much, not --n {args.n}")
+        raise UserError(f"--fid needs 2 samples or more, and thousands to mean much, not --num-samples {args.n}")
     if not 0 <= args.cfg < math.inf:
         raise UserError(f"--cfg must be 0 or more (1 is no guidance) and finite, not {args.cfg}")
     for name in ("rtol", "atol"):
@@ -575,14 +575,16 @@ def sample_adaptive(model, noise: torch.Tensor, y=None, context=None, context_ma
 
 
 class CountedCalls(nn.Module):
-    """The model, moving a progress bar on by 1 / calls_per_step at each call: a bar that counts ODE steps."""
+    """The model, moving a progress bar on by one every calls_per_step calls: a bar that counts ODE steps."""
 
     def __init__(self, model: nn.Module, progress, calls_per_step: int):
         super().__init__()
-        self.model, self.progress, self.step = model, progress, 1 / calls_per_step
+        self.model, self.progress, self.calls_per_step, self.calls = model, progress, calls_per_step, 0
 
     def forward(self, *args):
-        self.progress.update(self.step)
+        self.calls += 1
+        if self.calls % self.calls_per_step == 0:
+            self.progress.update()
         return self.model(*args)
 
 

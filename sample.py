@@ -1,13 +1,13 @@
 """Draw samples from a ZigMa checkpoint written by train.py.
 
     python sample.py                                                   # out/ckpt.pt -> samples.png
-    python sample.py --ckpt out/ckpt.pt --n 64 --sample-steps 50 --out samples.png
-    python sample.py --ckpt out/ckpt.pt --n 10000 --batch-size 250 --out-dir fid_samples   # one PNG each
-    python sample.py --ckpt out/ckpt.pt --n 10000 --batch-size 250 --fid ./faces          # FID against a folder
+    python sample.py --ckpt out/ckpt.pt --num-samples 64 --sample-steps 50 --out samples.png
+    python sample.py --ckpt out/ckpt.pt --num-samples 10000 --batch-size 250 --out-dir fid_samples   # one PNG each
+    python sample.py --ckpt out/ckpt.pt --num-samples 10000 --batch-size 250 --fid ./faces   # FID against a folder
     python sample.py --ckpt out/ckpt.pt --class smiling --cfg 3        # class-conditional; --class takes a name or index
     python sample.py --ckpt out/ckpt.pt --prompt "a pink frowning face" --prompt "a yellow smiling face" --cfg 3
     python sample.py --ckpt out/ckpt.pt --method dopri5                # adaptive steps (pip install torchdiffeq)
-    torchrun --nproc_per_node 8 sample.py --ckpt out/ckpt.pt --n 50000 --npz samples.npz   # for ADM's FID suite
+    torchrun --nproc_per_node 8 sample.py --ckpt out/ckpt.pt --num-samples 50000 --npz samples.npz   # ADM's FID
 
 Sampling integrates the learned ODE from noise (t = 0) to data (t = 1) with the EMA weights. A video
 checkpoint writes an animated grid GIF (--out samples.gif) and, with --out-dir, one GIF per clip. A latent
@@ -45,7 +45,8 @@ if QUIET_START:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, default=Path("out/ckpt.pt"), help="checkpoint from train.py, or its --out folder (default: out/ckpt.pt)")
-    parser.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
+    parser.add_argument("--num-samples", "--n", dest="n", type=int, default=64,
+                        help="number of samples; torchrun takes --n for its own --nnodes, so use this name there (default: 64)")
     parser.add_argument("--sample-steps", "--steps", type=int, default=50,
                         help="ODE steps, as train.py's --sample-steps (--steps is its older name) (default: 50)")
     parser.add_argument("--method", default="euler", choices=["euler", "heun", "dopri5"], help="ODE solver: Heun costs "

@@ -790,6 +790,7 @@ import errno  # noqa: E402
 import fcntl  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import importlib.util  # noqa: E402
 import io  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -1929,7 +1930,7 @@ def test_more_sampling_mistakes_are_one_sentence(tmp_path, trained_run, monkeypa
     for options, message in [(["--seed", str(2 ** 64)], "--seed must be between 0 and 2^63 - 1"),
                              (["--seed", "-1"], "--seed must be between 0 and 2^63 - 1"),
                              (["--class", "²"], "unknown class '²'"),
-                             (["--n", str(10 ** 11)], "--n 100000000000: the grid holds the first 256 samples")]:
+                             (["--n", str(10 ** 11)], "--num-samples 100000000000: the grid holds the first 256 samples")]:
         with pytest.raises(UserError, match=re.escape(message)):
             sample_script.main([*run, *options])
     with pytest.raises(UserError, match=re.escape("--seed must be between 0 and 2^63 - 1")):
@@ -2328,3 +2329,168 @@ def test_outputs_inside_the_data_they_learn_from_are_refused(tmp_path, trained_r
         sample_script.main(["--ckpt", str(trained_run), "--out", str(tmp_path / "s.png"), "--fid", str(folder),
                             "--out-dir", str(folder / "a" / "samples")])
     assert not (folder / "out").exists() and not (folder / "a" / "samples").exists()
+
+
+# ---------------------------------------------------------------------------- conventions of DiT, SiT and nanoGPT
+
+def test_no_flip_never_shows_a_mirrored_image_and_a_changed_setting_is_said(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(4):  # light on the left, dark on the right: a mirrored image is dark on the left
+        pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+        pixels[:, :4] = 60 * i + 50
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    seen = []
+    monkeypatch.setattr(train, "flow_loss", lambda model, x, *args, **kwargs: seen.append(x.clone()) or flow_loss(model, x, *args, **kwargs))
+    out = tmp_path / "out"
+    train.main(["--data", str(folder), "--out", str(out), "--steps", "6", "--no-flip", *TINY_RUN])
+    images = torch.cat(seen)  # (24, 3, 8, 8)
+    assert len(images) == 24 and (images[..., :4].mean((1, 2, 3)) > images[..., 4:].mean((1, 2, 3))).all(), "never mirrored"
+    seen.clear()
+    train.main(["--data", str(folder), "--out", str(out), "--steps", "12", *TINY_RUN])  # flips on again
+    assert "resuming with --flip (the checkpoint was trained with no --flip)" in capsys.readouterr().out
+    mirrored = torch.cat(seen)[..., :4].mean((1, 2, 3)) < torch.cat(seen)[..., 4:].mean((1, 2, 3))
+    assert 0 < mirrored.sum() < len(mirrored), "with --flip, some images are mirrored and some are not"
+
+
+def test_sampling_under_torchrun_draws_the_samples_of_one_process(tmp_path, trained_run):
+    options = ["--ckpt", str(trained_run), "--num-samples", "5", "--batch-size", "2", "--sample-steps", "2", "--device", "cpu"]
+    torchrun("sample.py", *options, "--out", str(tmp_path / "two.png"), "--out-dir", str(tmp_path / "two"),
+             "--npz", str(tmp_path / "two.npz"))
+    sample_script.main([*options, "--out", str(tmp_path / "one.png"), "--npz", str(tmp_path / "one.npz")])
+    with np.load(tmp_path / "two.npz") as two, np.load(tmp_path / "one.npz") as one:
+        assert list(two) == ["arr_0"] and two["arr_0"].dtype == np.uint8 and two["arr_0"].shape == (5, 8, 8, 3)
+        difference = np.abs(two["arr_0"].astype(int) - one["arr_0"].astype(int))
+        assert difference.max() <= 1, "two processes draw the samples that one draws (up to rounding)"
+        files = sorted((tmp_path / "two").iterdir())
+        assert [p.name for p in files] == [f"{i:06d}.png" for i in range(5)], "the first process writes every file"
+        assert all(np.array_equal(np.asarray(Image.open(p)), two["arr_0"][i]) for i, p in enumerate(files))
+
+
+def test_fid_statistics_of_a_folder_are_cached_and_can_be_passed_as_npz(tmp_path, trained_run, monkeypatch, capsys):
+    pytest.importorskip("torchmetrics")
+    monkeypatch.setattr(plumbing, "FID_FEATURES", SmallFeatures())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real = make_image_folder(tmp_path / "real")
+    run = ["--ckpt", str(trained_run), "--n", "8", "--sample-steps", "2", "--out", str(tmp_path / "grid.png")]
+    sample_script.main([*run, "--fid", str(real)])
+    first = fid_printed(capsys)
+    [cache] = (tmp_path / "cache" / "zigma" / "fid").glob("*.npz")
+    measured, features = [], plumbing.FID.features
+    monkeypatch.setattr(plumbing.FID, "features", lambda self, images: measured.append(len(images)) or features(self, images))
+    sample_script.main([*run, "--fid", str(real)])
+    printed = capsys.readouterr().out
+    assert measured == [8] and "statistics cached in" in printed, "the second call measures the samples alone"
+    assert float(re.search(r"FID (-?[0-9.]+): ", printed).group(1)) == first
+    sample_script.main([*run, "--fid", str(cache)])
+    assert fid_printed(capsys) == first, "the statistics file gives the same FID"
+
+
+class ScaledByTime(torch.nn.Module):
+    """A velocity field with a known flow: dx/dt = t x, so x(1) = x(0) e^(1/2)."""
+
+    def forward(self, x_t, t, *conditions):
+        return t.view(-1, 1, 1, 1) * x_t
+
+
+def test_dopri5_reaches_the_exact_end_point_to_its_tolerance():
+    pytest.importorskip("torchdiffeq")
+    noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = noise * math.exp(0.5)
+    for rtol in (1e-3, 1e-6):
+        end, calls = plumbing.sample_adaptive(ScaledByTime(), noise, rtol=rtol, atol=rtol * 1e-3)
+        error = ((end - exact).abs() / exact.abs().clamp(min=1e-3)).max().item()
+        assert error <= 10 * rtol and calls > 0, f"rtol {rtol}: relative error {error:.2e} in {calls} calls"
+    euler = sample(ScaledByTime(), noise, steps=calls)  # as many calls, in equal steps
+    assert ((euler - exact).abs() / exact.abs().clamp(min=1e-3)).max() > 10 * error
+
+
+def test_sample_py_solves_with_dopri5_and_counts_ode_steps(tmp_path, trained_run, capsys, monkeypatch):
+    run = ["--ckpt", str(trained_run), "--n", "4", "--batch-size", "2", "--out", str(tmp_path / "s.png")]
+    sample_script.main([*run, "--sample-steps", "3", "--method", "heun"])
+    assert "6/6" in capsys.readouterr().err, "two batches of 3 Heun steps: 6 ODE steps, not 2 batches"
+    if importlib.util.find_spec("torchdiffeq"):
+        sample_script.main([*run, "--method", "dopri5"])
+        assert re.search(r"dopri5 took \d+ model calls a batch", capsys.readouterr().out)
+    monkeypatch.setitem(sys.modules, "torchdiffeq", None)  # not installed
+    with pytest.raises(UserError, match="--method dopri5 needs the torchdiffeq package: pip install torchdiffeq"):
+        sample_script.main([*run, "--method", "dopri5"])
+
+
+def test_numbered_checkpoints_logged_lr_and_gradient_norm_and_no_preview(tmp_path):
+    out = tmp_path / "out"
+    train.main(["--out", str(out), "--steps", "6", *TINY_RUN, "--keep-checkpoints", "2", "--sample-every", "0",
+                "--warmup", "4"])
+    assert sorted(p.name for p in out.glob("ckpt*.pt")) == ["ckpt.pt", "ckpt_0000004.pt", "ckpt_0000006.pt"]
+    assert data.load_checkpoint(out / "ckpt_0000004.pt")["step"] == 4 and not list(out.glob("samples_*"))
+    lines = logged(out)
+    assert [line["lr"] for line in lines] == pytest.approx([1e-3 * min(1, s / 5) for s in range(1, 7)]), "the warm-up"
+    assert all(math.isfinite(line["grad_norm"]) and line["grad_norm"] > 0 for line in lines)
+
+
+def test_tensorboard_gets_the_scalars_and_the_sample_grids(tmp_path, monkeypatch):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "out"
+    train.main(["--out", str(out), "--steps", "2", *TINY_RUN, "--tensorboard"])
+    events = event_accumulator.EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"loss", "lr", "grad_norm", "examples_per_s"} <= set(events.Tags()["scalars"])
+    assert [event.step for event in events.Scalars("loss")] == [1, 2] and [e.step for e in events.Images("samples")] == [2]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    with pytest.raises(UserError, match="--tensorboard needs the tensorboard package: pip install tensorboard"):
+        train.main(["--out", str(tmp_path / "again"), *TINY_RUN, "--tensorboard"])
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", None)])
+def test_precision_picks_autocast(precision, dtype):
+    assert plumbing.autocast_dtype(precision, torch.device("cuda")) == dtype
+    assert plumbing.autocast_dtype("auto", torch.device("cpu")) is None, "auto is float32 on a CPU"
+
+
+def test_fp16_training_scales_the_gradients(tmp_path, capsys):
+    train.main(["--out", str(tmp_path / "out"), "--steps", "2", *TINY_RUN, "--precision", "fp16"])
+    assert "fp16 autocast" in capsys.readouterr().out.splitlines()[0], "the first line names the precision"
+    assert data.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 2
+
+
+@contextlib.contextmanager
+def cuda_autocast(dtype):
+    """CUDA's autocast rules, without a GPU: what torch.autocast("cuda") switches on, below its check for a device."""
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        torch.autocast_decrement_nesting()
+        torch.set_autocast_enabled("cuda", False)
+        torch.clear_autocast_cache()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fault", [None, "u in float32"])
+def test_a_b2_model_hands_the_kernel_its_contract_under_cudas_autocast_rules(monkeypatch, dtype, fault):
+    # Fake CUDA tensors (shapes and dtypes, no values) under CUDA's own cast lists, which differ from the CPU's.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    kernel_calls = []
+
+    def fused(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+        if fault:
+            u = u.float()  # what the test must catch
+        u, delta, B, C, z, D = kernel_contract(u, delta, A, B, C, D, z, delta_bias)
+        kernel_calls.append((u.dtype, u.device.type))
+        return u.new_empty(u.shape)
+
+    monkeypatch.setattr(zigma, "fused_selective_scan", fused)
+    model = ZigMa(zigma.preset_config("ZigMa-B/2", input_size=32, in_channels=4, num_classes=10, context_dim=64))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to("cuda")
+        x, t, y = torch.randn(2, 4, 32, 32, device="cuda"), torch.rand(2, device="cuda"), torch.tensor([1, 2], device="cuda")
+        context, mask = torch.randn(2, 5, 64, device="cuda"), torch.ones(2, 5, dtype=torch.bool, device="cuda")
+        with cuda_autocast(dtype):
+            if fault:
+                with pytest.raises(AssertionError, match="delta must be in u's dtype torch.float32"):
+                    model(x, t, y, context, mask)
+                return
+            v = model(x, t, y, context, mask)
+    assert kernel_calls == [(dtype, "cuda")] * model.config.depth and v.shape == x.shape
