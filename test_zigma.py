@@ -10,7 +10,7 @@ import data
 import zigma
 import fast_scan
 from fast_scan import selective_scan
-from zigma import (ScanOrder, ZigMa, ZigMaBlock, ZigMaConfig, flow_loss, guided_velocity, layer_orders, sample,
+from zigma import (TokenOrder, ZigMa, ZigMaBlock, ZigMaConfig, flow_loss, guided_velocity, layer_orders, sample,
                    selective_scan_reference, sweep_paths, volume_path, zigzag_paths)
 
 
@@ -109,7 +109,7 @@ def test_volume_zigzag_is_continuous_in_space_and_time():
 @pytest.mark.parametrize("axis, order_length", [("space", 12), ("time", 3), ("volume", 36)])
 def test_scan_round_trip_restores_token_order(axis, order_length):
     grid = (3, 3, 4)
-    scan = ScanOrder(grid, axis, torch.randperm(order_length))
+    scan = TokenOrder(grid, axis, torch.randperm(order_length))
     x = torch.randn(2, 36, 5)
     sequences = scan.to_sequences(x)
     assert sequences.shape[1] == order_length
@@ -120,7 +120,7 @@ def test_scan_sequences_follow_the_path():
     grid = (1, 3, 4)
     path = zigzag_paths(3, 4)[1]
     x = torch.arange(12.0).view(1, 12, 1)  # token i carries the value i
-    sequence = ScanOrder(grid, "space", path).to_sequences(x)
+    sequence = TokenOrder(grid, "space", path).to_sequences(x)
     assert sequence.flatten().long().tolist() == path.tolist()
 
 
@@ -509,7 +509,7 @@ def test_temporal_layer_mixes_only_the_same_position():
 def test_block_works_on_its_own():
     dim, h, w = 16, 3, 5
     block = randomize(ZigMaBlock(dim, d_state=4))
-    scan = ScanOrder((1, h, w), "space", zigzag_paths(h, w)[3])
+    scan = TokenOrder((1, h, w), "space", zigzag_paths(h, w)[3])
     tokens = torch.randn(2, h * w, dim, requires_grad=True)
     out = block(tokens, torch.randn(2, dim), scan)
     out.sum().backward()
@@ -518,6 +518,34 @@ def test_block_works_on_its_own():
     first = scan.order[0].item()
     grad_first = torch.autograd.grad(block(tokens, torch.ones(2, dim), scan)[0, first].sum(), tokens)[0]
     assert (grad_first[0, [i for i in range(h * w) if i != first]] == 0).all()
+
+
+def test_a_block_and_the_final_layer_start_as_identity_and_zero_on_their_own():
+    # adaLN-Zero lives in each module's __init__, not in the model's: a block built alone is the identity.
+    torch.manual_seed(0)
+    block, final = ZigMaBlock(16, d_state=4, context_dim=8), zigma.FinalLayer(16, 2, 3)
+    tokens, c = torch.randn(2, 15, 16), torch.randn(2, 16)
+    order = TokenOrder((1, 3, 5), "space", zigzag_paths(3, 5)[0])
+    assert torch.equal(block(tokens, c, order, torch.randn(2, 4, 8)), tokens)
+    assert not final(tokens, c).any()
+
+
+def test_python_zigma_py_demonstrates_the_file():
+    # About 20 s on 2 cores (README); the limit here only stops a hang.
+    finished = subprocess.run([sys.executable, "zigma.py"], capture_output=True, text=True, cwd=Path(__file__).parent,
+                              timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    out = finished.stdout
+    assert " 0  1  2  3    0  7  8 15   12 13 14 15" in out, "the zigzag paths, as the docstring draws them"
+    covered = [int(n) for n in re.findall(r"K = \d: the paths read (\d+) of the 960", out)]
+    assert covered[0] == 255 and covered[0] < covered[1] < covered[2] == 960, out
+    error, noise = map(float, re.search(r"error of ([0-9.]+) from the image .* was ([0-9.]+) away", out).groups())
+    assert error < noise / 10, f"the overfitted model should sample its image back: {out}"
+
+
+def test_no_line_of_zigma_py_is_over_110_characters():
+    long = [i + 1 for i, line in enumerate((Path(__file__).parent / "zigma.py").read_text().splitlines()) if len(line) > 110]
+    assert not long, f"zigma.py lines over 110 characters: {long}"
 
 
 def expected_parameters(dim, depth, patch, channels, tokens, d_state=16, expand=2, frequency_dim=256):
