@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from data import (IMAGE_EXTENSIONS, RENAMED_CONFIG_FIELDS, CaptionEncoder, ClipFolder, ImageFolder, MovingShapes,
-                  SmileyFaces, Terminal, UserError, check_writable, checkpoint_config, image_transform, pick_device,
-                  read_text, warn, written_atomically)
+from data import (IMAGE_EXTENSIONS, RENAMED_CONFIG_FIELDS, VAE, CaptionEncoder, ClipFolder, ImageFolder, MovingShapes,
+                  SmileyFaces, Terminal, UserError, check_writable, checkpoint_config, image_transform, load_weights,
+                  pick_device, read_text, warn, written_atomically)
 from zigma import PRESETS, ZigMaConfig, flow_loss, guided_velocity
 
 MAX_IMAGE_SIZE = 8192  # pixels a side: 1024 x 1024 latent cells, far past the paper's largest model
@@ -176,6 +176,26 @@ def check_resumed_model(checkpoint: dict, path: Path, config: ZigMaConfig, condi
     changed = [field for field, value in asdict(config).items() if checkpoint_config(checkpoint).get(field) != value]
     if changed:
         raise UserError(f"{path} holds a model with another {', '.join(changed)} than these options give; pass another --out")
+
+
+def resume(checkpoint: dict, path: Path, networks: nn.ModuleDict, ema: nn.ModuleDict, optimizer, config: ZigMaConfig,
+           conditioning: dict) -> tuple[int, tuple[int, int]]:
+    """Load a checkpoint to train on: the weights, the EMA and AdamW's moments (with this run's weight decay);
+    returns its step and its position in the data."""
+    check_resumed_model(checkpoint, path, config, conditioning)
+    load_weights(networks, checkpoint["model"], path, "model")
+    load_weights(ema, checkpoint["ema"], path, "ema")
+    chosen = [group["weight_decay"] for group in optimizer.param_groups]  # this run's, not the checkpoint's
+    if "optimizer" in checkpoint:
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except ValueError:
+            raise UserError(f"{path} holds the optimizer of an older train.py; sample from it, or train in another --out")
+    else:  # stripped for release: the weights alone
+        warn(f"{path} holds no optimizer state; AdamW's moments start afresh")
+    for group, weight_decay in zip(optimizer.param_groups, chosen):
+        group["weight_decay"] = weight_decay
+    return checkpoint["step"], tuple(checkpoint.get("data_position", (0, 0)))  # older checkpoints: (0, 0)
 
 
 #################################################################################
@@ -530,6 +550,22 @@ class Conditions:
 
     def captions(self, indices: range) -> list[str] | None:
         return [self.prompts[i % len(self.prompts)] for i in indices] if self.prompts else None
+
+
+def vae_for(args, checkpoint: dict, device: torch.device):
+    """The VAE that decodes a latent checkpoint's samples (the one it names, or --vae where that has moved), or
+    None for a pixel checkpoint."""
+    trained = checkpoint.get("vae")
+    if args.vae and not trained:
+        raise UserError(f"{args.ckpt} was trained on pixels, not latents; leave out --vae")
+    if not trained:
+        return None
+    try:
+        return VAE(args.vae or trained, device)
+    except UserError as error:
+        if args.vae:
+            raise
+        raise UserError(f"{error}; {args.ckpt} was trained with it: where it has moved, pass --vae PATH")
 
 
 def sample_noise(seed: int, indices: range, shape: tuple, device: torch.device) -> torch.Tensor:

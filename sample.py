@@ -1,19 +1,14 @@
-"""Draw samples from a ZigMa checkpoint written by train.py.
+"""Draw samples from a ZigMa checkpoint written by train.py, with the EMA weights.
 
     python sample.py                                                   # out/ckpt.pt -> samples.png
-    python sample.py --ckpt out/ckpt.pt --num-samples 64 --sample-steps 50 --out samples.png
-    python sample.py --ckpt out/ckpt.pt --num-samples 10000 --batch-size 250 --out-dir fid_samples   # one PNG each
-    python sample.py --ckpt out/ckpt.pt --num-samples 10000 --batch-size 250 --fid ./faces   # FID against a folder
-    python sample.py --ckpt out/ckpt.pt --class smiling --cfg 3        # class-conditional; --class takes a name or index
-    python sample.py --ckpt out/ckpt.pt --prompt "a pink frowning face" --prompt "a yellow smiling face" --cfg 3
-    python sample.py --ckpt out/ckpt.pt --method dopri5                # adaptive steps (pip install torchdiffeq)
-    torchrun --nproc_per_node 8 sample.py --ckpt out/ckpt.pt --num-samples 50000 --npz samples.npz   # ADM's FID
+    python sample.py --ckpt out --num-samples 10000 --out-dir fid_samples --fid ./faces   # one PNG each, and FID
+    python sample.py --ckpt out --class smiling --cfg 3                # class-conditional: a name or an index
+    python sample.py --ckpt out --prompt "a pink frowning face" --cfg 3 --method dopri5   # pip install torchdiffeq
+    torchrun --nproc_per_node 8 sample.py --ckpt out --num-samples 50000 --npz samples.npz   # ADM's FID suite
 
-Sampling integrates the learned ODE from noise (t = 0) to data (t = 1) with the EMA weights. A video
-checkpoint writes an animated grid GIF (--out samples.gif) and, with --out-dir, one GIF per clip. A latent
-checkpoint (train.py --vae) is decoded with the VAE it names, or with --vae where that folder has moved.
-Sample i's noise comes from (--seed, i), so that under torchrun, where each process draws its share of every
-round of batches and the first writes the files, any number of processes draws the same samples.
+A video checkpoint writes an animated grid GIF; a latent one is decoded with the VAE it names. Sample i's noise
+comes from (--seed, i), so any number of processes draws the same samples: under torchrun each draws its share
+of every round of batches, and the first writes the files.
 """
 
 import signal
@@ -24,6 +19,7 @@ if QUIET_START:
     signal.signal(signal.SIGINT, lambda *_: sys.exit("sample.py: interrupted while starting; nothing was written"))
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +27,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import (VAE, ArgumentParser, Terminal, UserError, load_checkpoint, load_pretrained_text_encoder,
+from data import (ArgumentParser, Terminal, UserError, load_checkpoint, load_pretrained_text_encoder,
                   networks_from_checkpoint, save_samples)
 from plumbing import (FID, GRID_LIMIT, PRECISIONS, Conditions, CountedCalls, autocast_dtype, check_sampling_arguments,
                       gather, output_path, precision_name, sample_adaptive, sample_noise, start_processes, to_bytes,
-                      write_npz)
+                      vae_for, write_npz)
 from zigma import sample
 
 if QUIET_START:
@@ -70,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale; 1 = none (default: 1)")
     parser.add_argument("--fid", type=Path, metavar="REAL", help="print the FID of the samples against the images in this "
                         "folder, or the statistics (mu, sigma) in this .npz; a folder's statistics are cached in "
-                        "~/.cache/zigma (torchmetrics, with torch-fidelity's Inception-v3; its weights download once)")
+                        "~/.cache/zigma/fid, or $XDG_CACHE_HOME/zigma/fid (torchmetrics, with torch-fidelity's "
+                        "Inception-v3; its weights download once)")
     parser.add_argument("--vae", metavar="NAME_OR_PATH", help="decode with this VAE, for a latent model whose VAE folder "
                         "has moved (default: the one the checkpoint names)")
     return check_sampling_arguments(parser.parse_args(argv))
@@ -79,21 +76,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = start_processes(args.device)  # under torchrun, each process draws its share
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")  # the first process speaks for all
     checkpoint = load_checkpoint(args.ckpt)
     video = checkpoint["config"]["frames"] > 0
     out = output_path(args, video)
     if args.fid is not None and video:
         raise UserError(f"{args.ckpt} is a video model; --fid is for images")
     conditions = Conditions(args, checkpoint["conditioning"])  # each sample's class or caption
-    trained_vae = checkpoint.get("vae")
-    if args.vae and not trained_vae:
-        raise UserError(f"{args.ckpt} was trained on pixels, not latents; leave out --vae")
-    try:
-        vae = VAE(args.vae or trained_vae, device) if trained_vae else None  # decodes the samples
-    except UserError as error:
-        if args.vae:
-            raise
-        raise UserError(f"{error}; {args.ckpt} was trained with it: where it has moved, pass --vae PATH")
+    vae = vae_for(args, checkpoint, device)  # decodes a latent model's samples
     networks = networks_from_checkpoint(checkpoint, args.ckpt, "model" if args.no_ema else "ema").to(device).eval()
     model = networks["zigma"]
     encode = networks["text"] if "text" in networks else load_pretrained_text_encoder(checkpoint["conditioning"]["text_encoder"])

@@ -1,20 +1,16 @@
 """Train ZigMa with flow matching on a folder of images or clips, or on built-in synthetic data.
 
     python train.py                                      # built-in smiley faces; a tiny model, fine on a CPU
-    python train.py --data ./faces --image-size 64 --model ZigMa-S/2 --steps 200000
-    python train.py --data ./faces --image-size 64 --model ZigMa-S/2 --steps 400000   # resumes from out/ckpt.pt
-    python train.py --frames 8                           # built-in moving shapes: video with the factorized scan
-    python train.py --data ./clips --frames 16 --frame-stride 2 --video-pattern sst
-    python train.py --data ./pets --class-cond           # labels from the first-level subfolder names
+    python train.py --data ./faces --image-size 64 --model ZigMa-S/2 --steps 200000   # re-run to resume
+    python train.py --frames 8                           # built-in moving shapes: video, the factorized scan
+    python train.py --data ./pets --class-cond           # labels: the first-level subfolders' names
     python train.py --data ./captioned --captions        # a caption in NAME.txt beside each NAME.png
-    python train.py --data ./ffhq --image-size 256 --vae stabilityai/sd-vae-ft-ema --model ZigMa-B/2   # latent space
-    torchrun --standalone --nproc_per_node 8 train.py --data ./faces --model ZigMa-B/2 --batch-size 256  # 8 GPUs
+    python train.py --data ./ffhq --image-size 256 --vae stabilityai/sd-vae-ft-ema --model ZigMa-B/2   # latents
+    torchrun --standalone --nproc_per_node 8 train.py --data ./faces --model ZigMa-B/2 --batch-size 256
 
-Everything goes to --out (default out/): ckpt.pt (model, EMA, optimizer, step, config, arguments, class
-names or vocabulary, the VAE's name), samples_STEP.png or .gif (from the EMA weights), log.jsonl (loss,
-learning rate, gradient norm) and, with --vae, latents.pt (the encoded data). Re-running a command resumes
-from OUT/ckpt.pt; a larger --steps trains on. Under torchrun each process trains on its share of every batch
-with DistributedDataParallel; the first writes the files.
+Everything goes to --out (default out/): ckpt.pt, samples_STEP.png (from the EMA weights), log.jsonl and, with
+--vae, latents.pt. Re-running a command resumes from OUT/ckpt.pt; a larger --steps trains on. Under torchrun
+each process trains on its share of every batch (DistributedDataParallel); the first writes the files.
 """
 
 import signal
@@ -39,10 +35,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import (VAE, ArgumentParser, CaptionEncoder, CPUThreads, Latents, Terminal, UserError, build_networks,
-                  load_checkpoint, load_pretrained_text_encoder, load_weights, plural, save_atomically, save_samples, warn)
-from plumbing import (PRECISIONS, Batches, RunLog, StopRequest, autocast_dtype, build_dataset, check_resumed_model,
-                      check_resumed_options, check_training_arguments, check_weights_are_sane, keep_numbered,
-                      only_writer, precision_name, preview_conditions, saved_arguments, start_processes, step_seed)
+                  load_checkpoint, load_pretrained_text_encoder, plural, save_atomically, save_samples, warn)
+from plumbing import (PRECISIONS, Batches, RunLog, StopRequest, autocast_dtype, build_dataset, check_resumed_options,
+                      check_training_arguments, check_weights_are_sane, keep_numbered, only_writer, precision_name,
+                      preview_conditions, resume, saved_arguments, start_processes, step_seed)
 from zigma import PRESETS, TIME_SAMPLING, flow_loss, fused_selective_scan, preset_config, sample
 
 if QUIET_START:
@@ -190,21 +186,8 @@ def train(args, rank: int, world: int, device: torch.device):
     optimizer = torch.optim.AdamW(parameter_groups(networks, args.weight_decay), lr=args.lr)
     start, position, saved = 0, (0, 0), "no checkpoint was written"
 
-    if checkpoint is not None:
-        check_resumed_model(checkpoint, ckpt_path, config, conditioning)
-        load_weights(networks, checkpoint["model"], ckpt_path, "model")
-        load_weights(ema, checkpoint["ema"], ckpt_path, "ema")
-        chosen = [group["weight_decay"] for group in optimizer.param_groups]  # this run's, not the checkpoint's
-        if "optimizer" in checkpoint:
-            try:
-                optimizer.load_state_dict(checkpoint["optimizer"])
-            except ValueError:
-                raise UserError(f"{ckpt_path} holds the optimizer of an older train.py; sample from it, or train in another --out")
-        else:  # stripped for release: the weights alone
-            warn(f"{ckpt_path} holds no optimizer state; AdamW's moments start afresh")
-        for group, weight_decay in zip(optimizer.param_groups, chosen):
-            group["weight_decay"] = weight_decay
-        start, position = checkpoint["step"], checkpoint.get("data_position", (0, 0))  # older checkpoints: (0, 0)
+    if checkpoint is not None:  # the weights, the EMA, AdamW's moments and the position in the data
+        start, position = resume(checkpoint, ckpt_path, networks, ema, optimizer, config, conditioning)
         saved = f"{ckpt_path} is kept as it was at step {start}"
         print(f"resuming from {ckpt_path} at step {start}")
     batches = Batches(dataset, args.batch_size, args.workers, args.seed, rank, world, device, position)  # endless

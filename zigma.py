@@ -26,7 +26,8 @@ Elsewhere c is DiT's condition vector. einops patterns spell axes out (frames, h
 "Scan" is the SSM's recurrence; the orders it reads the tokens in are paths.
 
 Time (SiT's linear interpolant, predicting the velocity):
-    x_t = (1 - t) noise + t data, t in [0, 1]: t = 0 is noise, t = 1 is data; v = dx_t/dt = data - noise.
+    x_t = (1 - t) noise + t data, t in [0, 1]: t = 0 is noise, t = 1 is data (as SiT's code; its paper
+    puts data at 0); v = dx_t/dt = data - noise.
     Sampling integrates dx/dt = v(x, t) from t = 0 to t = 1.
 
 Lines that start with "Official:" say where the official code (github.com/CompVis/zigma) differs.
@@ -54,7 +55,7 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 #################################################################################
 #                                  Token orders                                 #
 #################################################################################
-# The paper's zigzag scan and its factorized video orders. Official: utils/utils_zigzag.py builds the paths,
+# The paper's zigzag paths and its factorized video orders. Official: utils/utils_zigzag.py builds the paths,
 # and mamba_simple.py's Mamba.forward, in its zigzagN branch, permutes the tokens with them.
 
 # Where a path starts: whether the grid's rows and columns are flipped.
@@ -157,7 +158,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, paths: str, num_paths: 
     over the depth, a letter a layer (images use "s"):
     - s, spatial: the j-th reads 2D path j mod K: the layers see the grid from other corners and directions.
       Of a 16 x 16 grid's 960 neighbour pairs (a token, and a neighbour read just before it), zigzag K = 1
-      covers 255, K = 2 496 and K = 8 all (`python zigma.py` counts them);
+      covers 255, K = 2 covers 496 and K = 8 all (`python zigma.py` counts them);
     - t, temporal: the j-th reads time forwards when j is even, backwards when odd: every frame sees all;
     - v, volume: the j-th reads the 3D zigzag of 2D path (j // 2) mod K, forwards, then backwards.
     Official: only s and t layers (3d_zigzag8sst); volume layers are this file's.
@@ -264,17 +265,18 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, l, d)
         # Everything stays (b, l, channels), the linear layers' layout; the scan takes (b, e, l) views of it.
-        x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each
+        x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each; after the conv, x is the scan's input u
         x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))  # (b, l, e)
         delta, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (b, l, r|n)
         delta = delta @ self.dt_proj.weight.t()  # (b, l, e); the scan adds the bias
-        ssm = torch.promote_types(self.A_log.dtype, torch.float32)  # the SSM's parameters: float32 or more
-        A = -torch.exp(self.A_log.to(ssm))  # (e, n)
+        ssm_dtype = torch.promote_types(self.A_log.dtype, torch.float32)  # the SSM's parameters: float32 up
+        A = -torch.exp(self.A_log.to(ssm_dtype))  # (e, n)
         # Under autocast, u = x, delta, B, C and z are bf16 (or fp16) here, and A, D and delta_bias float32:
         # what mamba-ssm's kernel demands.
         y = selective_scan_for(x)(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
-                                  C.transpose(1, 2), self.D.to(ssm), z.transpose(1, 2),
-                                  delta_bias=self.dt_proj.bias.to(ssm), delta_softplus=True)  # (b, e, l)
+                                  C.transpose(1, 2), self.D.to(ssm_dtype), z.transpose(1, 2),
+                                  delta_bias=self.dt_proj.bias.to(ssm_dtype),
+                                  delta_softplus=True)  # (b, e, l)
         return self.out_proj(y.transpose(1, 2))  # (b, l, d)
 
 
@@ -340,6 +342,7 @@ class ZigMaBlock(nn.Module):
         has_text = self.cross_attention is not None
         modulation = self.adaLN_modulation(c).chunk(6 if has_text else 3, dim=1)  # shift, scale, gate, ...
         shift, scale, gate = modulation[:3]
+        # The only change from a DiT block's attention branch: the tokens go into path order and back.
         mixed = order.to_sequences(modulate(self.norm1(x), shift, scale))  # (sequences, L, D) in path order
         mixed = order.from_sequences(self.mixer(mixed), batch=x.shape[0])  # (B, T*H*W, D) in token order
         x = x + gate[:, None] * mixed
@@ -409,8 +412,8 @@ class ZigMaConfig:
     video_pattern: str = "sst"  # clips: a letter a layer, s spatial, t temporal, v volume; the official "sst"
     num_classes: int = 0  # 0 = unconditional; label num_classes is the null label, for guidance
     context_dim: int = 0  # 0 = no cross-attention; else the width of the context tokens
-    d_state: int = 16  # N, as in Mamba
-    expand: int = 2  # E = expand * D, as in Mamba
+    d_state: int = 16  # n, the SSM's state size, as in Mamba
+    expand: int = 2  # the mixer's inner width is e = expand * D, as in Mamba
 
     def __post_init__(self):
         assert self.input_size % self.patch_size == 0, f"patch {self.patch_size} divides no {self.input_size}"
@@ -446,13 +449,14 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows: the last is the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM: from DiT's N(0, 0.02), labels did not take hold in 2,000 steps (docs/).
+            # N(0, 1), as ADM: from DiT's N(0, 0.02), labels did not take hold in 2,000 steps
+            # (docs/official-code.md).
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token, broadcast over S
         if config.context_dim:
             self.null_context = nn.Parameter(torch.randn(1, 1, config.context_dim) * 0.02)
         # A learned position per token, one table for images and clips; DiT's is a fixed 2D sin-cos table.
-        # Official: the same (use_pe=2), started at zeros.
+        # Official: a learned table too (use_pe=2), started at zeros.
         self.pos_embed = nn.Parameter(torch.randn(1, math.prod(grid), dim) * 0.02)
         pattern = config.video_pattern if config.frames else "s"
         self.orders = nn.ModuleList(layer_orders(grid, config.depth, config.paths, config.num_paths, pattern))
@@ -478,6 +482,7 @@ class ZigMa(nn.Module):
             context = self.null_context.expand(batch, 1, -1)
         elif self.null_context is not None and drop is not None:
             context = torch.where(drop[:, None, None], self.null_context, context)
+            # A dropped row holds the null context, every position of which is real.
             context_mask = None if context_mask is None else context_mask | drop[:, None]
         return y, context, context_mask
 
@@ -533,7 +538,7 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
     """The velocity loss (SiT's) for data x on the path x_t = (1 - t) noise + t x, one t per example.
 
     t is logit-normal, the sigmoid of a standard normal draw, which trains more on the middle of the path
-    (SD3's choice), or uniform on [0, 1] (SiT's); logit-normal sampled better on a CPU (docs/).
+    (SD3's choice), or uniform on [0, 1] (SiT's); logit-normal sampled better on a CPU (docs/quality.md).
     Each example's label and context (where the model takes them) become the null ones with probability
     drop_prob, for guidance. noise (like x) and t (B,) are drawn unless given.
     """
@@ -585,8 +590,8 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
         v = guided_velocity(model, x_t, t.expand(x_t.shape[0]), y, context, context_mask, cfg_scale)
         if method == "heun":
             x_next = x_t + dt * v  # Euler's end of the step
-            t_next_b = t_next.expand(x_t.shape[0])  # (B,)
-            v_next = guided_velocity(model, x_next, t_next_b, y, context, context_mask, cfg_scale)
+            v_next = guided_velocity(model, x_next, t_next.expand(x_t.shape[0]), y, context, context_mask,
+                                     cfg_scale)
             v = (v + v_next) / 2
         x_t = x_t + dt * v
     return x_t
