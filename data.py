@@ -29,8 +29,6 @@ import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms
-from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from zigma import ZigMa, ZigMaConfig
@@ -185,8 +183,9 @@ def read_captions(images: list[Path]) -> list[str]:
     return [c or "" for c in captions]
 
 
-def image_transform(image_size: int) -> transforms.Compose:
+def image_transform(image_size: int):
     """An image as a (3, S, S) tensor in [-1, 1]: resized so that its shorter side is S, then centre-cropped."""
+    from torchvision import transforms  # torchvision takes 3 s to import: only image files need it
     return transforms.Compose([
         transforms.Resize(image_size),
         transforms.CenterCrop(image_size),
@@ -793,6 +792,16 @@ def networks_from_checkpoint(checkpoint: dict, path: Path, weights: str = "ema")
         raise UserError(f"{path} holds NaN or infinite weights (in {plural(len(broken), 'tensor')}, {broken[0]} first): "
                         f"it comes from a run that diverged; train again with a lower --lr")
     return networks
+
+
+def save_image(*args, **kwargs) -> None:
+    from torchvision.utils import save_image  # torchvision takes 3 s to import: only image files need it
+    save_image(*args, **kwargs)
+
+
+def make_grid(*args, **kwargs) -> torch.Tensor:
+    from torchvision.utils import make_grid
+    return make_grid(*args, **kwargs)
 
 
 def save_samples(samples: torch.Tensor, path: Path, fps: int = 8) -> None:

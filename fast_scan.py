@@ -228,5 +228,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
 # torch.compile traces selective_scan whole, with no graph break, and unrolls its Python loops. Under the GPU plan
 # that is about 3 * (chunks + chunk_len) steps, which it fuses into a few kernels. Under the CPU plan it would be a
-# step a token: there the layers run it uncompiled.
-selective_scan_eager = torch.compiler.disable(selective_scan)
+# step a token: there a compiled model runs selective_scan_eager, which torch.compile leaves out of its graph. It is
+# made on first use (a module __getattr__), since torch.compiler.disable imports torch._dynamo, 1.5 s that a run
+# which compiles nothing need not pay.
+def __getattr__(name: str):
+    if name != "selective_scan_eager":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = torch.compiler.disable(selective_scan)
+    return globals()[name]

@@ -27,12 +27,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from data import (IMAGE_EXTENSIONS, RENAMED_CONFIG_FIELDS, VAE, CaptionEncoder, ClipFolder, ImageFolder, MovingShapes,
                   SmileyFaces, Terminal, UserError, check_writable, checkpoint_config, image_transform, load_weights,
-                  pick_device, read_text, warn, written_atomically)
+                  make_grid, pick_device, read_text, warn, written_atomically)
 from zigma import PRESETS, ZigMaConfig, flow_loss, guided_velocity
 
 MAX_IMAGE_SIZE = 8192  # pixels a side: 1024 x 1024 latent cells, far past the paper's largest model
@@ -111,8 +110,11 @@ def default_model(side: int) -> str:
     return "ZigMa-Tiny/2"
 
 
-def build_dataset(args):
+def build_dataset(args, vae=None):
     """The training data that the options name: a folder of images or clips, or the built-in faces or shapes."""
+    if vae and args.image_size % (vae.factor * PRESETS[args.model]["patch_size"]):
+        raise UserError(f"--image-size {args.image_size} is not a multiple of {vae.factor * PRESETS[args.model]['patch_size']}, "
+                        f"the VAE's downsampling factor {vae.factor} times {args.model}'s patch size")
     if args.frames and args.captions:
         raise UserError("--captions is for images; clips take --class-cond")
     if args.data is None:
@@ -306,6 +308,8 @@ class Batches:
                                  drop_last=len(dataset) >= batch_size, pin_memory=device.type == "cuda",
                                  persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
         self.world, self.position, self.batches = world, tuple(position), None
+        if len(dataset) < batch_size:
+            warn(f"--batch-size {batch_size} is more than the {len(dataset)} examples of the data: each step takes all of them")
 
     def __next__(self) -> dict:
         epoch, seen = self.position

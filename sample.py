@@ -41,35 +41,28 @@ if QUIET_START:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, default=Path("out/ckpt.pt"), help="checkpoint from train.py, or its --out folder (default: out/ckpt.pt)")
-    parser.add_argument("--num-samples", "--n", dest="n", type=int, default=64,
-                        help="number of samples; torchrun takes --n for its own --nnodes, so use this name there (default: 64)")
-    parser.add_argument("--sample-steps", "--steps", type=int, default=50,
-                        help="ODE steps, as train.py's --sample-steps (--steps is its older name) (default: 50)")
-    parser.add_argument("--method", default="euler", choices=["euler", "heun", "dopri5"], help="ODE solver: Heun costs "
-                        "two model calls a step; dopri5 picks its steps itself and needs torchdiffeq (default: euler)")
+    parser.add_argument("--num-samples", "--n", dest="n", type=int, default=64, help="how many; --n is the older name, "
+                        "which torchrun takes for its own (default: 64)")
+    parser.add_argument("--sample-steps", "--steps", type=int, default=50, help="ODE steps; --steps is the older name (default: 50)")
+    parser.add_argument("--method", default="euler", choices=["euler", "heun", "dopri5"],
+                        help="ODE solver; dopri5 picks its own steps (pip install torchdiffeq) (default: euler)")
     parser.add_argument("--rtol", type=float, default=1e-3, help="with --method dopri5: relative tolerance (default: 1e-3)")
     parser.add_argument("--atol", type=float, default=1e-6, help="with --method dopri5: absolute tolerance (default: 1e-6)")
-    parser.add_argument("--out", type=Path, help="a grid of the first 256 samples, .png, .jpg, .webp, .bmp or .tif; .gif "
-                        "for video (default: samples.png, or samples.gif for video)")
+    parser.add_argument("--out", type=Path, help="a grid of the first 256 (default: samples.png, or samples.gif for video)")
     parser.add_argument("--out-dir", type=Path, help="also write every sample as its own PNG (GIF for video) here")
-    parser.add_argument("--npz", type=Path, help="also write every sample into this .npz as arr_0, uint8 (N, H, W, 3): "
-                        "what ADM's evaluator reads for FID-50K")
+    parser.add_argument("--npz", type=Path, help="also every sample, as ADM's FID suite reads them (arr_0, uint8 NHWC)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples (default: 0)")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="autocast: auto is bf16 on a GPU that has it, else fp16; float32 on a CPU (default: auto)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast, as train.py's (default: auto)")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per model call, in each process (default: 64)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--class", dest="class_", help="class name or index for every sample (default: all classes in turn)")
     parser.add_argument("--prompt", action="append", help="a caption to sample (repeatable; samples cycle through them)")
     parser.add_argument("--prompts", type=Path, help="a file of captions, one per line")
     parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale; 1 = none (default: 1)")
-    parser.add_argument("--fid", type=Path, metavar="REAL", help="print the FID of the samples against the images in this "
-                        "folder, or the statistics (mu, sigma) in this .npz; a folder's statistics are cached in "
-                        "~/.cache/zigma/fid, or $XDG_CACHE_HOME/zigma/fid (torchmetrics, with torch-fidelity's "
-                        "Inception-v3; its weights download once)")
-    parser.add_argument("--vae", metavar="NAME_OR_PATH", help="decode with this VAE, for a latent model whose VAE folder "
-                        "has moved (default: the one the checkpoint names)")
+    parser.add_argument("--fid", type=Path, metavar="REAL", help="FID against this folder of images, or a .npz of mu and "
+                        "sigma; a folder's statistics are cached in ~/.cache/zigma/fid (needs torchmetrics, torch-fidelity)")
+    parser.add_argument("--vae", metavar="NAME_OR_PATH", help="decode with this VAE, where the checkpoint's has moved")
     return check_sampling_arguments(parser.parse_args(argv))
 
 

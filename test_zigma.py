@@ -426,7 +426,7 @@ def test_the_fused_kernel_gets_only_cuda_tensors_in_the_dtypes_it_takes(monkeypa
     for device_type, dtype, expected in [("cuda", torch.float32, fused), ("cuda", torch.bfloat16, fused),
                                          ("cuda", torch.float16, fused), ("cuda", torch.float64, fast_scan.selective_scan),
                                          ("mps", torch.float32, fast_scan.selective_scan),
-                                         ("cpu", torch.float32, fast_scan.selective_scan_eager)]:
+                                         ("cpu", torch.float32, fast_scan.selective_scan)]:  # compiled: below
         u = torch.empty(0, dtype=dtype, device="meta")
         monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: device_type == "cuda"))
         monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device(device_type)))
@@ -434,6 +434,18 @@ def test_the_fused_kernel_gets_only_cuda_tensors_in_the_dtypes_it_takes(monkeypa
         monkeypatch.undo()
         monkeypatch.setattr(zigma, "fused_selective_scan", fused)
         assert chosen is expected, f"a {device_type} {dtype} input should run {expected}"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert zigma.selective_scan_for(torch.empty(0)) is fast_scan.selective_scan_eager, "compiled on a CPU: left eager"
+
+
+def test_a_run_that_compiles_nothing_does_not_import_dynamo():
+    # torch._dynamo takes 1.5 s to import; train.py and sample.py on a CPU without --compile need none of it.
+    finished = subprocess.run([sys.executable, "-c", "import sys, torch, zigma; from zigma import *; "
+                               "m = ZigMa(ZigMaConfig(input_size=4, in_channels=3, dim=8, depth=1, d_state=2)); "
+                               "m(torch.randn(1, 3, 4, 4), torch.rand(1)).sum().backward(); "
+                               "print('torch._dynamo' in sys.modules)"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent)
+    assert finished.stdout.strip() == "False", finished.stdout + finished.stderr[-2000:]
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and zigma.fused_selective_scan is not None),

@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import (VAE, ArgumentParser, CaptionEncoder, CPUThreads, Latents, Terminal, UserError, build_networks,
-                  load_checkpoint, load_pretrained_text_encoder, plural, save_atomically, save_samples, warn)
+                  load_checkpoint, load_pretrained_text_encoder, plural, save_atomically, save_samples)
 from plumbing import (PRECISIONS, Batches, RunLog, StopRequest, autocast_dtype, build_dataset, check_resumed_options,
                       check_training_arguments, check_weights_are_sane, keep_numbered, only_writer, precision_name,
                       preview_conditions, resume, saved_arguments, start_processes, step_seed)
@@ -55,22 +55,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="folder of images (or clips), searched recursively; default: built-in synthetic data")
     parser.add_argument("--out", type=Path, default=Path("out"), help="where checkpoint, samples and log go (default: out)")
-    parser.add_argument("--model", choices=sorted(PRESETS), help="preset (default: ZigMa-Tiny, small enough for a CPU, with "
-                        "the largest patch that leaves 8 x 8 tokens or more: Tiny/4 at 32 px, Tiny/2 at 16, Tiny/8 at 64)")
+    parser.add_argument("--model", choices=sorted(PRESETS), help="preset (default: the ZigMa-Tiny with 8 x 8 tokens or more)")
     parser.add_argument("--image-size", type=int, default=32, help="images are resized and cropped to this side (default: 32)")
     parser.add_argument("--paths", "--scan", default="zigzag", choices=["zigzag", "sweep", "hilbert"],
-                        help="the token orders: the paper's zigzag, a raster sweep, or generalized Hilbert curves "
-                        "(--scan is its older name) (default: zigzag)")
-    parser.add_argument("--num-paths", "--scan-paths", type=int, default=8, choices=[1, 2, 8], help="K: layer i reads "
-                        "path i mod K, the paper's Zigzag-1, -2 and -8 (--scan-paths is its older name) (default: 8)")
-    parser.add_argument("--vae", metavar="NAME_OR_PATH", help="train in the latent space of this diffusers AutoencoderKL, "
-                        "a hub name (stabilityai/sd-vae-ft-ema) or a local folder; --data is encoded once into OUT/latents.pt")
+                        help="the token orders; --scan is the older name (default: zigzag, the paper's)")
+    parser.add_argument("--num-paths", "--scan-paths", type=int, default=8, choices=[1, 2, 8],
+                        help="K: layer i reads path i mod K; --scan-paths is the older name (default: 8)")
+    parser.add_argument("--vae", metavar="NAME_OR_PATH", help="train in this diffusers AutoencoderKL's latent space "
+                        "(a hub name or a folder); --data is encoded once into OUT/latents.pt")
     video = parser.add_argument_group("video")
     video.add_argument("--frames", type=int, default=0, help="train on clips of this many frames (default: 0, images)")
     video.add_argument("--frame-stride", type=int, help="with --frames: take every this-many-th frame of a clip (default: 1)")
-    video.add_argument("--video-pattern", "--video-scan", help="with --frames: the layers' pattern, s spatial, t temporal, "
-                       "v whole clip; 'sst' is the paper's factorized scan, 'v' with --paths zigzag a 3D zigzag "
-                       "(--video-scan is its older name) (default: sst)")
+    video.add_argument("--video-pattern", "--video-scan", help="with --frames: a letter a layer, s spatial, t temporal, "
+                       "v whole clip; --video-scan is the older name (default: sst, the paper's)")
     conditioning = parser.add_argument_group("conditioning")
     conditioning.add_argument("--class-cond", action="store_true", help="condition on classes: the first-level subfolders of --data")
     conditioning.add_argument("--captions", action="store_true", help="condition on captions: NAME.txt beside each image NAME.png")
@@ -80,11 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.add_argument("--steps", type=int, default=2000, help="total optimizer steps; a larger value resumes a run (default: 2000)")
     training.add_argument("--batch-size", type=int, default=32,
                           help="examples per step, across all processes under torchrun: each takes its share (default: 32)")
-    training.add_argument("--lr", type=float, help="AdamW learning rate, after the warm-up (default: 1e-3 for the Tiny "
-                          "presets, measured on a CPU; 1e-4, the official ZigMa's, for the larger ones)")
+    training.add_argument("--lr", type=float, help="AdamW's, after the warm-up (default: 1e-3 for Tiny, 1e-4 for larger)")
     training.add_argument("--warmup", type=int, default=200, help="raise the learning rate linearly over this many first steps (default: 200)")
-    training.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True, help="flip images and clips left "
-                          "to right at random, as DiT does; --no-flip for digits, text, maps, anything with a handedness")
+    training.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                          help="random left-right flips, as DiT's; --no-flip for text, digits, maps")
     training.add_argument("--time-sampling", default="logit-normal", choices=TIME_SAMPLING,
                           help="how t is drawn: logit-normal, more of it mid-path, or uniform on [0, 1] (default: logit-normal)")
     training.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
@@ -92,26 +88,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay, warmed up as min(decay, (1+step)/(10+step)) (default: 0.999)")
     training.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     training.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
-    training.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast: auto is bf16 on a GPU that "
-                          "has it, else fp16 with a gradient scaler; float32 on a CPU; fp32 for debugging (default: auto)")
-    training.add_argument("--compile", action="store_true", help="torch.compile the model: on a GPU it fuses the selective "
-                          "scan's operations; on a CPU the scan stays uncompiled, and compiling takes a minute or more")
-    training.add_argument("--grad-checkpointing", action="store_true",
-                          help="recompute each block in the backward pass: less memory, about a third more time")
+    training.add_argument("--precision", default="auto", choices=PRECISIONS,
+                          help="autocast: auto is bf16 on a GPU that has it, else fp16; float32 on a CPU (default: auto)")
+    training.add_argument("--compile", action="store_true", help="torch.compile the model (on a CPU, the scan stays eager)")
+    training.add_argument("--grad-checkpointing", action="store_true", help="less memory, about a third more time")
     training.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
     progress = parser.add_argument_group("progress")
-    progress.add_argument("--sample-every", type=int, default=500, help="save samples every this many steps and at the end; "
-                          "0 for none (default: 500)")
+    progress.add_argument("--sample-every", type=int, default=500, help="save samples every N steps; 0: none (default: 500)")
     progress.add_argument("--sample-steps", type=int, default=50, help="Euler steps for those samples (default: 50)")
-    progress.add_argument("--sample-cfg", type=float, default=4.0,
-                          help="guidance scale of those samples, for a model with classes or captions (default: 4)")
+    progress.add_argument("--sample-cfg", type=float, default=4.0, help="their guidance scale, with conditions (default: 4)")
     progress.add_argument("--ckpt-every", type=int, default=500, help="save the checkpoint every this many steps (default: 500)")
     progress.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
                           help="also keep the last N checkpoints as ckpt_STEP.pt (default: 0)")
-    progress.add_argument("--log-every", type=int, default=10, help="append the loss, learning rate and gradient norm to "
-                          "log.jsonl every this many steps (default: 10)")
-    progress.add_argument("--tensorboard", action="store_true", help="also write them, and the sample grids, to "
-                          "OUT/tensorboard (pip install tensorboard)")
+    progress.add_argument("--log-every", type=int, default=10, help="log loss, lr and gradient norm every N (default: 10)")
+    progress.add_argument("--tensorboard", action="store_true", help="also to OUT/tensorboard, with the sample grids")
     return check_training_arguments(parser.parse_args(argv))
 
 
@@ -158,14 +148,9 @@ def train(args, rank: int, world: int, device: torch.device):
 
     # Data: a folder, or the built-in faces or shapes; with --vae, their latents, encoded once
     vae = VAE(args.vae, device) if args.vae else None  # frozen, kept out of the checkpoint; only its name is saved
-    if vae and args.image_size % (vae.factor * PRESETS[args.model]["patch_size"]):
-        raise UserError(f"--image-size {args.image_size} is not a multiple of {vae.factor * PRESETS[args.model]['patch_size']}, "
-                        f"the VAE's downsampling factor {vae.factor} times {args.model}'s patch size")
-    dataset = build_dataset(args)
+    dataset = build_dataset(args, vae)
     if vae:
         dataset = Latents(dataset, vae, args.image_size, args.out / "latents.pt", device, rank, world)
-    if len(dataset) < args.batch_size:
-        warn(f"--batch-size {args.batch_size} is more than the {len(dataset)} examples of the data: each step takes all of them")
 
     # Model: the text encoder (learned with the model, or a frozen pretrained one), and the ZigMa
     conditioning = {"class_names": dataset.class_names if args.class_cond else None, "vocabulary": None, "text_encoder": None}
@@ -198,9 +183,7 @@ def train(args, rank: int, world: int, device: torch.device):
     dtype = autocast_dtype(args.precision, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 gradients would underflow
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # on a GPU: tf32 matmuls
     model = networks["zigma"]
     model.grad_checkpointing = args.grad_checkpointing
     # With several processes, DistributedDataParallel averages the gradients of the model and of the built-in

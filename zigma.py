@@ -5,30 +5,27 @@ It builds on Mamba (arXiv 2312.00752), DiT (arXiv 2212.09748), SiT (arXiv 2401.0
 interpolants (Albergo and Vanden-Eijnden, arXiv 2209.15571).
 
 Mamba reads its input as a 1D sequence, so the order of the patch tokens matters. Before each layer's scan,
-ZigMa reorders the tokens along one of eight continuous zigzag paths over the token grid, so that
-neighbours in the sequence are neighbours in the image; afterwards they go back to their places. For video,
-spatial layers zigzag within each frame, and temporal layers read each position through time.
+ZigMa reorders the tokens along one of eight continuous zigzag paths over the token grid, so that neighbours
+in the sequence are neighbours in the image, and puts them back after. For video, spatial layers zigzag
+within each frame, and temporal layers read each position through time.
 
-The file reads top to bottom: 1. token orders, 2. the selective scan (Mamba's SSM, one token at a time),
-3. the Mamba mixer, 4. the ZigMa block, 5. embeddings and the model, 6. flow matching (the loss and the
-sampler). Appendices follow: the Hilbert baseline, the presets, and `python zigma.py`, which demonstrates
-the file. fast_scan.py holds the same scan, fast and exact, which the layers run (selective_scan_for, in an
-appendix, picks it, or mamba-ssm's fused kernel on CUDA); skip it at first.
+The main path, top to bottom: 1. token orders, 2. the selective scan (Mamba's SSM, one token at a time),
+3. the Mamba mixer, 4. the ZigMa block, 5. the model, 6. flow matching (the loss and the sampler). Then the
+appendices: DiT's parts and cross-attention, the sweep and Hilbert baselines, which scan the layers run (the
+same scan from fast_scan.py, fast and exact, or mamba-ssm's kernel on CUDA), the presets, `python zigma.py`.
 
 Shapes:
     B  batch             T  frames (1 for an image)     C  image (or latent) channels    P  patch size
     H, W  the token grid: an image is H*P x W*P pixels   D  model width    S  context (text) tokens
     L  tokens in one Mamba sequence: H*W in a spatial layer, T in a temporal one, T*H*W in a volume one
     K  paths the layers cycle through (1, 2 or 8: the paper's Zigzag-1, -2 and -8)
-In the Mamba sections A, B, C and D are the SSM's matrices, as in Mamba, so shapes there are lowercase:
-b batch, l tokens, d = D, e = expand * D, n the state size, r the rank of delta; h is the SSM's state.
-Elsewhere c is DiT's condition vector. einops patterns spell axes out (frames, height, width, heads).
-"Scan" is the SSM's recurrence; the orders it reads the tokens in are paths.
+In the Mamba sections A, B, C and D are the SSM's matrices, so shapes there are lowercase: b batch, l tokens,
+d = D, e = expand * D, n the state size, r the rank of delta; h is the SSM's state. Elsewhere c is DiT's
+condition vector. "Scan" is the SSM's recurrence; the orders in which it reads the tokens are paths.
 
-Time (SiT's linear interpolant, predicting the velocity):
-    x_t = (1 - t) noise + t data, t in [0, 1]: t = 0 is noise, t = 1 is data (as SiT's code; its paper
-    puts data at 0); v = dx_t/dt = data - noise.
-    Sampling integrates dx/dt = v(x, t) from t = 0 to t = 1.
+Time: x_t = (1 - t) noise + t data, t in [0, 1], so t = 0 is noise and t = 1 is data (SiT's code; its paper
+puts data at 0). The network predicts the velocity v = dx_t/dt = data - noise; sampling integrates dx/dt = v
+from t = 0 to t = 1.
 
 Lines that start with "Official:" say where the official code (github.com/CompVis/zigma) differs.
 """
@@ -98,13 +95,7 @@ def zigzag_paths(height: int, width: int) -> torch.Tensor:
     return grid_paths(height, width, snake=True)
 
 
-def sweep_paths(height: int, width: int) -> torch.Tensor:
-    """The paper's sweep baseline: raster paths, every line read in the same direction, (8, H*W). Here K = 2
-    reads rows, then columns; the paper's is Vim's raster read forwards and backwards."""
-    return grid_paths(height, width, snake=False)
-
-
-PATHS = {"zigzag": zigzag_paths, "sweep": sweep_paths}  # ZigMaConfig.paths; the appendix adds "hilbert"
+PATHS = {"zigzag": zigzag_paths}  # ZigMaConfig.paths; the appendix adds the baselines "sweep" and "hilbert"
 
 
 def volume_path(path: torch.Tensor, frames: int, snake: bool) -> torch.Tensor:
@@ -161,7 +152,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, paths: str, num_paths: 
       covers 255, K = 2 covers 496 and K = 8 all (`python zigma.py` counts them);
     - t, temporal: the j-th reads time forwards when j is even, backwards when odd: every frame sees all;
     - v, volume: the j-th reads the 3D zigzag of 2D path (j // 2) mod K, forwards, then backwards.
-    Official: only s and t layers (3d_zigzag8sst); volume layers are this file's.
+    Official: only s and t layers (3d_zigzag8sst, a config that does not run); volume layers are this file's.
     """
     frames, height, width = grid
     snake = paths != "sweep"  # continuous paths stay continuous through a clip
@@ -288,38 +279,14 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]  # (B, T*H*W, D)
 
 
-class CrossAttention(nn.Module):
-    """Multi-head attention from the tokens (queries) to the context tokens (keys and values)."""
-
-    def __init__(self, dim: int, context_dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_kv = nn.Linear(context_dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None):
-        """x: (B, T*H*W, D); context: (B, S, context_dim); context_mask: (B, S), True for real tokens,
-        False for padding. Each row needs a real token: padding alone has nothing to attend to (NaN)."""
-        q = rearrange(self.to_q(x), "b tokens (heads head_dim) -> b heads tokens head_dim", heads=self.heads)
-        k, v = rearrange(self.to_kv(context), "b s (two heads head_dim) -> two b heads s head_dim", two=2,
-                         heads=self.heads)  # (B, heads, S, D / heads) each
-        # Padding is not attended to, or a caption's result would depend on the others in its batch.
-        attn_mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, S)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, T*H*W, D / heads)
-        out = rearrange(out, "b heads tokens head_dim -> b tokens (heads head_dim)")  # (B, T*H*W, D)
-        return self.proj(out)
-
-
 class ZigMaBlock(nn.Module):
-    """The paper's Zigzag Mamba block: a Mamba layer that reads the tokens in its layer's order, with DiT's
-    adaLN-Zero conditioning, and an optional cross-attention to text.
+    """The paper's Zigzag Mamba block: a Mamba layer reading the tokens in its layer's order, with DiT's
+    adaLN-Zero conditioning and an optional cross-attention to text. It takes tokens (B, T*H*W, D) in
+    row-major (frame, row, column) order, a condition c (B, D), its TokenOrder, and optionally context tokens
+    (B, S, context_dim) with their mask (B, S) (True for real tokens; None: all are).
 
-    It takes tokens (B, T*H*W, D) in row-major (frame, row, column) order, a condition vector c (B, D), its
-    layer's TokenOrder, and optionally context tokens (B, S, context_dim) with their mask (B, S) (True for
-    real tokens; None: all are). It computes x + gate * mixer(modulate(LayerNorm(x))), DiT's pre-LayerNorm
-    residual, and is the identity until it trains: its gates start at zero. No MLP, as in Mamba: the mixer's
-    in_proj and out_proj (expand 2) play its part, so the presets stack twice DiT's depth.
+    x + gate * mixer(modulate(LayerNorm(x))), DiT's pre-LayerNorm residual, is the identity until it trains:
+    the gates start at zero. No MLP, as in Mamba: the mixer's in_proj and out_proj (expand 2) play its part.
     Official: model_zigma.py's Block.forward returns RMSNorm(r) + gate * mixer(modulate(RMSNorm(r))) for the
     stream r, so each official layer adds its normalised input back, and is not the identity at the start.
     """
@@ -352,46 +319,6 @@ class ZigMaBlock(nn.Module):
             attended = self.cross_attention(modulate(self.norm2(x), shift, scale), context, context_mask)
             x = x + gate[:, None] * attended
         return x  # (B, T*H*W, D)
-
-
-#################################################################################
-#                      Embedding layers and the final layer                     #
-#################################################################################
-
-class TimestepEmbedder(nn.Module):
-    """Embeds t in [0, 1] with sinusoids of 1000 t (DiT's frequency range), then an MLP (DiT's)."""
-
-    def __init__(self, dim: int, frequency_dim: int = 256):
-        super().__init__()
-        self.frequency_dim = frequency_dim
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        for layer in self.mlp[0], self.mlp[2]:
-            nn.init.normal_(layer.weight, std=0.02)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,)
-        half = self.frequency_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)  # (half,)
-        angles = 1000 * t.to(torch.promote_types(t.dtype, torch.float32))[:, None] * freqs  # (B, half)
-        frequencies = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, frequency_dim)
-        return self.mlp(frequencies.to(self.mlp[0].weight.dtype))  # (B, D)
-
-
-class FinalLayer(nn.Module):
-    """adaLN, then a linear map from each token to its patch, as DiT's. Its output starts at zero.
-    Official: the final layer is not modulated by the condition."""
-
-    def __init__(self, dim: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        for layer in self.adaLN_modulation[-1], self.linear:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (B, T*H*W, D), (B, D)
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, D) each
-        return self.linear(modulate(self.norm(x), shift, scale))  # (B, T*H*W, P*P*C)
 
 
 #################################################################################
@@ -435,8 +362,7 @@ class ZigMaConfig:
 
 
 class ZigMa(nn.Module):
-    """ZigMa: patchify, add positions, a stack of ZigMaBlocks with their token orders, then unpatchify.
-    Official: model_zigma.py's ZigMa."""
+    """Patchify, add positions, ZigMaBlocks in their token orders, unpatchify (as model_zigma.py's ZigMa)."""
 
     def __init__(self, config: ZigMaConfig):
         super().__init__()
@@ -449,8 +375,7 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows: the last is the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM: from DiT's N(0, 0.02), labels did not take hold in 2,000 steps
-            # (docs/official-code.md).
+            # N(0, 1), as ADM's. Official: N(0, 0.02), as DiT's; labels from it read at chance after 2000 steps.
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token, broadcast over S
         if config.context_dim:
@@ -464,8 +389,7 @@ class ZigMa(nn.Module):
             ZigMaBlock(dim, config.d_state, config.expand, config.context_dim) for _ in range(config.depth))
         self.final_layer = FinalLayer(dim, config.patch_size, config.in_channels)
         # The other layers keep PyTorch's initialisation. Official: out_proj is rescaled by 1/sqrt(depth).
-        # True: keep only each block's input in training and recompute the block in the backward pass: less
-        # memory, about a third more time, the same results (train.py --grad-checkpointing).
+        # True: keep each block's input only, and recompute the block in the backward pass (less memory).
         self.grad_checkpointing = False
 
     def conditions(self, batch: int, y=None, context=None, context_mask=None, drop=None):
@@ -499,7 +423,6 @@ class ZigMa(nn.Module):
         assert tuple(x.shape[1:]) == expected, f"expected (B, {str(expected)[1:-1]}), got {tuple(x.shape)}"
         assert y is None or self.y_embedder is not None, "this model has no classes: leave y out"
         assert context is None or self.null_context is not None, "this model takes no context: leave it out"
-        assert context_mask is None or context is not None, "a context mask needs its context"
         batch = x.shape[0]
         y, context, context_mask = self.conditions(batch, y, context, context_mask, drop)
 
@@ -598,10 +521,81 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
 
 
 #################################################################################
-#                       Appendix: the Hilbert baseline                          #
+#           Appendix: DiT's parts, and cross-attention                          #
 #################################################################################
-# The paper compares zigzag paths with Hilbert curves. Official: utils/utils_gilbert.py's curves are not
-# continuous on the grids it uses; these are, on any grid where such a curve exists.
+# The timestep embedding and the final layer are DiT's; the cross-attention is the usual one.
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from the tokens (queries) to the context tokens (keys and values)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(context_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None):
+        """x: (B, T*H*W, D); context: (B, S, context_dim); context_mask: (B, S), True for real tokens,
+        False for padding. Each row needs a real token: padding alone has nothing to attend to (NaN)."""
+        q = rearrange(self.to_q(x), "b tokens (heads head_dim) -> b heads tokens head_dim", heads=self.heads)
+        k, v = rearrange(self.to_kv(context), "b s (two heads head_dim) -> two b heads s head_dim", two=2,
+                         heads=self.heads)  # (B, heads, S, D / heads) each
+        # Padding is not attended to, or a caption's result would depend on the others in its batch.
+        attn_mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, T*H*W, D / heads)
+        out = rearrange(out, "b heads tokens head_dim -> b tokens (heads head_dim)")  # (B, T*H*W, D)
+        return self.proj(out)
+
+
+class TimestepEmbedder(nn.Module):
+    """Embeds t in [0, 1] with sinusoids of 1000 t (DiT's frequency range), then an MLP (DiT's)."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        for layer in self.mlp[0], self.mlp[2]:
+            nn.init.normal_(layer.weight, std=0.02)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,)
+        half = self.frequency_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)  # (half,)
+        angles = 1000 * t.to(torch.promote_types(t.dtype, torch.float32))[:, None] * freqs  # (B, half)
+        frequencies = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, frequency_dim)
+        return self.mlp(frequencies.to(self.mlp[0].weight.dtype))  # (B, D)
+
+
+class FinalLayer(nn.Module):
+    """adaLN, then a linear map from each token to its patch, as DiT's. Its output starts at zero.
+    Official: the final layer is not modulated by the condition."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        for layer in self.adaLN_modulation[-1], self.linear:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (B, T*H*W, D), (B, D)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, D) each
+        return self.linear(modulate(self.norm(x), shift, scale))  # (B, T*H*W, P*P*C)
+
+
+#################################################################################
+#                 Appendix: the baselines, sweep and Hilbert paths              #
+#################################################################################
+# The paper compares zigzag paths with raster sweeps and Hilbert curves. Official: utils/utils_gilbert.py's
+# curves are not continuous on the grids it uses; these are, on any grid where such a curve exists.
+
+def sweep_paths(height: int, width: int) -> torch.Tensor:
+    """The paper's sweep baseline: raster paths, every line read in the same direction, (8, H*W). Here K = 2
+    reads rows, then columns; the paper's is Vim's raster read forwards and backwards."""
+    return grid_paths(height, width, snake=False)
+
+
 
 def gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> list[tuple[int, int]]:
     """J. Cerveny's generalized Hilbert ("gilbert") curve over the rectangle at (x, y) spanned by the major
@@ -649,7 +643,7 @@ def hilbert_paths(height: int, width: int) -> torch.Tensor:
     return torch.stack(paths)  # (8, H*W)
 
 
-PATHS["hilbert"] = hilbert_paths
+PATHS["sweep"], PATHS["hilbert"] = sweep_paths, hilbert_paths
 
 
 #################################################################################
@@ -667,7 +661,9 @@ def selective_scan_for(u: torch.Tensor):
         return fused_selective_scan
     if fast_scan is None:
         return selective_scan_reference
-    return fast_scan.selective_scan_eager if u.device.type == "cpu" else fast_scan.selective_scan
+    if u.device.type == "cpu" and torch.compiler.is_compiling():  # compiled, the CPU plan's loop would unroll
+        return fast_scan.selective_scan_eager
+    return fast_scan.selective_scan
 
 
 #################################################################################
