@@ -500,11 +500,11 @@ class PretrainedTextEncoder(nn.Module):
         return self.encoder(**tokens).last_hidden_state, tokens["attention_mask"].bool()  # (B, S, hidden), (B, S)
 
 
-def load_pretrained_text_encoder(name: str | None) -> PretrainedTextEncoder | None:
+def load_pretrained_text_encoder(name: str | None, device: torch.device) -> PretrainedTextEncoder | None:
     if name is None:
         return None
     try:
-        return PretrainedTextEncoder(name)
+        return PretrainedTextEncoder(name).to(device)
     except ImportError:
         raise UserError(f"the text encoder {name} needs the transformers package: pip install transformers")
     except Exception as error:

@@ -2,8 +2,7 @@
 
     python sample.py                                                   # out/ckpt.pt -> samples.png
     python sample.py --ckpt out --num-samples 10000 --out-dir fid_samples --fid ./faces   # one PNG each, and FID
-    python sample.py --ckpt out --class smiling --cfg 3                # class-conditional: a name or an index
-    python sample.py --ckpt out --prompt "a pink frowning face" --cfg 3 --method dopri5   # pip install torchdiffeq
+    python sample.py --ckpt out --class smiling --cfg 3 --method dopri5   # or --prompt "a pink frowning face"
     torchrun --nproc_per_node 8 sample.py --ckpt out --num-samples 50000 --npz samples.npz   # ADM's FID suite
 
 A video checkpoint writes an animated grid GIF; a latent one is decoded with the VAE it names. Sample i's noise
@@ -80,9 +79,8 @@ def main(argv=None):
     vae = vae_for(args, checkpoint, device)  # decodes a latent model's samples
     networks = networks_from_checkpoint(checkpoint, args.ckpt, "model" if args.no_ema else "ema").to(device).eval()
     model = networks["zigma"]
-    encode = networks["text"] if "text" in networks else load_pretrained_text_encoder(checkpoint["conditioning"]["text_encoder"])
-    if encode is not None:
-        encode.to(device)
+    encode = networks["text"] if "text" in networks else load_pretrained_text_encoder(
+        checkpoint["conditioning"]["text_encoder"], device)  # the captions' encoder, if any
     fid = FID(args.fid, device) if args.fid is not None and rank == 0 else None
     dtype = autocast_dtype(args.precision, device)
     steps = "adaptive dopri5 steps" if args.method == "dopri5" else f"{args.sample_steps} {args.method} steps"
@@ -117,9 +115,8 @@ def main(argv=None):
         samples = gather(samples, world)  # every process's, on the first
         if rank > 0:
             continue
-        for i, one in enumerate(samples):
-            if args.out_dir:
-                save_samples(one[None], args.out_dir / f"{first + i:06d}.{'gif' if video else 'png'}")
+        for i, one in enumerate(samples if args.out_dir else []):
+            save_samples(one[None], args.out_dir / f"{first + i:06d}.{'gif' if video else 'png'}")
         if fid:
             fid.add_samples(samples)
         if args.npz:
@@ -138,7 +135,7 @@ def main(argv=None):
     if fid:
         value = fid.compute()
         print(f"FID {value:.2f}: {args.n} samples against {fid.used} {args.fid}, at {fid.size} x {fid.size} px (FID "
-              f"falls as samples are added: compare it only at equal --n; papers use 50,000)")
+              f"falls as samples are added: compare it only at equal --num-samples; papers use 50,000)")
 
 
 if __name__ == "__main__":

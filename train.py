@@ -3,8 +3,7 @@
     python train.py                                      # built-in smiley faces; a tiny model, fine on a CPU
     python train.py --data ./faces --image-size 64 --model ZigMa-S/2 --steps 200000   # re-run to resume
     python train.py --frames 8                           # built-in moving shapes: video, the factorized scan
-    python train.py --data ./pets --class-cond           # labels: the first-level subfolders' names
-    python train.py --data ./captioned --captions        # a caption in NAME.txt beside each NAME.png
+    python train.py --data ./pets --class-cond           # labels: subfolders' names; --captions: NAME.txt files
     python train.py --data ./ffhq --image-size 256 --vae stabilityai/sd-vae-ft-ema --model ZigMa-B/2   # latents
     torchrun --standalone --nproc_per_node 8 train.py --data ./faces --model ZigMa-B/2 --batch-size 256
 
@@ -158,7 +157,7 @@ def train(args, rank: int, world: int, device: torch.device):
         conditioning["vocabulary"] = CaptionEncoder.build_vocabulary(dataset.captions)
     elif args.captions:
         conditioning["text_encoder"] = args.text_encoder
-    pretrained = load_pretrained_text_encoder(conditioning["text_encoder"])  # frozen, kept out of the checkpoint
+    pretrained = load_pretrained_text_encoder(conditioning["text_encoder"], device)  # frozen, not in the checkpoint
     size, channels = (args.image_size // vae.factor, vae.channels) if vae else (args.image_size, 3)
     config = preset_config(args.model, input_size=size, in_channels=channels, paths=args.paths, num_paths=args.num_paths,
                            frames=args.frames, video_pattern=args.video_pattern,
@@ -166,8 +165,6 @@ def train(args, rank: int, world: int, device: torch.device):
                            context_dim=(pretrained.dim if pretrained else PRESETS[args.model]["dim"]) if args.captions else 0)
     networks = build_networks(config, conditioning).to(device)  # the ZigMa, and the built-in caption encoder
     ema = copy.deepcopy(networks).requires_grad_(False)  # the EMA weights are what we sample from
-    if pretrained:
-        pretrained.to(device)
     optimizer = torch.optim.AdamW(parameter_groups(networks, args.weight_decay), lr=args.lr)
     start, position, saved = 0, (0, 0), "no checkpoint was written"
 

@@ -56,7 +56,7 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 # and mamba_simple.py's Mamba.forward, in its zigzagN branch, permutes the tokens with them.
 
 # Where a path starts: whether the grid's rows and columns are flipped.
-# Official: top-left, top-right, bottom-left, bottom-right; at K = 1, 2 and 8 both orders cover the same.
+# Official: top-left, top-right, bottom-left, bottom-right; at K = 1, 2, 8 either order meets the same pairs.
 CORNERS = {"top-left": (False, False), "bottom-right": (True, True), "top-right": (False, True),
            "bottom-left": (True, False)}
 
@@ -145,11 +145,11 @@ class TokenOrder(nn.Module):
 
 def layer_orders(grid: tuple[int, int, int], depth: int, paths: str, num_paths: int,
                  pattern: str) -> list[TokenOrder]:
-    """Every layer's token order; paths names the family of 2D paths (PATHS), num_paths is K. pattern repeats
-    over the depth, a letter a layer (images use "s"):
-    - s, spatial: the j-th reads 2D path j mod K: the layers see the grid from other corners and directions.
-      Of a 16 x 16 grid's 960 neighbour pairs (a token, and a neighbour read just before it), zigzag K = 1
-      covers 255, K = 2 covers 496 and K = 8 all (`python zigma.py` counts them);
+    """Every layer's token order; paths names the family of 2D paths (PATHS), num_paths is K. A scan is causal
+    along its path, so a token sees only what its layer read before it: the layers take turns over paths from
+    other corners and directions. pattern repeats over the depth, a letter a layer (images use "s"):
+    - s, spatial: the j-th reads 2D path j mod K. Of a 16 x 16 grid's 960 neighbour pairs (a token, and a
+      neighbour read just before it), zigzag K = 1 covers 255, K = 2 496 and K = 8 all (`python zigma.py`);
     - t, temporal: the j-th reads time forwards when j is even, backwards when odd: every frame sees all;
     - v, volume: the j-th reads the 3D zigzag of 2D path (j // 2) mod K, forwards, then backwards.
     Official: only s and t layers (3d_zigzag8sst, a config that does not run); volume layers are this file's.
@@ -260,7 +260,7 @@ class MambaMixer(nn.Module):
         x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))  # (b, l, e)
         delta, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (b, l, r|n)
         delta = delta @ self.dt_proj.weight.t()  # (b, l, e); the scan adds the bias
-        ssm_dtype = torch.promote_types(self.A_log.dtype, torch.float32)  # the SSM's parameters: float32 up
+        ssm_dtype = torch.promote_types(self.A_log.dtype, torch.float32)  # float32, or a float64 model's
         A = -torch.exp(self.A_log.to(ssm_dtype))  # (e, n)
         # Under autocast, u = x, delta, B, C and z are bf16 (or fp16) here, and A, D and delta_bias float32:
         # what mamba-ssm's kernel demands.
@@ -310,12 +310,12 @@ class ZigMaBlock(nn.Module):
         modulation = self.adaLN_modulation(c).chunk(6 if has_text else 3, dim=1)  # shift, scale, gate, ...
         shift, scale, gate = modulation[:3]
         # The only change from a DiT block's attention branch: the tokens go into path order and back.
-        mixed = order.to_sequences(modulate(self.norm1(x), shift, scale))  # (sequences, L, D) in path order
-        mixed = order.from_sequences(self.mixer(mixed), batch=x.shape[0])  # (B, T*H*W, D) in token order
+        sequences = order.to_sequences(modulate(self.norm1(x), shift, scale))  # (sequences, L, D), path order
+        mixed = order.from_sequences(self.mixer(sequences), batch=x.shape[0])  # (B, T*H*W, D), token order
         x = x + gate[:, None] * mixed
         if has_text:
             assert context is not None, "this block has cross-attention: pass context tokens"
-            shift, scale, gate = modulation[3:]
+            shift, scale, gate = modulation[3:]  # the cross-attention branch's own
             attended = self.cross_attention(modulate(self.norm2(x), shift, scale), context, context_mask)
             x = x + gate[:, None] * attended
         return x  # (B, T*H*W, D)
@@ -375,7 +375,7 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows: the last is the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's. Official: N(0, 0.02), as DiT's; labels from it read at chance after 2000 steps.
+            # N(0, 1), as ADM's. Official: N(0, 0.02), as DiT's; from it, labels had no effect in 2000 steps.
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token, broadcast over S
         if config.context_dim:
