@@ -543,7 +543,7 @@ def test_a_block_and_the_final_layer_start_as_identity_and_zero_on_their_own():
 
 
 def test_python_zigma_py_demonstrates_the_file():
-    # About 20 s on 2 cores (README); the limit here only stops a hang.
+    # 17 s on 2 cores (README); the limit here only stops a hang.
     finished = subprocess.run([sys.executable, "zigma.py"], capture_output=True, text=True, cwd=Path(__file__).parent,
                               timeout=600)
     assert finished.returncode == 0, finished.stderr[-2000:]
