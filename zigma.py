@@ -27,7 +27,7 @@ Time: x_t = (1 - t) noise + t data, t in [0, 1], so t = 0 is noise and t = 1 is 
 puts data at 0). The network predicts the velocity v = dx_t/dt = data - noise; sampling integrates dx/dt = v
 from t = 0 to t = 1.
 
-Lines that start with "Official:" say where the official code (github.com/CompVis/zigma) differs.
+The last appendix lists where the official code (github.com/CompVis/zigma) differs, and why.
 """
 
 import math
@@ -52,11 +52,10 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 #################################################################################
 #                                  Token orders                                 #
 #################################################################################
-# The paper's zigzag paths and its factorized video orders. Official: utils/utils_zigzag.py builds the paths,
-# and mamba_simple.py's Mamba.forward, in its zigzagN branch, permutes the tokens with them.
+# The paper's zigzag paths, and its factorized orders for video. A path is a permutation of the tokens; each
+# layer reads along its own, so that together the layers read each token after more of its neighbours.
 
 # Where a path starts: whether the grid's rows and columns are flipped.
-# Official: top-left, top-right, bottom-left, bottom-right; at K = 1, 2, 8 either order meets the same pairs.
 CORNERS = {"top-left": (False, False), "bottom-right": (True, True), "top-right": (False, True),
            "bottom-left": (True, False)}
 
@@ -66,16 +65,14 @@ def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
 
     Row k is path k, a permutation of the row-major token indices: path[i] is the token read i-th. With
     snake=True every other line is read backwards, so the path is continuous: ZigMa's zigzag. With snake=False
-    every line starts at the same side: the raster "sweep". The zigzags on a 4 x 4 grid, each number the step
-    at which that token is read (4 to 7 start at the top-right and bottom-left):
+    every line starts at the same side: the raster "sweep". The zigzags on a 4 x 4 grid, drawn the other way
+    round: each cell holds the step at which its token is read (paths 4 to 7 start at the other two corners):
 
         0: rows, top-left      1: columns, top-left   2: rows, bottom-right  3: columns, bottom-right
          0  1  2  3             0  7  8 15            12 13 14 15            12 11  4  3
          7  6  5  4             1  6  9 14            11 10  9  8            13 10  5  2
          8  9 10 11             2  5 10 13             4  5  6  7            14  9  6  1
         15 14 13 12             3  4 11 12             3  2  1  0            15  8  7  0
-
-    Official: the paths are built for square grids; these work on any H x W.
     """
     grid = torch.arange(height * width, device="cpu").view(height, width)  # (H, W) row-major token indices
     paths = []
@@ -114,7 +111,7 @@ class TokenOrder(nn.Module):
 
     axis "space": each frame is a sequence of H*W tokens (an image is a clip of one frame); "time": each
     position is a sequence of T tokens; "volume": the clip is one sequence of T*H*W tokens. `order` permutes a
-    sequence's L tokens; it and its inverse are buffers, left out of the state_dict (the config gives them).
+    sequence's L tokens. It and its inverse are buffers that the state_dict leaves out: the config gives them.
     """
 
     def __init__(self, grid: tuple[int, int, int], axis: str, order: torch.Tensor):
@@ -145,14 +142,15 @@ class TokenOrder(nn.Module):
 
 def layer_orders(grid: tuple[int, int, int], depth: int, paths: str, num_paths: int,
                  pattern: str) -> list[TokenOrder]:
-    """Every layer's token order; paths names the family of 2D paths (PATHS), num_paths is K. A scan is causal
-    along its path, so a token sees only what its layer read before it: the layers take turns over paths from
-    other corners and directions. pattern repeats over the depth, a letter a layer (images use "s"):
-    - s, spatial: the j-th reads 2D path j mod K. Of a 16 x 16 grid's 960 neighbour pairs (a token, and a
-      neighbour read just before it), zigzag K = 1 covers 255, K = 2 496 and K = 8 all (`python zigma.py`);
-    - t, temporal: the j-th reads time forwards when j is even, backwards when odd: every frame sees all;
-    - v, volume: the j-th reads the 3D zigzag of 2D path (j // 2) mod K, forwards, then backwards.
-    Official: only s and t layers (3d_zigzag8sst, a config that does not run); volume layers are this file's.
+    """The token order of every layer.
+
+    A scan is causal along its path: a token sees only the tokens its layer read before it. So the layers take
+    turns over paths that start from other corners and run in other directions. `paths` names the family of 2D
+    paths (PATHS), and `num_paths` is K. `pattern` repeats over the depth, a letter a layer (images use "s"):
+    - s, a spatial layer: the j-th reads 2D path j mod K. Some path reads a token right after a neighbour for
+      255 of a 16 x 16 grid's 960 (token, neighbour) pairs with K = 1, for 496 with K = 2, for all with K = 8.
+    - t, a temporal layer: the j-th reads time forwards if j is even, backwards if odd: two layers see it all.
+    - v, a volume layer: the j-th reads the 3D zigzag of 2D path (j // 2) mod K, forwards, then backwards.
     """
     frames, height, width = grid
     snake = paths != "sweep"  # continuous paths stay continuous through a clip
@@ -215,8 +213,9 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Mamba's causal depthwise convolution along the tokens of x (b, l, e), with nn.Conv1d's weight
-    (e, 1, k): out_l = bias + sum_j weight[:, 0, k-1-j] x_{l-j}, zero before the first token; channels last.
-    It returns x's dtype, as causal-conv1d's kernel does (float32 weights would promote a bf16 x)."""
+    (e, 1, k): out_l = bias + sum_j weight[:, 0, k-1-j] x_{l-j}, zero before the first token. Written out
+    rather than F.conv1d, which takes (b, e, l), so that x stays channels last, as the linear layers need it;
+    it returns x's dtype, as causal-conv1d's kernel does (float32 weights would promote a bf16 x)."""
     kernel = weight.shape[-1]
     weight, bias = weight.to(x.dtype), bias.to(x.dtype)
     out = torch.addcmul(bias, x, weight[:, 0, -1])  # (b, l, e): the current token's tap
@@ -227,7 +226,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
 
 class MambaMixer(nn.Module):
     """Mamba-1's mixer (Mamba, Fig. 3): in_proj, causal depthwise conv, SiLU, input-dependent delta, B and C,
-    the selective scan, the gate, out_proj. Official: mamba_simple.py's Mamba."""
+    the selective scan, the gate, out_proj."""
 
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
@@ -287,8 +286,6 @@ class ZigMaBlock(nn.Module):
 
     x + gate * mixer(modulate(LayerNorm(x))), DiT's pre-LayerNorm residual, is the identity until it trains:
     the gates start at zero. No MLP, as in Mamba: the mixer's in_proj and out_proj (expand 2) play its part.
-    Official: model_zigma.py's Block.forward returns RMSNorm(r) + gate * mixer(modulate(RMSNorm(r))) for the
-    stream r, so each official layer adds its normalised input back, and is not the identity at the start.
     """
 
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2, context_dim: int = 0):
@@ -298,7 +295,7 @@ class ZigMaBlock(nn.Module):
         self.cross_attention = None
         if context_dim:
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-            # Heads of width 64, or one where 64 does not divide dim. Official: 8 heads of 64 at every width.
+            # Heads of width 64, or one head where 64 does not divide dim.
             self.cross_attention = CrossAttention(dim, context_dim, heads=dim // 64 if dim % 64 == 0 else 1)
         branches = 2 if context_dim else 1
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * branches * dim))
@@ -343,7 +340,8 @@ class ZigMaConfig:
     expand: int = 2  # the mixer's inner width is e = expand * D, as in Mamba
 
     def __post_init__(self):
-        assert self.input_size % self.patch_size == 0, f"patch {self.patch_size} divides no {self.input_size}"
+        side, patch = self.input_size, self.patch_size
+        assert side % patch == 0, f"the patch size {patch} must divide the input size {side}"
         assert self.paths in PATHS, f"paths: one of {', '.join(PATHS)}, not {self.paths!r}"
         assert self.num_paths in (1, 2, 8), f"num_paths: 1, 2 or 8, not {self.num_paths}"
         pattern = self.video_pattern
@@ -375,27 +373,28 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows: the last is the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's. Official: N(0, 0.02), as DiT's; from it, labels had no effect in 2000 steps.
+            # N(0, 1), as ADM's, so that a label's embedding is not drowned by the timestep's.
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token, broadcast over S
         if config.context_dim:
             self.null_context = nn.Parameter(torch.randn(1, 1, config.context_dim) * 0.02)
-        # A learned position per token, one table for images and clips; DiT's is a fixed 2D sin-cos table.
-        # Official: a learned table too (use_pe=2), started at zeros.
+        # A learned position per token, one table for images and clips (DiT's is a fixed 2D sin-cos table).
         self.pos_embed = nn.Parameter(torch.randn(1, math.prod(grid), dim) * 0.02)
         pattern = config.video_pattern if config.frames else "s"
         self.orders = nn.ModuleList(layer_orders(grid, config.depth, config.paths, config.num_paths, pattern))
         self.blocks = nn.ModuleList(
             ZigMaBlock(dim, config.d_state, config.expand, config.context_dim) for _ in range(config.depth))
         self.final_layer = FinalLayer(dim, config.patch_size, config.in_channels)
-        # The other layers keep PyTorch's initialisation. Official: out_proj is rescaled by 1/sqrt(depth).
+        # The other layers keep PyTorch's initialisation.
         # True: keep each block's input only, and recompute the block in the backward pass (less memory).
         self.grad_checkpointing = False
 
     def conditions(self, batch: int, y=None, context=None, context_mask=None, drop=None):
-        """The label (B,), context (B, S, context_dim) and mask (B, S) the blocks see: the null ones where y
-        or context is missing, or where drop (B,) is True; None where the model has no such condition. The
-        null context needs no mask: attending to S copies of one token is attending to that token."""
+        """The label (B,), context (B, S, context_dim) and mask (B, S) that the blocks see.
+
+        Where y or the context is missing, or where drop (B,) is True, they are the null ones, for guidance. A
+        model without classes or cross-attention gets None. The null context needs no mask, since attending to
+        S copies of one token is the same as attending to that token."""
         if self.y_embedder is not None:
             null_y = torch.full((batch,), self.config.num_classes, device=self.y_embedder.weight.device)
             if y is None:
@@ -433,7 +432,7 @@ class ZigMa(nn.Module):
         c = self.t_embedder(t)  # (B, D)
         if y is not None:
             c = c + self.y_embedder(y)  # (B, D)
-        # Official: the text's mean is also added to c; here text enters through cross-attention only.
+        # Text reaches the blocks through their cross-attention only.
         for block, order in zip(self.blocks, self.orders):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, c, order, context, context_mask, use_reentrant=False)
@@ -450,7 +449,7 @@ class ZigMa(nn.Module):
 #                     Flow matching: the loss and the sampler                   #
 #################################################################################
 # SiT's linear interpolant between noise and data, the simplest stochastic interpolant (Albergo and
-# Vanden-Eijnden): its velocity is data - noise, and its ODE carries noise to data. Official: transport/.
+# Vanden-Eijnden): its velocity is data - noise, and its ODE carries noise to data.
 
 TIME_SAMPLING = ("uniform", "logit-normal")
 
@@ -482,8 +481,7 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
 
 def guided_velocity(model: ZigMa, x_t, t, y=None, context=None, context_mask=None, cfg_scale: float = 1.0):
     """The velocity at (x_t, t); with a label or context and cfg_scale != 1, classifier-free guided (Ho and
-    Salimans, arXiv 2207.12598): v = v_null + cfg_scale * (v_cond - v_null), both passes in one batch.
-    Official: its guided sampling raises; here guidance is tested."""
+    Salimans, arXiv 2207.12598): v = v_null + cfg_scale * (v_cond - v_null), both passes in one batch."""
     if y is None and context is None:
         return model(x_t, t)
     if cfg_scale == 1:  # no guidance: v = v_cond, one pass
@@ -502,8 +500,7 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
 
     Euler takes one model call a step, and its error shrinks with the step size. Heun averages the slopes at
     both ends of a step: two calls, and an error that shrinks with the step size squared. With guidance each
-    call is one pass of twice the batch. Official: also an SDE sampler (SiT's); here the ODE, and dopri5 in
-    sample.py.
+    call is one pass of twice the batch.
     """
     assert method in ("euler", "heun"), f"method must be 'euler' or 'heun', not {method!r}"
     x_t = noise
@@ -567,8 +564,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN, then a linear map from each token to its patch, as DiT's. Its output starts at zero.
-    Official: the final layer is not modulated by the condition."""
+    """adaLN, then a linear map from each token to its patch, as DiT's. Its output starts at zero."""
 
     def __init__(self, dim: int, patch_size: int, out_channels: int):
         super().__init__()
@@ -587,8 +583,8 @@ class FinalLayer(nn.Module):
 #################################################################################
 #                 Appendix: the baselines, sweep and Hilbert paths              #
 #################################################################################
-# The paper compares zigzag paths with raster sweeps and Hilbert curves. Official: utils/utils_gilbert.py's
-# curves are not continuous on the grids it uses; these are, on any grid where such a curve exists.
+# The paper compares zigzag paths with raster sweeps and Hilbert curves. These Hilbert curves are continuous
+# on any grid where such a curve exists.
 
 def sweep_paths(height: int, width: int) -> torch.Tensor:
     """The paper's sweep baseline: raster paths, every line read in the same direction, (8, H*W). Here K = 2
@@ -655,8 +651,7 @@ FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes of u
 
 def selective_scan_for(u: torch.Tensor):
     """The scan the layers run on u: mamba-ssm's fused kernel for a CUDA tensor it takes, where mamba-ssm is
-    installed; else fast_scan's (left out of torch.compile's graph on a CPU); else the reference.
-    Official: a vendored, patched mamba-ssm that must be built; here it is optional and unpatched."""
+    installed; else fast_scan's (left out of torch.compile's graph on a CPU); else the reference."""
     if fused_selective_scan is not None and u.is_cuda and u.dtype in FUSED_DTYPES:
         return fused_selective_scan
     if fast_scan is None:
@@ -688,6 +683,29 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
         raise ValueError(f"unknown preset {name!r}; the presets are {', '.join(PRESETS)}")
     return ZigMaConfig(**PRESETS[name], **fields)
 
+
+
+#################################################################################
+#                 Appendix: where the official code differs                     #
+#################################################################################
+# The official code is github.com/CompVis/zigma: model_zigma.py, with Mamba in dis_mamba/. Each difference, by
+# the name here that it concerns:
+# - grid_paths: the official utils/utils_zigzag.py builds the paths for square grids only; mamba_simple.py's
+#   Mamba.forward permutes the tokens with them, in its zigzagN branch. Its corners come top-left, top-right,
+#   bottom-left, bottom-right; at K = 1, 2 and 8 either order meets the same neighbour pairs.
+# - hilbert_paths: utils/utils_gilbert.py's curves are not continuous on the grids it uses.
+# - layer_orders: only spatial and temporal layers (3d_zigzag8sst, a config that does not run); volume layers
+#   are this file's.
+# - selective_scan_for: a vendored, patched mamba-ssm that must be built; here it is optional and unpatched.
+# - ZigMaBlock: Block.forward returns RMSNorm(r) + gate * mixer(modulate(RMSNorm(r))) for the residual stream
+#   r (Mamba's fused add + norm), so each official layer adds its normalised input back to the stream and is
+#   not the identity at the start; it also has drop-path. Its cross-attention has 8 heads of 64 at any width.
+# - ZigMa: the text's mean is also added to c. The label table starts at N(0, 0.02), as DiT's; from it, labels
+#   had no effect on the built-in faces in 2000 steps (docs/official-code.md). The positions start at zeros.
+#   out_proj is rescaled by 1/sqrt(depth).
+# - FinalLayer: not modulated by the condition.
+# - guided_velocity: the official guided sampling raises.
+# - sample: also SiT's SDE sampler (transport/); here the ODE, and dopri5 in sample.py.
 
 
 #################################################################################
