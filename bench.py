@@ -76,6 +76,7 @@ from einops import rearrange
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fast_scan
+import plumbing
 import zigma
 from data import ArgumentParser, SmileyFaces, UserError, check_writable, pick_device, plural, save_samples
 from zigma import PRESETS, ZigMa, flow_loss, modulate, preset_config
@@ -586,13 +587,9 @@ def features_and_confidence(classifier: nn.Module, images: torch.Tensor) -> tupl
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between the Gaussians fitted to features a and b (N, F)."""
+    """plumbing.frechet_distance between the Gaussians fitted to features a and b (N, F)."""
     a, b = a.double(), b.double()
-    mean_a, mean_b, cov_a, cov_b = a.mean(0), b.mean(0), torch.cov(a.T), torch.cov(b.T)
-    values, vectors = torch.linalg.eigh(cov_a)
-    root_a = vectors @ values.clamp_min(0).sqrt().diag() @ vectors.T  # S_a^(1/2)
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()  # Tr((S_a S_b)^(1/2))
-    return ((mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+    return plumbing.frechet_distance(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))
 
 
 def blurred(images: torch.Tensor) -> torch.Tensor:

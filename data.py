@@ -12,6 +12,7 @@
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -214,7 +215,7 @@ class Folder(Dataset):
 
     def readable(self, index, read) -> tuple[int, torch.Tensor]:
         """(j, read(j)) for the first item j from index on, wrapping round, whose file decodes."""
-        for j in [*range(index, len(self)), *range(index)]:
+        for j in itertools.chain(range(index, len(self)), range(index)):  # lazily: this runs for every item
             x = self.decoded(j, read)
             if x is not None:
                 return j, x
@@ -577,12 +578,14 @@ class Latents(Dataset):
         key = {"vae": vae.name, "image_size": image_size, "flips": 2 if source.flip else 1,
                "files": [(str(p.relative_to(source.folder)), p.stat().st_size) for p in source.files]}
         digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()
-        encode = [rank > 0 or self.read(cache, digest) is None]  # the first process decides for all
+        contents = self.read(cache, digest) if rank == 0 else None
+        encode = [rank == 0 and contents is None]  # the first process decides for all
         if world > 1:
             dist.broadcast_object_list(encode, src=0)
         if encode[0]:
             self.make_cache(source, vae, digest, key["flips"], cache, device, rank, world)
-        contents = self.read(cache, digest)
+        if contents is None:  # just written, or another process's decision
+            contents = self.read(cache, digest)
         assert contents is not None, f"{cache} was just written"
         self.mean, self.std, self.first = contents["mean"], contents["std"], contents["first"].tolist()
         self.clips = isinstance(source, ClipFolder)
@@ -593,17 +596,21 @@ class Latents(Dataset):
         self.captions = [source.captions[i] for i in kept] if source.captions is not None else None
 
     @staticmethod
-    def read(cache: Path, digest: str) -> dict | None:
-        """The cache's contents if it was made from what digest sums up, else None, saying why."""
-        if not cache.is_file():
+    def read(path: Path, digest: str, say: bool = True) -> dict | None:
+        """The contents of the cache (or of a chunk, with say=False) if they were made from what digest sums up,
+        else None, saying why for the cache."""
+        if not path.is_file():
             return None
         try:
-            contents = torch.load(cache, map_location="cpu", weights_only=True, mmap=True)
+            contents = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # cut short by a full disk or a killed run, or not written by train.py
-            print(f"{cache} cannot be read (cut short, or not written by train.py): encoding again")
+            if say:
+                print(f"{path} cannot be read (cut short, or not written by train.py): encoding again")
             return None
         if not isinstance(contents, dict) or contents.get("digest") != digest:
-            print(f"{cache} was encoded from other data, another image size, other flips or another VAE: encoding again")
+            if say:
+                print(f"{path} was encoded from other data, another image size, other flips or another VAE: "
+                      f"encoding again")
             return None
         return contents
 
@@ -614,11 +621,12 @@ class Latents(Dataset):
         then the first process puts every chunk together into the cache and removes the folder."""
         parts = cache.with_name(f"{cache.name}.parts")
         chunks = range(math.ceil(len(source) / cls.chunk))
+        chunk_file = lambda c: parts / f"{c:06d}.pt"  # noqa: E731
         if rank == 0:
             parts.mkdir(exist_ok=True)
         if world > 1:
             dist.barrier()  # the folder exists
-        mine = [c for c in chunks if c % world == rank and cls.read_chunk(parts, c, digest) is None]
+        mine = [c for c in chunks if c % world == rank and cls.read(chunk_file(c), digest, say=False) is None]
         done = len(chunks) - len(mine) if world == 1 else 0
         progress = tqdm(total=len(chunks), initial=done, unit="chunk", desc=f"encoding --data with the VAE, once "
                         f"({cls.chunk} items a chunk, kept in {parts})", dynamic_ncols=True, disable=rank > 0,
@@ -634,7 +642,7 @@ class Latents(Dataset):
                     mean, std = (torch.cat(m).unflatten(0, (-1, flips)).half().cpu() for m in zip(*moments))
                 means.append(mean)
                 stds.append(std)
-            save_atomically({"digest": digest, "mean": means, "std": stds}, parts / f"{c:06d}.pt")
+            save_atomically({"digest": digest, "mean": means, "std": stds}, chunk_file(c))
             progress.update()
         progress.close()
         if world > 1:
@@ -642,7 +650,7 @@ class Latents(Dataset):
         if rank == 0:
             means, stds = [], []
             for c in chunks:
-                chunk = cls.read_chunk(parts, c, digest)
+                chunk = cls.read(chunk_file(c), digest, say=False)
                 means += chunk["mean"]
                 stds += chunk["std"]
             kept = [i for i, mean in enumerate(means) if mean is not None]
@@ -655,14 +663,6 @@ class Latents(Dataset):
             shutil.rmtree(parts)
         if world > 1:
             dist.barrier()  # the cache is written
-
-    @staticmethod
-    def read_chunk(parts: Path, c: int, digest: str) -> dict | None:
-        try:
-            chunk = torch.load(parts / f"{c:06d}.pt", map_location="cpu", weights_only=True)
-        except Exception:  # not written yet, or cut short
-            return None
-        return chunk if isinstance(chunk, dict) and chunk.get("digest") == digest else None
 
     def __len__(self):
         return len(self.first) - 1

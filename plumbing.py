@@ -3,7 +3,7 @@ mistake into one sentence before any work, and what keeps a run from losing work
 
     1. training options   check_training_arguments, and the checks of a resumed run
     2. processes          start_processes (torchrun), only_writer (the lock on --out), StopRequest (signals)
-    3. steps              Batches (endless, resumed mid-epoch), step_seed, check_weights_are_sane, precision
+    3. steps              Batches (endless, resumed mid-epoch), derived_seed, check_weights_are_sane, precision
     4. run files          RunLog (log.jsonl and TensorBoard), numbered checkpoints
     5. sampling           check_sampling_arguments, each sample's seed and condition, gathering, the adaptive solver
     6. FID                FID against a folder or saved statistics, which are cached
@@ -56,12 +56,12 @@ def check_training_arguments(args: argparse.Namespace) -> argparse.Namespace:
     for name, most in (("image_size", MAX_IMAGE_SIZE), ("sample_steps", MAX_ODE_STEPS)):
         if getattr(args, name) > most:
             raise UserError(f"{option(name)} must be {most} or less, not {getattr(args, name)}")
-    for name in ("lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "cond_drop", "sample_cfg"):
-        if not math.isfinite(getattr(args, name) if getattr(args, name) is not None else 0):
-            raise UserError(f"{option(name)} must be a finite number, not {getattr(args, name)}")
     args.model = args.model or default_model(args.image_size // (8 if args.vae else 1))
     if args.lr is None:
         args.lr = 1e-3 if args.model.startswith("ZigMa-Tiny/") else 1e-4
+    for name in ("lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "cond_drop", "sample_cfg"):
+        if not math.isfinite(getattr(args, name)):
+            raise UserError(f"{option(name)} must be a finite number, not {getattr(args, name)}")
     for name in ("lr", "grad_clip"):
         if not getattr(args, name) > 0:
             raise UserError(f"{option(name)} must be positive, not {getattr(args, name)}")
@@ -333,10 +333,11 @@ def preview_conditions(dataset, count: int) -> tuple[torch.Tensor | None, list[s
     return labels, captions
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of one step's random numbers (data order aside): the same after a resume as in a run that never
-    stopped. (Python hashes tuples of ints alike in every process.)"""
-    return hash((seed, rank, step)) % 2 ** 63
+def derived_seed(*numbers: int) -> int:
+    """A seed made from numbers, the same in every process and every run (Python hashes tuples of ints alike):
+    (seed, rank, step) seeds a training step's random numbers, so that a resumed run draws what one that never
+    stopped drew, and (seed, i) seeds sample i's noise."""
+    return hash(numbers) % 2 ** 63
 
 
 FAR_ABOVE = 10  # a checkpoint whose loss is this many times the recent training loss is a diverged one
@@ -575,7 +576,7 @@ def vae_for(args, checkpoint: dict, device: torch.device):
 def sample_noise(seed: int, indices: range, shape: tuple, device: torch.device) -> torch.Tensor:
     """The noise of samples `indices`, (len(indices), *shape): sample i's from a seed of its own, from (seed, i),
     so that any number of processes draws the same samples."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator(device).manual_seed(hash((seed, i)) % 2 ** 63),
+    return torch.stack([torch.randn(shape, generator=torch.Generator(device).manual_seed(derived_seed(seed, i)),
                                     device=device) for i in indices])
 
 
@@ -641,9 +642,13 @@ def to_bytes(images: torch.Tensor) -> torch.Tensor:
 
 
 def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
-    """|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), in float64: FID from two feature statistics."""
-    root_trace = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()  # tr (sigma1 sigma2)^(1/2)
-    return ((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root_trace).item()
+    """|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), in float64: FID from two feature statistics.
+    The trace of the root is that of (R sigma2 R)^(1/2) with R = sigma1^(1/2), a symmetric matrix's eigenvalues."""
+    mu1, sigma1, mu2, sigma2 = (x.double() for x in (mu1, sigma1, mu2, sigma2))
+    values, vectors = torch.linalg.eigh(sigma1)
+    root = vectors @ values.clamp_min(0).sqrt().diag() @ vectors.T  # sigma1^(1/2)
+    cross = torch.linalg.eigvalsh(root @ sigma2 @ root).clamp_min(0).sqrt().sum()  # tr (sigma1 sigma2)^(1/2)
+    return ((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * cross).item()
 
 
 class Statistics:

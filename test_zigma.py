@@ -1205,6 +1205,17 @@ def test_fid_is_the_frechet_distance_of_the_samples_to_the_folder(tmp_path, trai
     assert fid > 1, "the untrained model's samples are not the folder's images"
 
 
+def test_frechet_distance_of_gaussians_with_shared_axes():
+    # Covariances Q diag(a) Q^T and Q diag(b) Q^T commute, and then FID's trace term is sum (sqrt(a) - sqrt(b))^2.
+    generator = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))
+    a, b = torch.rand(6, generator=generator, dtype=torch.float64) + 0.1, torch.rand(6, generator=generator, dtype=torch.float64)
+    mu1, mu2 = torch.randn(6, generator=generator, dtype=torch.float64), torch.randn(6, generator=generator, dtype=torch.float64)
+    expected = (mu1 - mu2).square().sum() + (a.sqrt() - b.sqrt()).square().sum()
+    fid = plumbing.frechet_distance(mu1, q @ a.diag() @ q.T, mu2, q @ b.diag() @ q.T)
+    assert fid == pytest.approx(expected.item(), rel=1e-9)
+
+
 def test_fid_says_what_it_lacks_in_one_sentence_before_sampling(tmp_path, trained_run, monkeypatch):
     def no_sampling(*args, **kwargs):
         raise AssertionError("sample.py sampled before it could compute FID")

@@ -37,7 +37,7 @@ from data import (VAE, ArgumentParser, CaptionEncoder, CPUThreads, Latents, Term
                   load_checkpoint, load_pretrained_text_encoder, plural, save_atomically, save_samples)
 from plumbing import (PRECISIONS, Batches, RunLog, StopRequest, autocast_dtype, build_dataset, check_resumed_options,
                       check_training_arguments, check_weights_are_sane, keep_numbered, only_writer, precision_name,
-                      preview_conditions, resume, saved_arguments, start_processes, step_seed)
+                      derived_seed, preview_conditions, resume, saved_arguments, start_processes)
 from zigma import PRESETS, TIME_SAMPLING, flow_loss, fused_selective_scan, preset_config, sample
 
 if QUIET_START:
@@ -232,7 +232,7 @@ def train(args, rank: int, world: int, device: torch.device):
         for step in range(start + 1, args.steps + 1):
             # Noise, times, dropped conditions and (with --workers 0) flips come from a seed for each step and
             # process: a resumed run draws what the run that never stopped drew.
-            torch.manual_seed(step_seed(args.seed, rank, step - 1))
+            torch.manual_seed(derived_seed(args.seed, rank, step - 1))
             batch = next(batches)
             if threads:
                 threads.update()
@@ -256,11 +256,11 @@ def train(args, rank: int, world: int, device: torch.device):
             scaler.update()
             update_ema(ema, networks, min(args.ema_decay, (1 + step) / (10 + step)))
 
-            recent_losses.append(loss.item())
+            recent_losses.append(loss.item())  # this process's loss: one wait for the device a step
             recent.append((time.perf_counter(), recent[-1][1] + x.shape[0] * world))
             speed = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])  # over the last 20 steps
             progress.update()
-            progress.set_postfix(loss=f"{loss.item():.4f}", per_s=f"{speed:.1f}")
+            progress.set_postfix(loss=f"{recent_losses[-1]:.4f}", per_s=f"{speed:.1f}")
             if step % args.log_every == 0:
                 loss = loss.detach()
                 if world > 1:
