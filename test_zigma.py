@@ -707,7 +707,7 @@ def test_dropped_conditions_become_the_null_ones():
     x, t = torch.randn(1, 3, 8, 8), torch.rand(1)
     v_short = model(x, t, torch.tensor([1]), model.null_context.expand(1, 1, 8))
     v_long = model(x, t, torch.tensor([1]), model.null_context.expand(1, 7, 8))
-    assert torch.allclose(v_short, v_long, rtol=1e-5, atol=1e-6)
+    assert relative_error(v_long, v_short) < 1e-5, "float32 sums over 1 and 7 keys differ by about 1e-7"
 
 
 def test_the_label_steers_the_velocity_within_a_few_steps():

@@ -181,6 +181,8 @@ def layer_orders(grid: tuple[int, int, int], depth: int, paths: str, num_paths: 
 #     y_i = C_i . h_i + D u_i,  then gated: y_i * silu(z_i)
 # Mamba's Eq. 4 discretises h' = A h + B u holding A and B over a step; its code, and this file, keep that
 # for A and take the Euler step delta_i B_i for B, equal to first order in delta_i.
+# The layers call selective_scan (an appendix), which computes this function with fewer, larger operations:
+# fast_scan.py's scan, or mamba-ssm's kernel on CUDA.
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """The selective scan one token at a time: the definition, against which the fast scans are tested.
@@ -254,20 +256,14 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(inner))  # the skip connection D u_i
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, l, d)
-        # Everything stays (b, l, channels), the linear layers' layout; the scan takes (b, e, l) views of it.
-        x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each; after the conv, x is the scan's input u
-        x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))  # (b, l, e)
-        delta, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (b, l, r|n)
-        delta = delta @ self.dt_proj.weight.t()  # (b, l, e); the scan adds the bias
-        ssm_dtype = torch.promote_types(self.A_log.dtype, torch.float32)  # float32, or a float64 model's
-        A = -torch.exp(self.A_log.to(ssm_dtype))  # (e, n)
-        # Under autocast, u = x, delta, B, C and z are bf16 (or fp16) here, and A, D and delta_bias float32:
-        # what mamba-ssm's kernel demands.
-        y = selective_scan_for(x)(x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
-                                  C.transpose(1, 2), self.D.to(ssm_dtype), z.transpose(1, 2),
-                                  delta_bias=self.dt_proj.bias.to(ssm_dtype),
-                                  delta_softplus=True)  # (b, e, l)
-        return self.out_proj(y.transpose(1, 2))  # (b, l, d)
+        x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each
+        u = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))  # (b, l, e): the scan's input
+        delta, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (b, l, r|n)
+        delta = delta @ self.dt_proj.weight.t()  # (b, l, e); the scan adds dt_proj's bias
+        A = -torch.exp(self.A_log)  # (e, n), negative
+        u, delta, B, C, z = (a.transpose(1, 2) for a in (u, delta, B, C, z))  # (b, e|n, l), the scan's layout
+        y = selective_scan(u, delta, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True)
+        return self.out_proj(y.transpose(1, 2))  # (b, e, l) -> (b, l, d)
 
 
 #################################################################################
@@ -390,22 +386,18 @@ class ZigMa(nn.Module):
         self.grad_checkpointing = False
 
     def conditions(self, batch: int, y=None, context=None, context_mask=None, drop=None):
-        """The label (B,), context (B, S, context_dim) and mask (B, S) that the blocks see.
-
-        Where y or the context is missing, or where drop (B,) is True, they are the null ones, for guidance. A
-        model without classes or cross-attention gets None. The null context needs no mask, since attending to
-        S copies of one token is the same as attending to that token."""
+        """The label (B,), context (B, S, context_dim) and mask (B, S) that the blocks see (None where the
+        model takes none). For guidance, a missing label or context is the null one, and so is each row where
+        drop (B,) is True."""
         if self.y_embedder is not None:
             null_y = torch.full((batch,), self.config.num_classes, device=self.y_embedder.weight.device)
-            if y is None:
-                y = null_y
-            elif drop is not None:
-                y = torch.where(drop, null_y, y)
+            y = null_y if y is None else y
+            y = y if drop is None else torch.where(drop, null_y, y)
         if self.null_context is not None and context is None:
-            context = self.null_context.expand(batch, 1, -1)
+            context = self.null_context.expand(batch, 1, -1)  # (B, 1, context_dim)
         elif self.null_context is not None and drop is not None:
-            context = torch.where(drop[:, None, None], self.null_context, context)
-            # A dropped row holds the null context, every position of which is real.
+            context = torch.where(drop[:, None, None], self.null_context, context)  # (B, S, context_dim)
+            # A dropped row is S copies of the null token, all real: attending to them is attending to one.
             context_mask = None if context_mask is None else context_mask | drop[:, None]
         return y, context, context_mask
 
@@ -459,10 +451,10 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
               time_sampling: str = "logit-normal") -> torch.Tensor:
     """The velocity loss (SiT's) for data x on the path x_t = (1 - t) noise + t x, one t per example.
 
-    t is logit-normal, the sigmoid of a standard normal draw, which trains more on the middle of the path
-    (SD3's choice), or uniform on [0, 1] (SiT's); logit-normal sampled better on a CPU (docs/quality.md).
-    Each example's label and context (where the model takes them) become the null ones with probability
-    drop_prob, for guidance. noise (like x) and t (B,) are drawn unless given.
+    t is logit-normal by default, the sigmoid of a standard normal draw, which trains more on the middle of
+    the path (SD3's choice, arXiv 2403.03206), or uniform on [0, 1], as in SiT. Each example's label and
+    context (where the model takes them) become the null ones with probability drop_prob, for guidance.
+    noise (like x) and t (B,) are drawn unless given.
     """
     assert time_sampling in TIME_SAMPLING, f"time_sampling is uniform or logit-normal, not {time_sampling!r}"
     batch = x.shape[0]
@@ -594,48 +586,54 @@ def sweep_paths(height: int, width: int) -> torch.Tensor:
 
 
 def gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> list[tuple[int, int]]:
-    """J. Cerveny's generalized Hilbert ("gilbert") curve over the rectangle at (x, y) spanned by the major
-    axis (ax, ay) and the minor axis (bx, by), as (x, y) points, from (x, y) to the far end of the major axis.
+    """The cells of J. Cerveny's generalized Hilbert ("gilbert") curve over a rectangle, as (column, row).
 
-    It halves the rectangle recursively, rounding halves to even lengths, so it stays continuous for any size,
-    except a major side of odd length with a minor side of even length, where no such path exists.
+    The rectangle's first cell is (x, y). Its sides are the vectors (ax, ay), the major side, and (bx, by),
+    the minor one, each along the rows or the columns, their signs giving the direction. The curve starts at
+    (x, y) and ends at the far end of the major side. It is continuous unless the major side is odd and the
+    minor side even: then no continuous curve ends there.
     """
-    w, h = abs(ax + ay), abs(bx + by)  # the sides along the major and the minor axis
+    length, width = abs(ax + ay), abs(bx + by)  # cells along the major and the minor side
     sign = lambda v: (v > 0) - (v < 0)  # noqa: E731
-    (dax, day), (dbx, dby) = (sign(ax), sign(ay)), (sign(bx), sign(by))  # unit steps along the axes
-    if h == 1 or w == 1:  # a line along whichever axis is longer than 1
-        dx, dy, n = (dax, day, w) if h == 1 else (dbx, dby, h)
-        return [(x + i * dx, y + i * dy) for i in range(n)]
-    ax2, ay2, bx2, by2 = ax // 2, ay // 2, bx // 2, by // 2
-    if 2 * w > 3 * h:  # long and thin: two halves along the major axis
-        if abs(ax2 + ay2) % 2 and w > 2:
-            ax2, ay2 = ax2 + dax, ay2 + day
-        return gilbert(x, y, ax2, ay2, bx, by) + gilbert(x + ax2, y + ay2, ax - ax2, ay - ay2, bx, by)
-    if abs(bx2 + by2) % 2 and h > 2:
-        bx2, by2 = bx2 + dbx, by2 + dby
-    return (gilbert(x, y, bx2, by2, ax2, ay2)  # up the first half of the minor axis, across, and back down
-            + gilbert(x + bx2, y + by2, ax, ay, bx - bx2, by - by2)
-            + gilbert(x + ax - dax + bx2 - dbx, y + ay - day + by2 - dby, -bx2, -by2,
-                      -(ax - ax2), -(ay - ay2)))
+    (ux, uy), (vx, vy) = (sign(ax), sign(ay)), (sign(bx), sign(by))  # one cell along each side
+    if width == 1:  # one line along the major side
+        return [(x + i * ux, y + i * uy) for i in range(length)]
+    if length == 1:  # one line along the minor side
+        return [(x + i * vx, y + i * vy) for i in range(width)]
+    # The rectangle is cut into parts, each traced by this function. A half side is made even where it can be,
+    # since a part whose major side is odd and minor side even would have no continuous curve.
+    half_ax, half_ay, half_bx, half_by = ax // 2, ay // 2, bx // 2, by // 2
+    if 2 * length > 3 * width:  # over 1.5 times as long as wide: two halves, one after the other
+        if abs(half_ax + half_ay) % 2 and length > 2:
+            half_ax, half_ay = half_ax + ux, half_ay + uy
+        return (gilbert(x, y, half_ax, half_ay, bx, by)
+                + gilbert(x + half_ax, y + half_ay, ax - half_ax, ay - half_ay, bx, by))
+    if abs(half_bx + half_by) % 2 and width > 2:
+        half_bx, half_by = half_bx + vx, half_by + vy
+    # Else three parts in a U, as in Hilbert's curve: out along the first half of the minor side, across the
+    # whole major side beyond it, and back to the far end of the major side.
+    return (gilbert(x, y, half_bx, half_by, half_ax, half_ay)
+            + gilbert(x + half_bx, y + half_by, ax, ay, bx - half_bx, by - half_by)
+            + gilbert(x + ax - ux + half_bx - vx, y + ay - uy + half_by - vy, -half_bx, -half_by,
+                      -(ax - half_ax), -(ay - half_ay)))
 
 
 def hilbert_paths(height: int, width: int) -> torch.Tensor:
     """Eight continuous generalized Hilbert curves over the grid, (8, H*W), in grid_paths' order: from each
     corner, first along the rows, then along the columns.
 
-    Where one side is odd and the other even, no continuous curve runs along the odd side from corner to
-    corner; that orientation reads the other one backwards, so some of the eight may repeat (a 4 x 5 grid has
-    four distinct paths, a 3 x 6 grid eight). The model's grids are square, where all eight differ.
+    No continuous curve runs along an odd side from corner to corner when the other side is even. There the
+    orientation reads the other one's curve backwards, so some of the eight may repeat (a 4 x 5 grid has four
+    distinct paths, a 3 x 6 grid eight). The model's grids are square, where all eight differ.
     """
-    along = {"rows": gilbert(0, 0, width, 0, 0, height), "columns": gilbert(0, 0, 0, height, width, 0)}
-    joins = {"rows": width % 2 == 0 or height % 2 == 1, "columns": height % 2 == 0 or width % 2 == 1}
+    curves = {"rows": gilbert(0, 0, width, 0, 0, height), "columns": gilbert(0, 0, 0, height, width, 0)}
+    exists = {"rows": width % 2 == 0 or height % 2 == 1, "columns": height % 2 == 0 or width % 2 == 1}
     paths = []
     for flip_rows, flip_cols in CORNERS.values():
         for axis, other in (("rows", "columns"), ("columns", "rows")):
-            points = along[axis if joins[axis] else other]
-            path = torch.tensor([((height - 1 - y) if flip_rows else y) * width
-                                 + ((width - 1 - x) if flip_cols else x) for x, y in points])  # from (x, y)
-            paths.append(path if joins[axis] else path.flip(0))
+            cells = curves[axis] if exists[axis] else curves[other][::-1]  # (column, row) pairs
+            paths.append(torch.tensor([((height - 1 - row) if flip_rows else row) * width
+                                       + ((width - 1 - col) if flip_cols else col) for col, row in cells]))
     return torch.stack(paths)  # (8, H*W)
 
 
@@ -649,14 +647,26 @@ PATHS["sweep"], PATHS["hilbert"] = sweep_paths, hilbert_paths
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes of u that mamba-ssm's kernel takes
 
 
+def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
+    """selective_scan_reference's function, computed by the fastest exact scan for u.
+
+    Under autocast (or in a bf16 model) u, delta, B, C and z arrive in bf16 or fp16. A, D and delta_bias go in
+    float32 (float64 in a float64 model), as mamba-ssm's kernel requires, and the state keeps that precision.
+    """
+    precision = torch.promote_types(A.dtype, torch.float32)
+    A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
+    scan = selective_scan_for(u)
+    return scan(u, delta, A, B, C, D, z, delta_bias=delta_bias, delta_softplus=delta_softplus)  # (b, e, l)
+
+
 def selective_scan_for(u: torch.Tensor):
-    """The scan the layers run on u: mamba-ssm's fused kernel for a CUDA tensor it takes, where mamba-ssm is
-    installed; else fast_scan's (left out of torch.compile's graph on a CPU); else the reference."""
+    """The scan for u: mamba-ssm's fused kernel for a CUDA tensor it takes, where mamba-ssm is installed;
+    else fast_scan's; else (zigma.py on its own) the reference."""
     if fused_selective_scan is not None and u.is_cuda and u.dtype in FUSED_DTYPES:
         return fused_selective_scan
     if fast_scan is None:
         return selective_scan_reference
-    if u.device.type == "cpu" and torch.compiler.is_compiling():  # compiled, the CPU plan's loop would unroll
+    if u.device.type == "cpu" and torch.compiler.is_compiling():  # else its loop over tokens would unroll
         return fast_scan.selective_scan_eager
     return fast_scan.selective_scan
 
@@ -701,7 +711,7 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
 #   r (Mamba's fused add + norm), so each official layer adds its normalised input back to the stream and is
 #   not the identity at the start; it also has drop-path. Its cross-attention has 8 heads of 64 at any width.
 # - ZigMa: the text's mean is also added to c. The label table starts at N(0, 0.02), as DiT's; from it, labels
-#   had no effect on the built-in faces in 2000 steps (docs/official-code.md). The positions start at zeros.
+#   had no effect on the built-in faces in 2000 steps of this project's runs. The positions start at zeros.
 #   out_proj is rescaled by 1/sqrt(depth).
 # - FinalLayer: not modulated by the condition.
 # - guided_velocity: the official guided sampling raises.
