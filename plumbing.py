@@ -622,11 +622,11 @@ class CountedCalls(nn.Module):
         super().__init__()
         self.model, self.progress, self.calls_per_step, self.calls = model, progress, calls_per_step, 0
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         self.calls += 1
         if self.calls % self.calls_per_step == 0:
             self.progress.update()
-        return self.model(*args)
+        return self.model(*args, **kwargs)
 
 
 #################################################################################

@@ -1,6 +1,7 @@
 """Tests for ZigMa. Run: pytest test_zigma.py (CPU, tiny models, a few minutes on 2 cores)."""
 
 import math
+import types
 from dataclasses import asdict
 
 import pytest
@@ -11,7 +12,7 @@ import zigma
 import fast_scan
 from fast_scan import selective_scan
 from zigma import (TokenOrder, ZigMa, ZigMaBlock, ZigMaConfig, flow_loss, guided_velocity, layer_orders, sample,
-                   selective_scan_reference, sweep_paths, volume_path, zigzag_paths)
+                   selective_scan_reference, volume_path, zigzag_paths)
 
 
 def tiny_config(**fields) -> ZigMaConfig:
@@ -42,7 +43,7 @@ GRIDS = [(1, 1), (1, 5), (4, 1), (2, 2), (3, 5), (4, 4), (6, 3), (8, 8), (16, 16
 @pytest.mark.parametrize("family", ["zigzag", "hilbert"])
 @pytest.mark.parametrize("h, w", GRIDS)
 def test_continuous_paths_are_continuous_permutations(family, h, w):
-    paths = zigma.PATHS[family](h, w)
+    paths = zigma.family_paths(family, h, w)
     assert paths.shape == (8, h * w)
     for k, path in enumerate(paths.tolist()):
         assert sorted(path) == list(range(h * w)), f"{family} path {k} of {h}x{w} is not a permutation"
@@ -76,11 +77,11 @@ def test_hilbert_paths_start_at_four_corners_in_both_directions_on_square_grids(
 
 def test_a_hilbert_model_reads_orientation_i_mod_k():
     model = ZigMa(tiny_config(paths="hilbert", depth=4, num_paths=2))
-    orders = [order.order for order in model.orders]
+    orders = [order.path for order in model.orders]
     paths = zigma.hilbert_paths(4, 4)
     assert all(torch.equal(order, paths[i % 2]) for i, order in enumerate(orders))
-    clips = layer_orders((3, 4, 4), depth=2, paths="hilbert", num_paths=8, pattern="v")
-    path = clips[0].order.tolist()
+    clips = layer_orders((3, 4, 4), depth=2, family="hilbert", num_paths=8, pattern="v")
+    path = clips[0].path.tolist()
     for a, b in zip(path, path[1:]):
         (ta, ra), (tb, rb) = divmod(a, 16), divmod(b, 16)
         assert abs(ta - tb) + grid_distance(ra, rb, 4) == 1, "a Hilbert volume path is continuous through the clip"
@@ -88,7 +89,7 @@ def test_a_hilbert_model_reads_orientation_i_mod_k():
 
 def test_sweep_paths_are_raster_permutations():
     h, w = 3, 5
-    paths = sweep_paths(h, w)
+    paths = zigma.family_paths("sweep", h, w)
     for path in paths.tolist():
         assert sorted(path) == list(range(h * w))
     assert paths[0].tolist() == list(range(h * w)), "the first sweep is the plain raster order"
@@ -125,24 +126,24 @@ def test_scan_sequences_follow_the_path():
 
 
 def test_temporal_scans_alternate_direction_and_spatial_layers_cycle_paths():
-    scans = layer_orders((4, 3, 3), depth=12, paths="zigzag", num_paths=2, pattern="sst")
+    scans = layer_orders((4, 3, 3), depth=12, family="zigzag", num_paths=2, pattern="sst")
     spatial = [s for s in scans if s.axis == "space"]
     temporal = [s for s in scans if s.axis == "time"]
     assert len(spatial) == 8 and len(temporal) == 4
     paths = zigzag_paths(3, 3)
     for j, s in enumerate(spatial):
-        assert torch.equal(s.order, paths[j % 2]), f"spatial layer {j} should read path {j % 2}"
-    assert [s.order.tolist() for s in temporal] == [[0, 1, 2, 3], [3, 2, 1, 0]] * 2
+        assert torch.equal(s.path, paths[j % 2]), f"spatial layer {j} should read path {j % 2}"
+    assert [s.path.tolist() for s in temporal] == [[0, 1, 2, 3], [3, 2, 1, 0]] * 2
 
 
 def test_scan_orders_are_buffers_that_checkpoints_need_not_carry():
     model = ZigMa(tiny_config(depth=8))
     for i in range(8):
-        assert torch.equal(model.orders[i].order, zigzag_paths(4, 4)[i]), f"layer {i} should read path {i}"
+        assert torch.equal(model.orders[i].path, zigzag_paths(4, 4)[i]), f"layer {i} should read path {i}"
         assert torch.equal(model.orders[i].inverse, torch.argsort(zigzag_paths(4, 4)[i]))
-    assert not any(".order" in name or ".inverse" in name for name in model.state_dict()), "they follow from the config"
+    assert not any(".path" in name or ".inverse" in name for name in model.state_dict()), "they follow from the config"
     model.to(torch.float64)
-    assert model.orders[0].order.dtype == torch.long, "orders must stay integer under .to(dtype)"
+    assert model.orders[0].path.dtype == torch.long, "orders must stay integer under .to(dtype)"
 
 
 def test_checkpoints_that_carry_scan_orders_still_load():
@@ -152,7 +153,7 @@ def test_checkpoints_that_carry_scan_orders_still_load():
     networks = data.build_networks(config, {"vocabulary": None})
     old = dict(networks.state_dict())
     for i, order in enumerate(networks["zigma"].orders):
-        old[f"zigma.scans.{i}.order"], old[f"zigma.scans.{i}.inverse"] = order.order, order.inverse
+        old[f"zigma.scans.{i}.order"], old[f"zigma.scans.{i}.inverse"] = order.path, order.inverse
     old_names = {"paths": "scan", "num_paths": "scan_paths", "video_pattern": "video_scan"}
     old_config = {old_names.get(name, name): value for name, value in asdict(config).items()}
     checkpoint = {"config": old_config, "conditioning": {"vocabulary": None}, "ema": old}
@@ -167,9 +168,16 @@ def test_zigma_py_runs_on_its_own_with_the_reference_scan(monkeypatch):
     model = randomize(ZigMa(tiny_config())).double()
     x, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
     fast = model(x, t)
+    calls = []
+
+    def reference(*args, **kwargs):
+        calls.append(1)
+        return selective_scan_reference(*args, **kwargs)
+
     monkeypatch.setattr(zigma, "fast_scan", None)
-    assert zigma.selective_scan_for(x) is selective_scan_reference
+    monkeypatch.setattr(zigma, "selective_scan_reference", reference)
     assert relative_error(model(x, t), fast) < 1e-12
+    assert len(calls) == model.config.depth, "each layer should have run the reference scan"
 
 
 # ---------------------------------------------------------------------------- selective scan
@@ -255,18 +263,15 @@ def test_selective_scan_takes_the_mixers_channels_last_views():
         assert relative_error(grads[name], grads_ref[name]) < 1e-12, f"gradient of {name} differs"
 
 
-def test_causal_conv1d_equals_conv1d():
-    g = torch.Generator().manual_seed(0)
-    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3).double()
-    x = torch.randn(2, 9, 6, generator=g, dtype=torch.float64, requires_grad=True)  # (B, L, E)
-    weights = torch.randn(2, 9, 6, generator=g, dtype=torch.float64)
-    out = zigma.causal_conv1d(x, conv.weight, conv.bias)
-    reference = conv(x.transpose(1, 2))[..., :9].transpose(1, 2)  # padded on both sides, the first L outputs kept
-    assert relative_error(out, reference) < 1e-14
-    grads = torch.autograd.grad((out * weights).sum(), [x, conv.weight, conv.bias])
-    grads_ref = torch.autograd.grad((reference * weights).sum(), [x, conv.weight, conv.bias])
-    for name, a, b in zip(["x", "weight", "bias"], grads, grads_ref):
-        assert relative_error(a, b) < 1e-14, f"gradient of {name} differs"
+def test_the_mixer_is_causal_along_its_sequence():
+    # Its convolution and its scan read only earlier tokens: output i depends on tokens 0..i, each of them.
+    torch.manual_seed(0)
+    mixer = randomize(zigma.MambaMixer(8, d_state=4)).double()
+    x = torch.randn(2, 9, 8, dtype=torch.float64, requires_grad=True)  # (b, l, d)
+    for i in (0, 4, 8):
+        grad = torch.autograd.grad(mixer(x)[:, i].sum(), x)[0].abs().sum((0, 2))  # (l,)
+        assert (grad[i + 1:] == 0).all(), f"output {i} depends on a later token"
+        assert (grad[:i + 1] > 0).all(), f"output {i} should depend on every token up to it"
 
 
 def test_selective_scan_float32_within_1e5_of_float64_reference(device):
@@ -382,8 +387,9 @@ class KernelStandIn:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mixer_hands_mamba_ssms_kernel_what_it_accepts_under_autocast(monkeypatch, dtype, device):
     # As train.py and sample.py run on CUDA: the whole model under autocast, with classes, captions and guidance.
-    kernel = KernelStandIn()
-    monkeypatch.setattr(zigma, "selective_scan_for", lambda u: kernel)
+    kernel = KernelStandIn()  # in fast_scan's place, so that the layers call it on any device
+    monkeypatch.setattr(zigma, "fused_selective_scan", None)
+    monkeypatch.setattr(zigma, "fast_scan", types.SimpleNamespace(selective_scan=kernel, selective_scan_eager=kernel))
     torch.manual_seed(0)
     model = randomize(ZigMa(tiny_config(num_classes=2, context_dim=8)), scale=0.1).to(device)  # 0.3 overflows float16
     x, y = torch.randn(2, 3, 8, 8, device=device), torch.tensor([0, 1], device=device)
@@ -421,21 +427,24 @@ def test_kernel_contract_refuses_what_the_kernel_refuses():
 
 
 def test_the_fused_kernel_gets_only_cuda_tensors_in_the_dtypes_it_takes(monkeypatch):
-    fused = object()  # mamba-ssm "installed"
-    monkeypatch.setattr(zigma, "fused_selective_scan", fused)
-    for device_type, dtype, expected in [("cuda", torch.float32, fused), ("cuda", torch.bfloat16, fused),
-                                         ("cuda", torch.float16, fused), ("cuda", torch.float64, fast_scan.selective_scan),
-                                         ("mps", torch.float32, fast_scan.selective_scan),
-                                         ("cpu", torch.float32, fast_scan.selective_scan)]:  # compiled: below
-        u = torch.empty(0, dtype=dtype, device="meta")
-        monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: device_type == "cuda"))
-        monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device(device_type)))
-        chosen = zigma.selective_scan_for(u)
-        monkeypatch.undo()
-        monkeypatch.setattr(zigma, "fused_selective_scan", fused)
-        assert chosen is expected, f"a {device_type} {dtype} input should run {expected}"
+    called = []
+    recorder = lambda name: lambda *args, **kwargs: called.append(name)  # noqa: E731
+    monkeypatch.setattr(zigma, "fused_selective_scan", recorder("fused"))  # mamba-ssm "installed"
+    monkeypatch.setattr(zigma, "fast_scan", types.SimpleNamespace(selective_scan=recorder("fast"),
+                                                                  selective_scan_eager=recorder("eager")))
+    for device_type, dtype, expected in [("cuda", torch.float32, "fused"), ("cuda", torch.bfloat16, "fused"),
+                                         ("cuda", torch.float16, "fused"), ("cuda", torch.float64, "fast"),
+                                         ("mps", torch.float32, "fast"), ("cpu", torch.float32, "fast")]:
+        u, A, D = (torch.empty(shape, dtype=dtype, device="meta") for shape in [(1, 2, 3), (2, 4), (2,)])
+        with monkeypatch.context() as patched:
+            patched.setattr(torch.Tensor, "is_cuda", property(lambda self: device_type == "cuda"))
+            patched.setattr(torch.Tensor, "device", property(lambda self: torch.device(device_type)))
+            zigma.selective_scan(u, u, A, u, u, D, u, D)
+        assert called.pop() == expected, f"a {device_type} {dtype} input should run the {expected} scan"
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert zigma.selective_scan_for(torch.empty(0)) is fast_scan.selective_scan_eager, "compiled on a CPU: left eager"
+    u, A, D = torch.empty(1, 2, 3), torch.empty(2, 4), torch.empty(2)
+    zigma.selective_scan(u, u, A, u, u, D, u, D)
+    assert called.pop() == "eager", "compiled on a CPU, the scan is left eager"
 
 
 def test_a_run_that_compiles_nothing_does_not_import_dynamo():
@@ -527,7 +536,7 @@ def test_block_works_on_its_own():
     out.sum().backward()
     assert out.shape == tokens.shape and torch.isfinite(tokens.grad).all()
     # The scan is causal along its path: the token read first depends on no other token.
-    first = scan.order[0].item()
+    first = scan.path[0].item()
     grad_first = torch.autograd.grad(block(tokens, torch.ones(2, dim), scan)[0, first].sum(), tokens)[0]
     assert (grad_first[0, [i for i in range(h * w) if i != first]] == 0).all()
 
@@ -1337,7 +1346,7 @@ def test_builtin_video_data_trains_with_a_3d_zigzag(tmp_path):
     train.main(["--out", str(tmp_path), "--frames", "2", "--video-pattern", "v", "--steps", "1", *TINY_RUN])
     checkpoint = data.load_checkpoint(tmp_path / "ckpt.pt")
     model = data.networks_from_checkpoint(checkpoint, tmp_path / "ckpt.pt")["zigma"]
-    assert model.orders[0].order.numel() == 2 * 4 * 4, "a volume scan reads the whole clip"
+    assert model.orders[0].path.numel() == 2 * 4 * 4, "a volume scan reads the whole clip"
 
 
 # ---------------------------------------------------------------------------- conditioning
@@ -1667,7 +1676,7 @@ def test_gpu_check_runs_every_part_on_a_cpu_at_tiny_sizes(tmp_path):
     text = report.read_text()
     assert "failed" not in text, text
     for part in ["## Tests", "-m device", "1 passed", "## Selective scan", "| 16 | fast |", "| 16 | compiled |",
-                 "## Training step", "| 4 | DiT |", "## Faces at 256 px", "step 2, loss", "## torch.compile", "4 graphs"]:
+                 "## Training step", "| 4 | DiT |", "## Faces at 256 px", "step 2, loss", "## torch.compile", "without mamba-ssm: 1 graphs"]:
         assert part in text, f"the report lacks {part!r}:\n{text}"
     assert text.count("exit status 0") == 2, "training and sampling should both succeed"
     times = re.findall(r"^\(\d+\.\d s (?:of its|OVER its) \d+ s budget\)$", text, flags=re.MULTILINE)

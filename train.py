@@ -38,7 +38,7 @@ from data import (VAE, ArgumentParser, CaptionEncoder, CPUThreads, Latents, Term
 from plumbing import (PRECISIONS, Batches, RunLog, StopRequest, autocast_dtype, build_dataset, check_resumed_options,
                       check_training_arguments, check_weights_are_sane, keep_numbered, only_writer, precision_name,
                       derived_seed, preview_conditions, resume, saved_arguments, start_processes)
-from zigma import PRESETS, TIME_SAMPLING, flow_loss, fused_selective_scan, preset_config, sample
+from zigma import PATH_FAMILIES, PRESETS, TIME_SAMPLING, flow_loss, fused_selective_scan, preset_config, sample
 
 if QUIET_START:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("out"), help="where checkpoint, samples and log go (default: out)")
     parser.add_argument("--model", choices=sorted(PRESETS), help="preset (default: the ZigMa-Tiny with 8 x 8 tokens or more)")
     parser.add_argument("--image-size", type=int, default=32, help="images are resized and cropped to this side (default: 32)")
-    parser.add_argument("--paths", "--scan", default="zigzag", choices=["zigzag", "sweep", "hilbert"],
+    parser.add_argument("--paths", "--scan", default="zigzag", choices=PATH_FAMILIES,
                         help="the token orders; --scan is the older name (default: zigzag, the paper's)")
     parser.add_argument("--num-paths", "--scan-paths", type=int, default=8, choices=[1, 2, 8],
                         help="K: layer i reads path i mod K; --scan-paths is the older name (default: 8)")

@@ -5,29 +5,30 @@ It builds on Mamba (arXiv 2312.00752), DiT (arXiv 2212.09748), SiT (arXiv 2401.0
 interpolants (Albergo and Vanden-Eijnden, arXiv 2209.15571).
 
 Mamba reads its input as a 1D sequence, so the order of the patch tokens matters. Before each layer's scan,
-ZigMa reorders the tokens along one of eight continuous zigzag paths over the token grid, so that neighbours
-in the sequence are neighbours in the image, and puts them back after. For video, spatial layers zigzag
-within each frame, and temporal layers read each position through time.
+ZigMa reorders the tokens along one of eight continuous zigzag paths over the token grid, and puts them back
+after. Neighbours in the sequence are then neighbours in the image. For video, spatial layers zigzag within
+each frame, temporal layers read each position through time, and volume layers read the clip as one path.
 
-The main path, top to bottom: 1. token orders, 2. the selective scan (Mamba's SSM, one token at a time),
-3. the Mamba mixer, 4. the ZigMa block, 5. the model, 6. flow matching (the loss and the sampler). Then the
-appendices: DiT's parts and cross-attention, the sweep and Hilbert baselines, which scan the layers run (the
-same scan from fast_scan.py, fast and exact, or mamba-ssm's kernel on CUDA), the presets, `python zigma.py`.
+The file reads top to bottom: 1. token orders, 2. the selective scan, 3. the Mamba mixer, 4. the ZigMa block,
+5. the model, 6. flow matching. Appendices follow: DiT's timestep embedder, final layer and cross-attention,
+the Hilbert baseline, the presets, where the official code differs, and `python zigma.py`, a demonstration.
 
 Shapes:
     B  batch             T  frames (1 for an image)     C  image (or latent) channels    P  patch size
     H, W  the token grid: an image is H*P x W*P pixels   D  model width    S  context (text) tokens
     L  tokens in one Mamba sequence: H*W in a spatial layer, T in a temporal one, T*H*W in a volume one
-    K  paths the layers cycle through (1, 2 or 8: the paper's Zigzag-1, -2 and -8)
-In the Mamba sections A, B, C and D are the SSM's matrices, so shapes there are lowercase: b batch, l tokens,
-d = D, e = expand * D, n the state size, r the rank of delta; h is the SSM's state. Elsewhere c is DiT's
-condition vector. "Scan" is the SSM's recurrence; the orders in which it reads the tokens are paths.
+    K  paths the layers take turns over (1, 2 or 8, the paper's Zigzag-1, -2 and -8)
+In the Mamba sections A, B, C and D are the SSM's matrices, so the shapes there are lowercase: b batch,
+l tokens, d model width, e = expand * d inner width, n state size, r the rank of delta's projection. There h
+is the SSM's state. Elsewhere c is DiT's condition vector.
 
-Time: x_t = (1 - t) noise + t data, t in [0, 1], so t = 0 is noise and t = 1 is data (SiT's code; its paper
-puts data at 0). The network predicts the velocity v = dx_t/dt = data - noise; sampling integrates dx/dt = v
-from t = 0 to t = 1.
+Words. A path is the order in which a layer reads the tokens of a sequence, given as a permutation. A layer's
+token order (TokenOrder) says which tokens form its sequences (a frame, a position through time, or the whole
+clip) and holds its path. "Scan" means the SSM's recurrence only.
 
-The last appendix lists where the official code (github.com/CompVis/zigma) differs, and why.
+Time. x_t = (1 - t) noise + t data, t in [0, 1], so t = 0 is noise and t = 1 is data (as in SiT's code; its
+paper puts data at 0). The network predicts the velocity v = dx_t/dt = data - noise. Sampling integrates
+dx/dt = v from t = 0 to t = 1.
 """
 
 import math
@@ -49,24 +50,34 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
     fast_scan = None
 
 
-#################################################################################
-#                                  Token orders                                 #
-#################################################################################
-# The paper's zigzag paths, and its factorized orders for video. A path is a permutation of the tokens; each
-# layer reads along its own, so that together the layers read each token after more of its neighbours.
+# 1. Token orders --------------------------------------------------------------------------------------------
+# A scan is causal along its path, so a token sees only the tokens read before it. The layers therefore take
+# turns over K paths that differ in corner or direction. A 16 x 16 grid has 960 (token, neighbour) pairs. One
+# path reads the token right after the neighbour for 255 of them, K = 2 paths for 496, and K = 8 paths for all
+# (`python zigma.py` counts them).
 
-# Where a path starts: whether the grid's rows and columns are flipped.
-CORNERS = {"top-left": (False, False), "bottom-right": (True, True), "top-right": (False, True),
-           "bottom-left": (True, False)}
+# Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
+# The order numbers the eight paths; it stays, since a checkpoint stores its config and not its paths.
+CORNERS = [(False, False), (True, True), (False, True), (True, False)]
+
+
+def corner_grids(height: int, width: int) -> list[torch.Tensor]:
+    """The grid's row-major token indices, (H, W), flipped so that each corner in turn is at [0, 0]."""
+    # On the CPU whatever device the model is built under, since TokenOrder reads the paths' values.
+    indices = torch.arange(height * width, device="cpu").view(height, width)  # (H, W)
+    grids = []
+    for flip_rows, flip_cols in CORNERS:
+        from_corner = indices.flip(0) if flip_rows else indices
+        grids.append(from_corner.flip(1) if flip_cols else from_corner)  # (H, W), the corner now at [0, 0]
+    return grids
 
 
 def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
     """The eight line-by-line paths over a grid, (8, H*W): from each corner, by rows, then by columns.
 
-    Row k is path k, a permutation of the row-major token indices: path[i] is the token read i-th. With
-    snake=True every other line is read backwards, so the path is continuous: ZigMa's zigzag. With snake=False
-    every line starts at the same side: the raster "sweep". The zigzags on a 4 x 4 grid, drawn the other way
-    round: each cell holds the step at which its token is read (paths 4 to 7 start at the other two corners):
+    path[i] is the row-major index of the token read i-th. With snake=True every other line is read backwards,
+    so the path is continuous. This is ZigMa's zigzag. With snake=False every line starts at the same side, as
+    in a raster "sweep". Below, the zigzags on a 4 x 4 grid; each cell shows when its token is read.
 
         0: rows, top-left      1: columns, top-left   2: rows, bottom-right  3: columns, bottom-right
          0  1  2  3             0  7  8 15            12 13 14 15            12 11  4  3
@@ -74,17 +85,14 @@ def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
          8  9 10 11             2  5 10 13             4  5  6  7            14  9  6  1
         15 14 13 12             3  4 11 12             3  2  1  0            15  8  7  0
     """
-    grid = torch.arange(height * width, device="cpu").view(height, width)  # (H, W) row-major token indices
     paths = []
-    for flip_rows, flip_cols in CORNERS.values():
-        flipped_dims = [dim for dim, flip in ((0, flip_rows), (1, flip_cols)) if flip]
-        from_corner = grid.flip(flipped_dims)  # (H, W): the path's corner is now at [0, 0]
+    for from_corner in corner_grids(height, width):
         for lines in (from_corner, from_corner.t()):  # read row by row, then column by column
-            lines = lines.clone()  # .t() is a view: the flip below must not write into from_corner
+            lines = lines.clone()  # a view of from_corner, which the in-place flip below must not change
             if snake:
                 lines[1::2] = lines[1::2].flip(1)  # every other line backwards
             paths.append(lines.reshape(-1))
-    return torch.stack(paths)  # (8, H*W)
+    return torch.stack(paths)  # (8, H*W); paths 4 to 7 start at the other two corners
 
 
 def zigzag_paths(height: int, width: int) -> torch.Tensor:
@@ -92,14 +100,21 @@ def zigzag_paths(height: int, width: int) -> torch.Tensor:
     return grid_paths(height, width, snake=True)
 
 
-PATHS = {"zigzag": zigzag_paths}  # ZigMaConfig.paths; the appendix adds the baselines "sweep" and "hilbert"
+PATH_FAMILIES = ("zigzag", "sweep", "hilbert")  # the family names ZigMaConfig.paths takes
+
+
+def family_paths(family: str, height: int, width: int) -> torch.Tensor:
+    """The eight 2D paths of a family, (8, H*W). The paper's baselines are sweeps and Hilbert curves."""
+    if family == "hilbert":
+        return hilbert_paths(height, width)
+    return grid_paths(height, width, snake=family == "zigzag")
 
 
 def volume_path(path: torch.Tensor, frames: int, snake: bool) -> torch.Tensor:
-    """A 2D path extended through a clip, (T*H*W,): frame after frame, every other frame backwards if snake.
+    """A 2D path extended through a clip, frame after frame, (T*H*W,). Frame f holds tokens f*H*W onwards.
 
-    A clip's tokens are indexed (frame, row, column) row-major: frame f holds f*H*W .. (f+1)*H*W - 1. A zigzag
-    ends where the next frame's backwards zigzag starts, so the 3D path stays continuous.
+    With snake every other frame is read backwards, so each frame starts on the cell where the one before
+    ended, one step away in time. So a continuous 2D path gives a continuous 3D one.
     """
     frame_size = path.numel()
     parts = [f * frame_size + (path.flip(0) if snake and f % 2 else path) for f in range(frames)]
@@ -107,32 +122,32 @@ def volume_path(path: torch.Tensor, frames: int, snake: bool) -> torch.Tensor:
 
 
 class TokenOrder(nn.Module):
-    """One layer's token order: how the tokens of a (T, H, W) grid form Mamba sequences, and in what order.
+    """One layer's token order: how the tokens of a (T, H, W) grid form Mamba sequences, and their path.
 
-    axis "space": each frame is a sequence of H*W tokens (an image is a clip of one frame); "time": each
-    position is a sequence of T tokens; "volume": the clip is one sequence of T*H*W tokens. `order` permutes a
-    sequence's L tokens. It and its inverse are buffers that the state_dict leaves out: the config gives them.
+    With axis "space" each frame is a sequence of H*W tokens, and an image is a clip of one frame. With "time"
+    each position is a sequence of T tokens, and with "volume" the clip is one sequence. `path` permutes a
+    sequence's L tokens. It and its inverse are left out of the state_dict, since the config rebuilds them.
     """
 
-    def __init__(self, grid: tuple[int, int, int], axis: str, order: torch.Tensor):
+    def __init__(self, grid: tuple[int, int, int], axis: str, path: torch.Tensor):
         super().__init__()
         frames, height, width = grid
         length = {"space": height * width, "time": frames, "volume": frames * height * width}[axis]
-        assert sorted(order.tolist()) == list(range(length)), f"a {axis} order permutes {length} tokens"
+        assert sorted(path.tolist()) == list(range(length)), f"a {axis} path permutes {length} tokens"
         self.grid, self.axis = grid, axis
-        self.register_buffer("order", order.long(), persistent=False)
-        self.register_buffer("inverse", torch.argsort(order).long(), persistent=False)
+        self.register_buffer("path", path.long(), persistent=False)
+        self.register_buffer("inverse", torch.argsort(path).long(), persistent=False)
 
     def to_sequences(self, x: torch.Tensor) -> torch.Tensor:  # (B, T*H*W, D)
-        frames = self.grid[0]
         if self.axis == "space":
-            x = rearrange(x, "b (frames hw) d -> (b frames) hw d", frames=frames)  # (B*T, H*W, D)
+            x = rearrange(x, "b (frames hw) d -> (b frames) hw d", frames=self.grid[0])  # (B*T, H*W, D)
         elif self.axis == "time":
-            x = rearrange(x, "b (frames hw) d -> (b hw) frames d", frames=frames)  # (B*H*W, T, D)
-        return x[:, self.order]  # (sequences, L, D) in path order; a volume's one sequence is the clip
+            x = rearrange(x, "b (frames hw) d -> (b hw) frames d", frames=self.grid[0])  # (B*H*W, T, D)
+        # "volume": the clip is already one sequence, (B, T*H*W, D)
+        return x[:, self.path]  # (B*T, B*H*W or B sequences, L, D) in path order
 
     def from_sequences(self, x: torch.Tensor, batch: int) -> torch.Tensor:
-        x = x[:, self.inverse]  # (sequences, L, D) back in token order
+        x = x[:, self.inverse]  # (sequences, L, D) back in row-major order
         if self.axis == "space":
             x = rearrange(x, "(b frames) hw d -> b (frames hw) d", b=batch)  # (B, T*H*W, D)
         elif self.axis == "time":
@@ -140,31 +155,30 @@ class TokenOrder(nn.Module):
         return x
 
 
-def layer_orders(grid: tuple[int, int, int], depth: int, paths: str, num_paths: int,
+def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths: int,
                  pattern: str) -> list[TokenOrder]:
     """The token order of every layer.
 
-    A scan is causal along its path: a token sees only the tokens its layer read before it. So the layers take
-    turns over paths that start from other corners and run in other directions. `paths` names the family of 2D
-    paths (PATHS), and `num_paths` is K. `pattern` repeats over the depth, a letter a layer (images use "s"):
-    - s, a spatial layer: the j-th reads 2D path j mod K. Some path reads a token right after a neighbour for
-      255 of a 16 x 16 grid's 960 (token, neighbour) pairs with K = 1, for 496 with K = 2, for all with K = 8.
-    - t, a temporal layer: the j-th reads time forwards if j is even, backwards if odd: two layers see it all.
-    - v, a volume layer: the j-th reads the 3D zigzag of 2D path (j // 2) mod K, forwards, then backwards.
+    `family` names the 2D paths (PATH_FAMILIES), and `num_paths` is K. `pattern` repeats over the depth, one
+    letter a layer (images use "s"):
+    - s, a spatial layer: the j-th reads 2D path j mod K;
+    - t, a temporal layer: the j-th reads time forwards for even j, backwards for odd j;
+    - v, a volume layer: the j-th reads the 3D path of 2D path (j // 2) mod K, forwards for even j. Each 3D
+      path is read both ways by a pair of layers, as time is, since one way a frame sees only earlier ones.
     """
     frames, height, width = grid
-    snake = paths != "sweep"  # continuous paths stay continuous through a clip
-    paths_2d = PATHS[paths](height, width)[:num_paths]  # (K, H*W)
-    seen = {"s": 0, "t": 0, "v": 0}  # the layers of each kind so far
+    paths_2d = family_paths(family, height, width)[:num_paths]  # (K, H*W)
+    snake = family != "sweep"  # a sweep reads every frame the same way, as it reads every line
+    count = {"s": 0, "t": 0, "v": 0}  # the layers of each kind so far
     orders = []
     for layer in range(depth):
         kind = pattern[layer % len(pattern)]
-        j = seen[kind]
-        seen[kind] += 1
+        j = count[kind]
+        count[kind] += 1
         if kind == "s":
             orders.append(TokenOrder(grid, "space", paths_2d[j % num_paths]))
         elif kind == "t":
-            forwards = torch.arange(frames, device="cpu")
+            forwards = torch.arange(frames, device="cpu")  # on the CPU, as in corner_grids
             orders.append(TokenOrder(grid, "time", forwards.flip(0) if j % 2 else forwards))
         else:
             forwards = volume_path(paths_2d[(j // 2) % num_paths], frames, snake)
@@ -172,25 +186,22 @@ def layer_orders(grid: tuple[int, int, int], depth: int, paths: str, num_paths: 
     return orders
 
 
-#################################################################################
-#                                 Selective scan                                #
-#################################################################################
+# 2. Selective scan ------------------------------------------------------------------------------------------
 # Mamba's selective state-space model (Mamba, Alg. 2, Eq. 2-4), in mamba-ssm's layout so its kernel drops in:
 #     u, delta, z: (b, e, l)    A: (e, n)    B, C: (b, n, l)    D, delta_bias: (e,)
 #     h_i = exp(delta_i A) h_{i-1} + delta_i B_i u_i        (h: (b, e, n), zero before token 0)
 #     y_i = C_i . h_i + D u_i,  then gated: y_i * silu(z_i)
-# Mamba's Eq. 4 discretises h' = A h + B u holding A and B over a step; its code, and this file, keep that
-# for A and take the Euler step delta_i B_i for B, equal to first order in delta_i.
-# The layers call selective_scan (an appendix), which computes this function with fewer, larger operations:
-# fast_scan.py's scan, or mamba-ssm's kernel on CUDA.
+# Mamba's Eq. 4 discretises h' = A h + B u by the zero-order hold, which holds u fixed over a step of length
+# delta: A becomes exp(delta A), and B becomes (delta A)^-1 (exp(delta A) - 1) delta B. Mamba's code, and this
+# file, take delta B for the latter, the same to first order in delta.
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The selective scan one token at a time: the definition, against which the fast scans are tested.
+    """The selective scan one token at a time: the definition, which test_zigma.py checks the fast ones by.
     Computes in float32 (float64 for float64 inputs) with autocast off, and returns u's dtype."""
     dtype = u.dtype
-    compute = torch.promote_types(dtype, torch.float32)
+    compute_dtype = torch.promote_types(dtype, torch.float32)
     with torch.autocast(u.device.type, enabled=False):  # else the einsum would run in bf16 under autocast
-        u, delta, A, B, C = (x.to(compute) for x in (u, delta, A, B, C))
+        u, delta, A, B, C = (x.to(compute_dtype) for x in (u, delta, A, B, C))
         if delta_bias is not None:
             delta = delta + delta_bias[:, None]
         if delta_softplus:
@@ -209,22 +220,28 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     return y.to(dtype)
 
 
-#################################################################################
-#                                  Mamba mixer                                  #
-#################################################################################
+def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
+    """selective_scan_reference's function as the layers run it: by mamba-ssm's kernel on CUDA where it is
+    installed, else by fast_scan.py's exact scan in fewer, larger operations.
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Mamba's causal depthwise convolution along the tokens of x (b, l, e), with nn.Conv1d's weight
-    (e, 1, k): out_l = bias + sum_j weight[:, 0, k-1-j] x_{l-j}, zero before the first token. Written out
-    rather than F.conv1d, which takes (b, e, l), so that x stays channels last, as the linear layers need it;
-    it returns x's dtype, as causal-conv1d's kernel does (float32 weights would promote a bf16 x)."""
-    kernel = weight.shape[-1]
-    weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-    out = torch.addcmul(bias, x, weight[:, 0, -1])  # (b, l, e): the current token's tap
-    for j in range(1, kernel):  # the tap j tokens back
-        out[:, j:] += x[:, :-j] * weight[:, 0, -1 - j]
-    return out
+    Under autocast u, delta, B, C and z may be bf16. The kernel needs A, D and delta_bias in float32 (float64
+    in a float64 model), so they are cast here."""
+    precision = torch.promote_types(A.dtype, torch.float32)
+    A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
+    kernel_takes_u = u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if fused_selective_scan is not None and kernel_takes_u:
+        scan = fused_selective_scan
+    elif fast_scan is None:  # zigma.py on its own
+        scan = selective_scan_reference
+    elif u.device.type == "cpu" and torch.compiler.is_compiling():
+        # On a CPU the fast scan is a loop over the tokens, which compiling would unroll: it runs uncompiled.
+        scan = fast_scan.selective_scan_eager
+    else:
+        scan = fast_scan.selective_scan
+    return scan(u, delta, A, B, C, D, z, delta_bias=delta_bias, delta_softplus=delta_softplus)  # (b, e, l)
 
+
+# 3. Mamba mixer ---------------------------------------------------------------------------------------------
 
 class MambaMixer(nn.Module):
     """Mamba-1's mixer (Mamba, Fig. 3): in_proj, causal depthwise conv, SiLU, input-dependent delta, B and C,
@@ -237,51 +254,49 @@ class MambaMixer(nn.Module):
         self.dt_rank = math.ceil(dim / 16)  # r: Mamba's dt_rank="auto"
         self.d_state = d_state
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
-        # causal_conv1d uses its weight and bias, in nn.Conv1d's layout as mamba-ssm keeps them.
-        self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner)
+        # Depthwise along the tokens; padded by d_conv - 1 on both sides, and causal once cut to the first l.
+        self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
         self.x_proj = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, inner)
         self.out_proj = nn.Linear(inner, dim, bias=False)
 
-        # Mamba's initialisation: delta starts log-uniform in [dt_min, dt_max], through softplus(bias) ...
+        # Mamba's initialisation: dt_proj's weight uniform in +-r^-1/2 (its dt_init="random"), and delta
+        # log-uniform in [dt_min, dt_max] through softplus(bias) ...
         nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
         dt = torch.exp(torch.rand(inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=dt_init_floor)
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # the inverse of softplus
-        # ... and A = -[1, 2, ..., N] in every channel (S4D-Real), kept as A_log, A = -exp(A_log): negative,
-        # so each state decays, whatever the optimizer does.
+        # ... and A = -[1, 2, ..., N] in every channel (S4D-Real), as A_log: A = -exp(A_log) stays negative.
         A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(inner, 1)  # (e, n)
         self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(inner))  # the skip connection D u_i
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, l, d)
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each
-        u = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias))  # (b, l, e): the scan's input
-        delta, B, C = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], dim=-1)  # (b, l, r|n)
-        delta = delta @ self.dt_proj.weight.t()  # (b, l, e); the scan adds dt_proj's bias
+        u = F.silu(self.conv1d(x.transpose(1, 2))[..., :x.shape[1]])  # (b, e, l), the scan's input
+        # delta (b, l, r), B and C (b, l, n)
+        delta, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
+        delta = delta @ self.dt_proj.weight.t()  # (b, l, e); the scan adds the bias: softplus(delta + bias)
         A = -torch.exp(self.A_log)  # (e, n), negative
-        u, delta, B, C, z = (a.transpose(1, 2) for a in (u, delta, B, C, z))  # (b, e|n, l), the scan's layout
+        delta, B, C, z = (a.transpose(1, 2) for a in (delta, B, C, z))  # (b, e|n, l), mamba-ssm's layout
         y = selective_scan(u, delta, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))  # (b, e, l) -> (b, l, d)
 
 
-#################################################################################
-#                                  ZigMa block                                  #
-#################################################################################
+# 4. ZigMa block ---------------------------------------------------------------------------------------------
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]  # (B, T*H*W, D)
 
 
 class ZigMaBlock(nn.Module):
-    """The paper's Zigzag Mamba block: a Mamba layer reading the tokens in its layer's order, with DiT's
-    adaLN-Zero conditioning and an optional cross-attention to text. It takes tokens (B, T*H*W, D) in
-    row-major (frame, row, column) order, a condition c (B, D), its TokenOrder, and optionally context tokens
-    (B, S, context_dim) with their mask (B, S) (True for real tokens; None: all are).
+    """The paper's Zigzag Mamba block: a Mamba layer reading the tokens in the order it is handed (so that it
+    works on its own), with DiT's adaLN-Zero conditioning and an optional cross-attention to text.
 
-    x + gate * mixer(modulate(LayerNorm(x))), DiT's pre-LayerNorm residual, is the identity until it trains:
-    the gates start at zero. No MLP, as in Mamba: the mixer's in_proj and out_proj (expand 2) play its part.
+    x + gate * mixer(modulate(LayerNorm(x))) is DiT's pre-LayerNorm residual, with the mixer in attention's
+    place. The gates start at zero, so the block is the identity until it trains. There is no MLP, as in
+    Mamba: the mixer's in_proj and out_proj (expand 2) play its part.
     """
 
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2, context_dim: int = 0):
@@ -293,20 +308,21 @@ class ZigMaBlock(nn.Module):
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             # Heads of width 64, or one head where 64 does not divide dim.
             self.cross_attention = CrossAttention(dim, context_dim, heads=dim // 64 if dim % 64 == 0 else 1)
-        branches = 2 if context_dim else 1
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * branches * dim))
+        self.branches = 2 if context_dim else 1  # each with its shift, scale and gate
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * self.branches * dim))
         nn.init.zeros_(self.adaLN_modulation[-1].weight)  # adaLN-Zero: the gates start at zero
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, order: TokenOrder, context=None, context_mask=None):
-        has_text = self.cross_attention is not None
-        modulation = self.adaLN_modulation(c).chunk(6 if has_text else 3, dim=1)  # shift, scale, gate, ...
+        """x (B, T*H*W, D) in row-major (frame, row, column) order, c (B, D), and where the block has
+        cross-attention, context (B, S, context_dim) and context_mask (B, S), True for real tokens."""
+        modulation = self.adaLN_modulation(c).chunk(3 * self.branches, dim=1)  # (B, D) each
         shift, scale, gate = modulation[:3]
-        # The only change from a DiT block's attention branch: the tokens go into path order and back.
+        # ZigMa's step: the mixer reads the tokens in the layer's path order, and they go back after.
         sequences = order.to_sequences(modulate(self.norm1(x), shift, scale))  # (sequences, L, D), path order
         mixed = order.from_sequences(self.mixer(sequences), batch=x.shape[0])  # (B, T*H*W, D), token order
         x = x + gate[:, None] * mixed
-        if has_text:
+        if self.cross_attention is not None:
             assert context is not None, "this block has cross-attention: pass context tokens"
             shift, scale, gate = modulation[3:]  # the cross-attention branch's own
             attended = self.cross_attention(modulate(self.norm2(x), shift, scale), context, context_mask)
@@ -314,9 +330,7 @@ class ZigMaBlock(nn.Module):
         return x  # (B, T*H*W, D)
 
 
-#################################################################################
-#                                  ZigMa model                                  #
-#################################################################################
+# 5. ZigMa model ---------------------------------------------------------------------------------------------
 
 @dataclass
 class ZigMaConfig:
@@ -326,9 +340,9 @@ class ZigMaConfig:
     patch_size: int = 2  # P
     dim: int = 384  # D
     depth: int = 24
-    paths: str = "zigzag"  # the 2D paths (PATHS): the paper's "zigzag"; the baselines "sweep", "hilbert"
+    paths: str = "zigzag"  # the name of a family of 2D paths (PATH_FAMILIES): zigzag, or a baseline
     num_paths: int = 8  # K: the j-th spatial layer reads path j mod K (1, 2 or 8; the paper's best, Zigzag-8)
-    frames: int = 0  # 0 = images; T > 0 = clips of T frames
+    frames: int = 0  # 0: images (C, H*P, W*P), read as one frame; T > 0: clips (T, C, H*P, W*P)
     video_pattern: str = "sst"  # clips: a letter a layer, s spatial, t temporal, v volume; the official "sst"
     num_classes: int = 0  # 0 = unconditional; label num_classes is the null label, for guidance
     context_dim: int = 0  # 0 = no cross-attention; else the width of the context tokens
@@ -338,7 +352,7 @@ class ZigMaConfig:
     def __post_init__(self):
         side, patch = self.input_size, self.patch_size
         assert side % patch == 0, f"the patch size {patch} must divide the input size {side}"
-        assert self.paths in PATHS, f"paths: one of {', '.join(PATHS)}, not {self.paths!r}"
+        assert self.paths in PATH_FAMILIES, f"paths: one of {', '.join(PATH_FAMILIES)}, not {self.paths!r}"
         assert self.num_paths in (1, 2, 8), f"num_paths: 1, 2 or 8, not {self.num_paths}"
         pattern = self.video_pattern
         assert pattern and set(pattern) <= set("stv"), f"video_pattern takes s, t and v, not {pattern!r}"
@@ -349,29 +363,29 @@ class ZigMaConfig:
         return (max(self.frames, 1), side, side)  # (T, H, W) tokens
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        """One input's shape, without the batch: (C, H*P, W*P) for images, (T, C, H*P, W*P) for clips."""
+    def input_shape(self) -> tuple[int, ...]:  # one input's shape, without the batch
         image = (self.in_channels, self.input_size, self.input_size)
         return (self.frames, *image) if self.frames else image
 
 
 class ZigMa(nn.Module):
-    """Patchify, add positions, ZigMaBlocks in their token orders, unpatchify (as model_zigma.py's ZigMa)."""
+    """Patchify, add positions, ZigMaBlocks in their token orders, unpatchify (as the official ZigMa)."""
 
     def __init__(self, config: ZigMaConfig):
         super().__init__()
         self.config = config
         dim, grid = config.dim, config.grid
+        # Each module initialises its own weights; the rest keep PyTorch's initialisation.
         self.patch_embed = nn.Conv2d(config.in_channels, dim, config.patch_size, stride=config.patch_size)
         nn.init.xavier_uniform_(self.patch_embed.weight.view(dim, -1))  # like a linear layer, as DiT's
         nn.init.zeros_(self.patch_embed.bias)
         self.t_embedder = TimestepEmbedder(dim)
         self.y_embedder = None
-        if config.num_classes:  # num_classes + 1 rows: the last is the null label
+        if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's, so that a label's embedding is not drowned by the timestep's.
+            # N(0, 1), as ADM's class embedding (DiT's N(0, 0.02) is small beside the timestep's embedding).
             nn.init.normal_(self.y_embedder.weight, std=1.0)
-        self.null_context = None  # the "no text" context, for guidance: one learned token, broadcast over S
+        self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
             self.null_context = nn.Parameter(torch.randn(1, 1, config.context_dim) * 0.02)
         # A learned position per token, one table for images and clips (DiT's is a fixed 2D sin-cos table).
@@ -381,39 +395,39 @@ class ZigMa(nn.Module):
         self.blocks = nn.ModuleList(
             ZigMaBlock(dim, config.d_state, config.expand, config.context_dim) for _ in range(config.depth))
         self.final_layer = FinalLayer(dim, config.patch_size, config.in_channels)
-        # The other layers keep PyTorch's initialisation.
         # True: keep each block's input only, and recompute the block in the backward pass (less memory).
         self.grad_checkpointing = False
 
     def conditions(self, batch: int, y=None, context=None, context_mask=None, drop=None):
-        """The label (B,), context (B, S, context_dim) and mask (B, S) that the blocks see (None where the
-        model takes none). For guidance, a missing label or context is the null one, and so is each row where
-        drop (B,) is True."""
-        if self.y_embedder is not None:
+        """The label (B,), context (B, S, context_dim) and mask (B, S) that the blocks see, None where the
+        model takes none. For guidance, a missing label or context becomes the null one, and so does each row
+        where drop (B,) is True."""
+        if self.y_embedder is not None:  # the null label is class num_classes
             null_y = torch.full((batch,), self.config.num_classes, device=self.y_embedder.weight.device)
             y = null_y if y is None else y
             y = y if drop is None else torch.where(drop, null_y, y)
         if self.null_context is not None and context is None:
             context = self.null_context.expand(batch, 1, -1)  # (B, 1, context_dim)
         elif self.null_context is not None and drop is not None:
+            # A dropped row becomes S copies of the null token, all marked real. Attention then returns the
+            # null token's value, as it does for the one-token null context.
             context = torch.where(drop[:, None, None], self.null_context, context)  # (B, S, context_dim)
-            # A dropped row is S copies of the null token, all real: attending to them is attending to one.
-            context_mask = None if context_mask is None else context_mask | drop[:, None]
+            if context_mask is not None:
+                context_mask = context_mask | drop[:, None]
         return y, context, context_mask
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y=None, context=None, context_mask=None,
                 drop=None) -> torch.Tensor:
-        """x: (B, C, H*P, W*P) images or (B, T, C, H*P, W*P) clips; t: (B,) in [0, 1]; y: (B,) labels;
-        context: (B, S, context_dim) text tokens; context_mask: (B, S), False on padding. A missing y or
-        context is the null condition, and so is drop (B,) where True: for classifier-free guidance, training
-        drops conditions at random, and sampling runs a null half. Returns the velocity, shaped like x."""
+        """x (B, C, H*P, W*P) images or (B, T, C, H*P, W*P) clips, t (B,) in [0, 1], y (B,) labels, context
+        (B, S, context_dim) text tokens, context_mask (B, S), False on padding, and drop (B,), the rows whose
+        conditions are dropped (see conditions). Returns the velocity, shaped like x."""
         config = self.config
         frames, height, width = config.grid
         video = config.frames > 0
-        expected = config.input_shape
-        assert tuple(x.shape[1:]) == expected, f"expected (B, {str(expected)[1:-1]}), got {tuple(x.shape)}"
+        assert x.shape[1:] == config.input_shape, f"x is (B, *{config.input_shape}), not {tuple(x.shape)}"
         assert y is None or self.y_embedder is not None, "this model has no classes: leave y out"
         assert context is None or self.null_context is not None, "this model takes no context: leave it out"
+        assert context is not None or context_mask is None, "a context_mask needs its context"
         batch = x.shape[0]
         y, context, context_mask = self.conditions(batch, y, context, context_mask, drop)
 
@@ -431,17 +445,15 @@ class ZigMa(nn.Module):
             else:
                 tokens = block(tokens, c, order, context, context_mask)  # (B, T*H*W, D)
         out = self.final_layer(tokens, c)  # (B, T*H*W, P*P*C)
-        patch = config.patch_size
         out = rearrange(out, "b (frames height width) (p1 p2 ch) -> b frames ch (height p1) (width p2)",
-                        frames=frames, height=height, width=width, p1=patch, p2=patch)  # (B, T, C, H*P, W*P)
+                        frames=frames, height=height, width=width, p1=config.patch_size,
+                        p2=config.patch_size)  # (B, T, C, H*P, W*P)
         return out if video else out[:, 0]
 
 
-#################################################################################
-#                     Flow matching: the loss and the sampler                   #
-#################################################################################
+# 6. Flow matching: the loss and the sampler -----------------------------------------------------------------
 # SiT's linear interpolant between noise and data, the simplest stochastic interpolant (Albergo and
-# Vanden-Eijnden): its velocity is data - noise, and its ODE carries noise to data.
+# Vanden-Eijnden). Its velocity is data - noise, and its ODE carries noise to data.
 
 TIME_SAMPLING = ("uniform", "logit-normal")
 
@@ -449,12 +461,12 @@ TIME_SAMPLING = ("uniform", "logit-normal")
 def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=None, drop_prob: float = 0.1,
               noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
               time_sampling: str = "logit-normal") -> torch.Tensor:
-    """The velocity loss (SiT's) for data x on the path x_t = (1 - t) noise + t x, one t per example.
+    """The velocity loss (SiT's) for data x on the interpolant x_t = (1 - t) noise + t x, one t per example.
 
-    t is logit-normal by default, the sigmoid of a standard normal draw, which trains more on the middle of
-    the path (SD3's choice, arXiv 2403.03206), or uniform on [0, 1], as in SiT. Each example's label and
-    context (where the model takes them) become the null ones with probability drop_prob, for guidance.
-    noise (like x) and t (B,) are drawn unless given.
+    By default t = sigmoid(a standard normal draw), logit-normal, which trains more on middle times (SD3's
+    choice, arXiv 2403.03206). It sampled better in this project's runs than the uniform t of SiT and the
+    paper, which time_sampling="uniform" gives. Each example's label and context become the null ones with
+    probability drop_prob, for guidance. noise (like x) and t (B,) are drawn unless given.
     """
     assert time_sampling in TIME_SAMPLING, f"time_sampling is uniform or logit-normal, not {time_sampling!r}"
     batch = x.shape[0]
@@ -462,8 +474,8 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
     if t is None:
         uniform = time_sampling == "uniform"
         t = torch.rand(batch, device=x.device) if uniform else torch.randn(batch, device=x.device).sigmoid()
-    t_x = t.view(batch, *[1] * (x.dim() - 1)).to(x.dtype)  # (B, 1, 1, 1), or (B, 1, 1, 1, 1) for clips
-    x_t = (1 - t_x) * noise + t_x * x  # in x's dtype: a bf16 model takes bf16
+    t_broadcast = t.view(batch, *[1] * (x.dim() - 1)).to(x.dtype)  # (B, 1, 1, 1), or (B, 1, 1, 1, 1)
+    x_t = (1 - t_broadcast) * noise + t_broadcast * x
     drop = None
     if y is not None or context is not None:
         drop = torch.rand(batch, device=x.device) < drop_prob  # (B,)
@@ -476,12 +488,11 @@ def guided_velocity(model: ZigMa, x_t, t, y=None, context=None, context_mask=Non
     Salimans, arXiv 2207.12598): v = v_null + cfg_scale * (v_cond - v_null), both passes in one batch."""
     if y is None and context is None:
         return model(x_t, t)
-    if cfg_scale == 1:  # no guidance: v = v_cond, one pass
+    if cfg_scale == 1:  # no guidance, v = v_cond, one pass
         return model(x_t, t, y, context, context_mask)
-    twice = lambda a: None if a is None else torch.cat([a, a])  # noqa: E731
-    null_half = torch.arange(2 * x_t.shape[0], device=x_t.device) >= x_t.shape[0]  # (2B,): the second half
-    v = model(twice(x_t), twice(t), twice(y), twice(context), twice(context_mask), null_half)  # (2B, ...)
-    v_cond, v_null = v.chunk(2)
+    twice = [None if a is None else torch.cat([a, a]) for a in (x_t, t, y, context, context_mask)]  # 2B rows
+    null_half = torch.tensor([False] * len(x_t) + [True] * len(x_t), device=x_t.device)  # (2B,)
+    v_cond, v_null = model(*twice, drop=null_half).chunk(2)  # the second half drops its condition
     return v_null + cfg_scale * (v_cond - v_null)
 
 
@@ -491,8 +502,8 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
     """Integrate dx/dt = v(x, t) from noise at t = 0 to data at t = 1, in `steps` equal steps.
 
     Euler takes one model call a step, and its error shrinks with the step size. Heun averages the slopes at
-    both ends of a step: two calls, and an error that shrinks with the step size squared. With guidance each
-    call is one pass of twice the batch.
+    both ends of a step. It takes two calls, and its error shrinks with the step size squared. With guidance
+    each call is one pass of twice the batch.
     """
     assert method in ("euler", "heun"), f"method must be 'euler' or 'heun', not {method!r}"
     x_t = noise
@@ -509,36 +520,10 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
     return x_t
 
 
-#################################################################################
-#           Appendix: DiT's parts, and cross-attention                          #
-#################################################################################
-# The timestep embedding and the final layer are DiT's; the cross-attention is the usual one.
-
-class CrossAttention(nn.Module):
-    """Multi-head attention from the tokens (queries) to the context tokens (keys and values)."""
-
-    def __init__(self, dim: int, context_dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_kv = nn.Linear(context_dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None):
-        """x: (B, T*H*W, D); context: (B, S, context_dim); context_mask: (B, S), True for real tokens,
-        False for padding. Each row needs a real token: padding alone has nothing to attend to (NaN)."""
-        q = rearrange(self.to_q(x), "b tokens (heads head_dim) -> b heads tokens head_dim", heads=self.heads)
-        k, v = rearrange(self.to_kv(context), "b s (two heads head_dim) -> two b heads s head_dim", two=2,
-                         heads=self.heads)  # (B, heads, S, D / heads) each
-        # Padding is not attended to, or a caption's result would depend on the others in its batch.
-        attn_mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, S)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, T*H*W, D / heads)
-        out = rearrange(out, "b heads tokens head_dim -> b tokens (heads head_dim)")  # (B, T*H*W, D)
-        return self.proj(out)
-
+# Appendix: DiT's parts, and cross-attention -----------------------------------------------------------------
 
 class TimestepEmbedder(nn.Module):
-    """Embeds t in [0, 1] with sinusoids of 1000 t (DiT's frequency range), then an MLP (DiT's)."""
+    """Embeds t in [0, 1] with sinusoids of 1000 t (DiT's range of timesteps), then an MLP, as DiT's."""
 
     def __init__(self, dim: int, frequency_dim: int = 256):
         super().__init__()
@@ -572,112 +557,95 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))  # (B, T*H*W, P*P*C)
 
 
-#################################################################################
-#                 Appendix: the baselines, sweep and Hilbert paths              #
-#################################################################################
-# The paper compares zigzag paths with raster sweeps and Hilbert curves. These Hilbert curves are continuous
-# on any grid where such a curve exists.
+class CrossAttention(nn.Module):
+    """Multi-head attention from the tokens (queries) to the context tokens (keys and values)."""
 
-def sweep_paths(height: int, width: int) -> torch.Tensor:
-    """The paper's sweep baseline: raster paths, every line read in the same direction, (8, H*W). Here K = 2
-    reads rows, then columns; the paper's is Vim's raster read forwards and backwards."""
-    return grid_paths(height, width, snake=False)
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(context_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None):
+        """x (B, T*H*W, D), context (B, S, context_dim), and context_mask (B, S), True for real tokens and
+        False for padding. Each row needs a real token, since padding alone has nothing to attend to."""
+        q = rearrange(self.to_q(x), "b tokens (heads head_dim) -> b heads tokens head_dim", heads=self.heads)
+        k, v = rearrange(self.to_kv(context), "b s (two heads head_dim) -> two b heads s head_dim", two=2,
+                         heads=self.heads)  # (B, heads, S, D / heads) each
+        # Padding is not attended to, or a caption's result would depend on the others in its batch.
+        attn_mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, S)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, T*H*W, D / heads)
+        out = rearrange(out, "b heads tokens head_dim -> b tokens (heads head_dim)")  # (B, T*H*W, D)
+        return self.proj(out)
 
 
-
-def gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> list[tuple[int, int]]:
-    """The cells of J. Cerveny's generalized Hilbert ("gilbert") curve over a rectangle, as (column, row).
-
-    The rectangle's first cell is (x, y). Its sides are the vectors (ax, ay), the major side, and (bx, by),
-    the minor one, each along the rows or the columns, their signs giving the direction. The curve starts at
-    (x, y) and ends at the far end of the major side. It is continuous unless the major side is odd and the
-    minor side even: then no continuous curve ends there.
-    """
-    length, width = abs(ax + ay), abs(bx + by)  # cells along the major and the minor side
-    sign = lambda v: (v > 0) - (v < 0)  # noqa: E731
-    (ux, uy), (vx, vy) = (sign(ax), sign(ay)), (sign(bx), sign(by))  # one cell along each side
-    if width == 1:  # one line along the major side
-        return [(x + i * ux, y + i * uy) for i in range(length)]
-    if length == 1:  # one line along the minor side
-        return [(x + i * vx, y + i * vy) for i in range(width)]
-    # The rectangle is cut into parts, each traced by this function. A half side is made even where it can be,
-    # since a part whose major side is odd and minor side even would have no continuous curve.
-    half_ax, half_ay, half_bx, half_by = ax // 2, ay // 2, bx // 2, by // 2
-    if 2 * length > 3 * width:  # over 1.5 times as long as wide: two halves, one after the other
-        if abs(half_ax + half_ay) % 2 and length > 2:
-            half_ax, half_ay = half_ax + ux, half_ay + uy
-        return (gilbert(x, y, half_ax, half_ay, bx, by)
-                + gilbert(x + half_ax, y + half_ay, ax - half_ax, ay - half_ay, bx, by))
-    if abs(half_bx + half_by) % 2 and width > 2:
-        half_bx, half_by = half_bx + vx, half_by + vy
-    # Else three parts in a U, as in Hilbert's curve: out along the first half of the minor side, across the
-    # whole major side beyond it, and back to the far end of the major side.
-    return (gilbert(x, y, half_bx, half_by, half_ax, half_ay)
-            + gilbert(x + half_bx, y + half_by, ax, ay, bx - half_bx, by - half_by)
-            + gilbert(x + ax - ux + half_bx - vx, y + ay - uy + half_by - vy, -half_bx, -half_by,
-                      -(ax - half_ax), -(ay - half_ay)))
-
+# Appendix: the Hilbert baseline of the paper ----------------------------------------------------------------
+# The paper compares zigzag paths with raster sweeps and Hilbert curves. These are J. Cerveny's generalized
+# Hilbert ("gilbert") curves, continuous on every grid, square or not.
 
 def hilbert_paths(height: int, width: int) -> torch.Tensor:
-    """Eight continuous generalized Hilbert curves over the grid, (8, H*W), in grid_paths' order: from each
+    """Eight generalized Hilbert curves over the grid, (8, H*W), in grid_paths' orientations: from each
     corner, first along the rows, then along the columns.
 
-    No continuous curve runs along an odd side from corner to corner when the other side is even. There the
-    orientation reads the other one's curve backwards, so some of the eight may repeat (a 4 x 5 grid has four
-    distinct paths, a 3 x 6 grid eight). The model's grids are square, where all eight differ.
+    When one side is odd and the other even, no continuous curve runs along the odd side from one corner to
+    the next. That orientation takes the other one's curve backwards, which starts at another corner, so some
+    of the eight repeat. On a square grid all eight differ.
     """
     curves = {"rows": gilbert(0, 0, width, 0, 0, height), "columns": gilbert(0, 0, 0, height, width, 0)}
     exists = {"rows": width % 2 == 0 or height % 2 == 1, "columns": height % 2 == 0 or width % 2 == 1}
     paths = []
-    for flip_rows, flip_cols in CORNERS.values():
+    for from_corner in corner_grids(height, width):
         for axis, other in (("rows", "columns"), ("columns", "rows")):
             cells = curves[axis] if exists[axis] else curves[other][::-1]  # (column, row) pairs
-            paths.append(torch.tensor([((height - 1 - row) if flip_rows else row) * width
-                                       + ((width - 1 - col) if flip_cols else col) for col, row in cells]))
+            columns, rows = zip(*cells)
+            paths.append(from_corner[list(rows), list(columns)])  # (H*W,)
     return torch.stack(paths)  # (8, H*W)
 
 
-PATHS["sweep"], PATHS["hilbert"] = sweep_paths, hilbert_paths
+def sign(v: int) -> int:
+    return (v > 0) - (v < 0)
 
 
-#################################################################################
-#                     Appendix: which scan the layers run                       #
-#################################################################################
+def gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> list[tuple[int, int]]:
+    """The cells of a generalized Hilbert curve over a rectangle, in order, as (column, row).
 
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes of u that mamba-ssm's kernel takes
-
-
-def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
-    """selective_scan_reference's function, computed by the fastest exact scan for u.
-
-    Under autocast (or in a bf16 model) u, delta, B, C and z arrive in bf16 or fp16. A, D and delta_bias go in
-    float32 (float64 in a float64 model), as mamba-ssm's kernel requires, and the state keeps that precision.
+    The rectangle's first cell is (x, y). Its sides are the vectors (ax, ay), the major side, and (bx, by),
+    the minor one. Each runs along the rows or the columns, its sign giving the direction. The curve starts at
+    (x, y) and ends at the far end of the major side. It is continuous unless the major side is odd and the
+    minor side even, where no continuous curve ends there.
     """
-    precision = torch.promote_types(A.dtype, torch.float32)
-    A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
-    scan = selective_scan_for(u)
-    return scan(u, delta, A, B, C, D, z, delta_bias=delta_bias, delta_softplus=delta_softplus)  # (b, e, l)
+    major_length, minor_length = abs(ax + ay), abs(bx + by)  # in cells
+    (ux, uy), (vx, vy) = (sign(ax), sign(ay)), (sign(bx), sign(by))  # one cell along each side
+    if minor_length == 1:  # one line along the major side
+        return [(x + i * ux, y + i * uy) for i in range(major_length)]
+    if major_length == 1:  # one line along the minor side
+        return [(x + i * vx, y + i * vy) for i in range(minor_length)]
+    # The rectangle is cut into parts, each traced by this function. A half side is made even where it can be,
+    # since a part whose major side is odd and minor side even would have no continuous curve.
+    half_ax, half_ay, half_bx, half_by = ax // 2, ay // 2, bx // 2, by // 2
+    if 2 * major_length > 3 * minor_length:  # over 1.5 times as long as wide: two halves, one after the other
+        if abs(half_ax + half_ay) % 2 and major_length > 2:
+            half_ax, half_ay = half_ax + ux, half_ay + uy
+        return (gilbert(x, y, half_ax, half_ay, bx, by)
+                + gilbert(x + half_ax, y + half_ay, ax - half_ax, ay - half_ay, bx, by))
+    # Else three parts in a U, as in Hilbert's curve: out along the first half of the minor side, across the
+    # whole major side beyond it, and back along the minor side to the far end of the major side. The third
+    # part starts at the last cell of the major side, half the minor side in, and runs both sides backwards.
+    if abs(half_bx + half_by) % 2 and minor_length > 2:
+        half_bx, half_by = half_bx + vx, half_by + vy
+    return (gilbert(x, y, half_bx, half_by, half_ax, half_ay)
+            + gilbert(x + half_bx, y + half_by, ax, ay, bx - half_bx, by - half_by)
+            + gilbert(x + (ax - ux) + (half_bx - vx), y + (ay - uy) + (half_by - vy), -half_bx, -half_by,
+                      -(ax - half_ax), -(ay - half_ay)))
 
 
-def selective_scan_for(u: torch.Tensor):
-    """The scan for u: mamba-ssm's fused kernel for a CUDA tensor it takes, where mamba-ssm is installed;
-    else fast_scan's; else (zigma.py on its own) the reference."""
-    if fused_selective_scan is not None and u.is_cuda and u.dtype in FUSED_DTYPES:
-        return fused_selective_scan
-    if fast_scan is None:
-        return selective_scan_reference
-    if u.device.type == "cpu" and torch.compiler.is_compiling():  # else its loop over tokens would unroll
-        return fast_scan.selective_scan_eager
-    return fast_scan.selective_scan
-
-
-#################################################################################
-#                            Appendix: the presets                              #
-#################################################################################
-# DiT's widths. A ZigMa layer (Mamba mixer + adaLN, about 9.25 D^2 parameters) is half a DiT block
-# (attention + MLP + adaLN, 18 D^2), so the presets stack twice DiT's depth to match its sizes.
+# Appendix: the presets --------------------------------------------------------------------------------------
+# DiT's widths, at twice DiT's depth (as the official B and L; its S is 368 wide). A ZigMa layer (Mamba
+# mixer and adaLN, about 9.25 D^2 parameters) is half a DiT block (attention, MLP and adaLN, 18 D^2), so the
+# sizes match DiT's.
 PRESET_SHAPES = {
-    "Tiny": dict(dim=128, depth=8),  # trains on a laptop CPU
+    "Tiny": dict(dim=128, depth=8),  # small enough to train on a CPU
     "S": dict(dim=384, depth=24),
     "B": dict(dim=768, depth=24),
     "L": dict(dim=1024, depth=48),
@@ -694,37 +662,34 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
     return ZigMaConfig(**PRESETS[name], **fields)
 
 
-
-#################################################################################
-#                 Appendix: where the official code differs                     #
-#################################################################################
+# Appendix: where the official code differs ------------------------------------------------------------------
 # The official code is github.com/CompVis/zigma: model_zigma.py, with Mamba in dis_mamba/. Each difference, by
 # the name here that it concerns:
-# - grid_paths: the official utils/utils_zigzag.py builds the paths for square grids only; mamba_simple.py's
+# - grid_paths: the official utils/utils_zigzag.py builds the paths for square grids only. mamba_simple.py's
 #   Mamba.forward permutes the tokens with them, in its zigzagN branch. Its corners come top-left, top-right,
 #   bottom-left, bottom-right; at K = 1, 2 and 8 either order meets the same neighbour pairs.
-# - hilbert_paths: utils/utils_gilbert.py's curves are not continuous on the grids it uses.
-# - layer_orders: only spatial and temporal layers (3d_zigzag8sst, a config that does not run); volume layers
-#   are this file's.
-# - selective_scan_for: a vendored, patched mamba-ssm that must be built; here it is optional and unpatched.
+# - hilbert_paths: the official utils/utils_gilbert.py's paths jump between cells that are not neighbours.
+# - layer_orders: the official code has spatial and temporal layers only (its config 3d_zigzag8sst); volume
+#   layers are this file's.
+# - selective_scan: the official code runs a vendored, patched mamba-ssm, which must be built. Here mamba-ssm
+#   is optional and unpatched.
 # - ZigMaBlock: Block.forward returns RMSNorm(r) + gate * mixer(modulate(RMSNorm(r))) for the residual stream
-#   r (Mamba's fused add + norm), so each official layer adds its normalised input back to the stream and is
-#   not the identity at the start; it also has drop-path. Its cross-attention has 8 heads of 64 at any width.
-# - ZigMa: the text's mean is also added to c. The label table starts at N(0, 0.02), as DiT's; from it, labels
-#   had no effect on the built-in faces in 2000 steps of this project's runs. The positions start at zeros.
-#   out_proj is rescaled by 1/sqrt(depth).
+#   r (Mamba's fused add and norm). Each official layer adds its normalised input back to the stream, so it is
+#   not the identity at the start. It also has drop-path, and its cross-attention has 8 heads of 64 at any
+#   width.
+# - ZigMa: the text's mean is also added to c. The label table starts at N(0, 0.02), as DiT's, where here it
+#   starts at N(0, 1). The positions start at zeros. out_proj is rescaled by 1/sqrt(depth).
 # - FinalLayer: not modulated by the condition.
-# - guided_velocity: the official guided sampling raises.
-# - sample: also SiT's SDE sampler (transport/); here the ODE, and dopri5 in sample.py.
+# - flow_loss: t is uniform (SiT's transport); here logit-normal by default.
+# - guided_velocity: the official ZigMa.forward_with_cfg raises NotImplementedError; guidance is this file's.
+# - sample: the official code also has SiT's SDE sampler (transport/). Here the sampler is the ODE's.
 
 
-#################################################################################
-#                       Appendix: python zigma.py                               #
-#################################################################################
+# Appendix: python zigma.py ----------------------------------------------------------------------------------
 
 def neighbour_pairs_covered(paths: torch.Tensor, height: int, width: int) -> int:
-    """How many of the grid's neighbour pairs (a token and a neighbour above, below, left or right: 2 per
-    adjacent pair, one each way) some path reads in a row, the neighbour just before the token."""
+    """How many of the grid's (token, neighbour) pairs some path reads consecutively, the neighbour just
+    before the token. A neighbour is above, below, left or right, so each adjacent pair counts twice."""
     covered = set()
     for path in paths.tolist():
         covered |= {(a, b) for a, b in zip(path, path[1:])}
@@ -741,7 +706,8 @@ def demonstrate(steps: int = 200) -> None:
     pairs = 2 * (2 * 16 * 15)  # a 16 x 16 grid: 2 * 16 * 15 adjacent pairs, each read one way or the other
     for k in (1, 2, 8):
         covered = neighbour_pairs_covered(zigzag_paths(16, 16)[:k], 16, 16)
-        print(f"K = {k}: the paths read {covered} of the {pairs} neighbour pairs of a 16 x 16 grid in a row")
+        print(f"K = {k}: the paths read {covered} of the {pairs} (token, neighbour) pairs of a 16 x 16 grid "
+              f"consecutively")
     torch.manual_seed(0)
     config = ZigMaConfig(input_size=16, in_channels=3, patch_size=2, dim=64, depth=4)
     model = ZigMa(config)
@@ -760,8 +726,8 @@ def demonstrate(steps: int = 200) -> None:
         if step % 100 == 0:
             print(f"  step {step}: loss {loss.item():.4f}")
     noise = torch.randn(4, *config.input_shape)
-    error, noise_error = ((sample(model, noise, steps=20) - image).abs().mean().item(),
-                          (noise - image).abs().mean().item())
+    error = (sample(model, noise, steps=20) - image).abs().mean().item()
+    noise_error = (noise - image).abs().mean().item()
     print(f"4 samples from noise, 20 Euler steps: a mean absolute error of {error:.3f} from the image "
           f"(its pixels span 2; the noise was {noise_error:.2f} away)")
 
