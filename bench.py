@@ -468,7 +468,7 @@ def graph_breaks(plan: str) -> tuple[int, list[str]]:
                                                 selective_scan_eager=fast_scan.selective_scan)
     try:
         torch._dynamo.reset()
-        explanation = torch._dynamo.explain(model.blocks[0])(x, c, model.orders[0], context)
+        explanation = torch._dynamo.explain(model.blocks[0])(x, c, context)
     finally:
         fast_scan.scan_plan, zigma.fast_scan = planner, scans
     return explanation.graph_count, [str(reason.reason).splitlines()[0] for reason in explanation.break_reasons]

@@ -71,13 +71,16 @@ def test_hilbert_paths_start_at_four_corners_in_both_directions_on_square_grids(
         assert [p[-1].item() for p in paths] == [top_right, bottom_left, bottom_left, top_right,
                                                  top_left, bottom_right, bottom_right, top_left], \
             "each ends at the next corner along the rows, then along the columns"
+    # 4 rows of 3: no continuous curve runs along the rows from corner to corner, so those orientations reuse
+    # the columns' curves backwards, and only four of the eight differ (as the docstring says).
+    assert len({tuple(p.tolist()) for p in zigma.hilbert_paths(4, 3)}) == 4
     # The classic curve on 4 x 4: the quadrants top-left, bottom-left, bottom-right, top-right, ending top-right.
     assert zigma.hilbert_paths(4, 4)[0].tolist() == [0, 1, 5, 4, 8, 12, 13, 9, 10, 14, 15, 11, 7, 6, 2, 3]
 
 
 def test_a_hilbert_model_reads_orientation_i_mod_k():
     model = ZigMa(tiny_config(paths="hilbert", depth=4, num_paths=2))
-    orders = [order.path for order in model.orders]
+    orders = [block.order.path for block in model.blocks]
     paths = zigma.hilbert_paths(4, 4)
     assert all(torch.equal(order, paths[i % 2]) for i, order in enumerate(orders))
     clips = layer_orders((3, 4, 4), depth=2, family="hilbert", num_paths=8, pattern="v")
@@ -139,11 +142,11 @@ def test_temporal_scans_alternate_direction_and_spatial_layers_cycle_paths():
 def test_scan_orders_are_buffers_that_checkpoints_need_not_carry():
     model = ZigMa(tiny_config(depth=8))
     for i in range(8):
-        assert torch.equal(model.orders[i].path, zigzag_paths(4, 4)[i]), f"layer {i} should read path {i}"
-        assert torch.equal(model.orders[i].inverse, torch.argsort(zigzag_paths(4, 4)[i]))
+        assert torch.equal(model.blocks[i].order.path, zigzag_paths(4, 4)[i]), f"layer {i} should read path {i}"
+        assert torch.equal(model.blocks[i].order.inverse, torch.argsort(zigzag_paths(4, 4)[i]))
     assert not any(".path" in name or ".inverse" in name for name in model.state_dict()), "they follow from the config"
     model.to(torch.float64)
-    assert model.orders[0].path.dtype == torch.long, "orders must stay integer under .to(dtype)"
+    assert model.blocks[0].order.path.dtype == torch.long, "orders must stay integer under .to(dtype)"
 
 
 def test_checkpoints_that_carry_scan_orders_still_load():
@@ -152,7 +155,7 @@ def test_checkpoints_that_carry_scan_orders_still_load():
     config = tiny_config(depth=4, paths="hilbert", num_paths=2, frames=2, video_pattern="st")
     networks = data.build_networks(config, {"vocabulary": None})
     old = dict(networks.state_dict())
-    for i, order in enumerate(networks["zigma"].orders):
+    for i, order in enumerate(block.order for block in networks["zigma"].blocks):
         old[f"zigma.scans.{i}.order"], old[f"zigma.scans.{i}.inverse"] = order.path, order.inverse
     old_names = {"paths": "scan", "num_paths": "scan_paths", "video_pattern": "video_scan"}
     old_config = {old_names.get(name, name): value for name, value in asdict(config).items()}
@@ -505,22 +508,22 @@ def video_model_and_input():
 
 def test_spatial_layer_does_not_mix_frames():
     model, tokens, c = video_model_and_input()
-    block, scan = model.blocks[0], model.orders[0]
-    assert scan.axis == "space"
+    block = model.blocks[0]
+    assert block.order.axis == "space"
     changed = tokens.clone()
     changed[:, 2 * 16:3 * 16] += torch.randn(1, 16, tokens.shape[-1])  # frame 2 only
-    difference = (block(changed, c, scan) - block(tokens, c, scan)).abs().amax(-1).view(4, 16)  # (T, H*W)
+    difference = (block(changed, c) - block(tokens, c)).abs().amax(-1).view(4, 16)  # (T, H*W)
     assert (difference[[0, 1, 3]] == 0).all(), "a spatial layer let frame 2 reach another frame"
     assert (difference[2] > 0).all(), "every token of frame 2 should change"
 
 
 def test_temporal_layer_mixes_only_the_same_position():
     model, tokens, c = video_model_and_input()
-    block, scan = model.blocks[1], model.orders[1]
-    assert scan.axis == "time"
+    block = model.blocks[1]
+    assert block.order.axis == "time"
     changed = tokens.clone()
     changed[:, 1 * 16 + 5] += torch.randn(tokens.shape[-1])  # position 5 of frame 1
-    difference = (block(changed, c, scan) - block(tokens, c, scan)).abs().amax(-1).view(4, 16)  # (T, H*W)
+    difference = (block(changed, c) - block(tokens, c)).abs().amax(-1).view(4, 16)  # (T, H*W)
     others = [p for p in range(16) if p != 5]
     assert (difference[:, others] == 0).all(), "a temporal layer mixed different positions"
     # The first temporal layer reads time forwards: frame 1 reaches frames 1, 2, 3 and not frame 0.
@@ -529,25 +532,25 @@ def test_temporal_layer_mixes_only_the_same_position():
 
 def test_block_works_on_its_own():
     dim, h, w = 16, 3, 5
-    block = randomize(ZigMaBlock(dim, d_state=4))
     scan = TokenOrder((1, h, w), "space", zigzag_paths(h, w)[3])
+    block = randomize(ZigMaBlock(dim, scan, d_state=4))
     tokens = torch.randn(2, h * w, dim, requires_grad=True)
-    out = block(tokens, torch.randn(2, dim), scan)
+    out = block(tokens, torch.randn(2, dim))
     out.sum().backward()
     assert out.shape == tokens.shape and torch.isfinite(tokens.grad).all()
     # The scan is causal along its path: the token read first depends on no other token.
     first = scan.path[0].item()
-    grad_first = torch.autograd.grad(block(tokens, torch.ones(2, dim), scan)[0, first].sum(), tokens)[0]
+    grad_first = torch.autograd.grad(block(tokens, torch.ones(2, dim))[0, first].sum(), tokens)[0]
     assert (grad_first[0, [i for i in range(h * w) if i != first]] == 0).all()
 
 
 def test_a_block_and_the_final_layer_start_as_identity_and_zero_on_their_own():
     # adaLN-Zero lives in each module's __init__, not in the model's: a block built alone is the identity.
     torch.manual_seed(0)
-    block, final = ZigMaBlock(16, d_state=4, context_dim=8), zigma.FinalLayer(16, 2, 3)
-    tokens, c = torch.randn(2, 15, 16), torch.randn(2, 16)
     order = TokenOrder((1, 3, 5), "space", zigzag_paths(3, 5)[0])
-    assert torch.equal(block(tokens, c, order, torch.randn(2, 4, 8)), tokens)
+    block, final = ZigMaBlock(16, order, d_state=4, context_dim=8), zigma.FinalLayer(16, 2, 3)
+    tokens, c = torch.randn(2, 15, 16), torch.randn(2, 16)
+    assert torch.equal(block(tokens, c, torch.randn(2, 4, 8)), tokens)
     assert not final(tokens, c).any()
 
 
@@ -1346,7 +1349,7 @@ def test_builtin_video_data_trains_with_a_3d_zigzag(tmp_path):
     train.main(["--out", str(tmp_path), "--frames", "2", "--video-pattern", "v", "--steps", "1", *TINY_RUN])
     checkpoint = data.load_checkpoint(tmp_path / "ckpt.pt")
     model = data.networks_from_checkpoint(checkpoint, tmp_path / "ckpt.pt")["zigma"]
-    assert model.orders[0].path.numel() == 2 * 4 * 4, "a volume scan reads the whole clip"
+    assert model.blocks[0].order.path.numel() == 2 * 4 * 4, "a volume scan reads the whole clip"
 
 
 # ---------------------------------------------------------------------------- conditioning

@@ -18,7 +18,7 @@ Shapes:
     H, W  the token grid: an image is H*P x W*P pixels   D  model width    S  context (text) tokens
     L  tokens in one Mamba sequence: H*W in a spatial layer, T in a temporal one, T*H*W in a volume one
     K  paths the layers take turns over (1, 2 or 8, the paper's Zigzag-1, -2 and -8)
-In the Mamba sections A, B, C and D are the SSM's matrices, so the shapes there are lowercase: b batch,
+In the Mamba sections A, B, C and D are the SSM's parameters, so the shapes there are lowercase: b batch,
 l tokens, d model width, e = expand * d inner width, n state size, r the rank of delta's projection. There h
 is the SSM's state. Elsewhere c is DiT's condition vector.
 
@@ -57,13 +57,14 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 # (`python zigma.py` counts them).
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# The order numbers the eight paths; it stays, since a checkpoint stores its config and not its paths.
+# Path k starts at CORNERS[k // 2], by rows for even k. A checkpoint stores its config and not its paths, so
+# this list keeps its order. With K = 1 or 2 every layer starts top-left, so that token sees no other.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
 def corner_grids(height: int, width: int) -> list[torch.Tensor]:
     """The grid's row-major token indices, (H, W), flipped so that each corner in turn is at [0, 0]."""
-    # On the CPU whatever device the model is built under, since TokenOrder reads the paths' values.
+    # device="cpu" even inside `with torch.device("meta")`, since TokenOrder checks the paths' values.
     indices = torch.arange(height * width, device="cpu").view(height, width)  # (H, W)
     grids = []
     for flip_rows, flip_cols in CORNERS:
@@ -88,7 +89,7 @@ def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
     paths = []
     for from_corner in corner_grids(height, width):
         for lines in (from_corner, from_corner.t()):  # read row by row, then column by column
-            lines = lines.clone()  # a view of from_corner, which the in-place flip below must not change
+            lines = lines.clone()  # else the write below would change from_corner
             if snake:
                 lines[1::2] = lines[1::2].flip(1)  # every other line backwards
             paths.append(lines.reshape(-1))
@@ -144,10 +145,10 @@ class TokenOrder(nn.Module):
         elif self.axis == "time":
             x = rearrange(x, "b (frames hw) d -> (b hw) frames d", frames=self.grid[0])  # (B*H*W, T, D)
         # "volume": the clip is already one sequence, (B, T*H*W, D)
-        return x[:, self.path]  # (B*T, B*H*W or B sequences, L, D) in path order
+        return x[:, self.path]  # (sequences, L, D) in path order, with B*T, B*H*W or B sequences
 
     def from_sequences(self, x: torch.Tensor, batch: int) -> torch.Tensor:
-        x = x[:, self.inverse]  # (sequences, L, D) back in row-major order
+        x = x[:, self.inverse]  # (sequences, L, D) back in the grid's (frame, row, column) order
         if self.axis == "space":
             x = rearrange(x, "(b frames) hw d -> b (frames hw) d", b=batch)  # (B, T*H*W, D)
         elif self.axis == "time":
@@ -196,7 +197,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
 # file, take delta B for the latter, the same to first order in delta.
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The selective scan one token at a time: the definition, which test_zigma.py checks the fast ones by.
+    """The selective scan one token at a time: the definition, to which test_zigma.py compares the fast scans.
     Computes in float32 (float64 for float64 inputs) with autocast off, and returns u's dtype."""
     dtype = u.dtype
     compute_dtype = torch.promote_types(dtype, torch.float32)
@@ -221,21 +222,21 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
-    """selective_scan_reference's function as the layers run it: by mamba-ssm's kernel on CUDA where it is
-    installed, else by fast_scan.py's exact scan in fewer, larger operations.
+    """The scan as the layers run it, by the fastest exact implementation at hand: mamba-ssm's CUDA kernel
+    where it is installed, else fast_scan.py's scan, else (zigma.py on its own) the reference.
 
     Under autocast u, delta, B, C and z may be bf16. The kernel needs A, D and delta_bias in float32 (float64
     in a float64 model), so they are cast here."""
     precision = torch.promote_types(A.dtype, torch.float32)
     A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
-    kernel_takes_u = u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    if fused_selective_scan is not None and kernel_takes_u:
+    kernel_ok = u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)  # not float64
+    if fused_selective_scan is not None and kernel_ok:
         scan = fused_selective_scan
     elif fast_scan is None:  # zigma.py on its own
         scan = selective_scan_reference
     elif u.device.type == "cpu" and torch.compiler.is_compiling():
-        # On a CPU the fast scan is a loop over the tokens, which compiling would unroll: it runs uncompiled.
-        scan = fast_scan.selective_scan_eager
+        # On a CPU the fast scan is a loop over the tokens, which compiling would unroll into a huge graph.
+        scan = fast_scan.selective_scan_eager  # the same scan, left out of the graph
     else:
         scan = fast_scan.selective_scan
     return scan(u, delta, A, B, C, D, z, delta_bias=delta_bias, delta_softplus=delta_softplus)  # (b, e, l)
@@ -259,7 +260,6 @@ class MambaMixer(nn.Module):
         self.x_proj = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, inner)
         self.out_proj = nn.Linear(inner, dim, bias=False)
-
         # Mamba's initialisation: dt_proj's weight uniform in +-r^-1/2 (its dt_init="random"), and delta
         # log-uniform in [dt_min, dt_max] through softplus(bias) ...
         nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
@@ -274,10 +274,11 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, l, d)
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each
-        u = F.silu(self.conv1d(x.transpose(1, 2))[..., :x.shape[1]])  # (b, e, l), the scan's input
+        x = self.conv1d(x.transpose(1, 2))[..., :x.shape[1]]  # (b, e, l): the first l outputs, causal
+        u = F.silu(x)  # (b, e, l), the scan's input
         # delta (b, l, r), B and C (b, l, n)
         delta, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
-        delta = delta @ self.dt_proj.weight.t()  # (b, l, e); the scan adds the bias: softplus(delta + bias)
+        delta = delta @ self.dt_proj.weight.t()  # (b, l, e); as in mamba-ssm, the scan adds the bias
         A = -torch.exp(self.A_log)  # (e, n), negative
         delta, B, C, z = (a.transpose(1, 2) for a in (delta, B, C, z))  # (b, e|n, l), mamba-ssm's layout
         y = selective_scan(u, delta, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True)
@@ -291,16 +292,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class ZigMaBlock(nn.Module):
-    """The paper's Zigzag Mamba block: a Mamba layer reading the tokens in the order it is handed (so that it
-    works on its own), with DiT's adaLN-Zero conditioning and an optional cross-attention to text.
+    """The paper's Zigzag Mamba block: a Mamba layer reading the tokens in its layer's token order, with DiT's
+    adaLN-Zero conditioning and an optional cross-attention to text.
 
     x + gate * mixer(modulate(LayerNorm(x))) is DiT's pre-LayerNorm residual, with the mixer in attention's
     place. The gates start at zero, so the block is the identity until it trains. There is no MLP, as in
     Mamba: the mixer's in_proj and out_proj (expand 2) play its part.
     """
 
-    def __init__(self, dim: int, d_state: int = 16, expand: int = 2, context_dim: int = 0):
+    def __init__(self, dim: int, order: TokenOrder, d_state: int = 16, expand: int = 2, context_dim: int = 0):
         super().__init__()
+        self.order = order
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mixer = MambaMixer(dim, d_state, expand)
         self.cross_attention = None
@@ -313,14 +315,14 @@ class ZigMaBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation[-1].weight)  # adaLN-Zero: the gates start at zero
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, order: TokenOrder, context=None, context_mask=None):
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context=None, context_mask=None):
         """x (B, T*H*W, D) in row-major (frame, row, column) order, c (B, D), and where the block has
         cross-attention, context (B, S, context_dim) and context_mask (B, S), True for real tokens."""
         modulation = self.adaLN_modulation(c).chunk(3 * self.branches, dim=1)  # (B, D) each
         shift, scale, gate = modulation[:3]
         # ZigMa's step: the mixer reads the tokens in the layer's path order, and they go back after.
-        sequences = order.to_sequences(modulate(self.norm1(x), shift, scale))  # (sequences, L, D), path order
-        mixed = order.from_sequences(self.mixer(sequences), batch=x.shape[0])  # (B, T*H*W, D), token order
+        sequences = self.order.to_sequences(modulate(self.norm1(x), shift, scale))  # (sequences, L, D)
+        mixed = self.order.from_sequences(self.mixer(sequences), batch=x.shape[0])  # (B, T*H*W, D)
         x = x + gate[:, None] * mixed
         if self.cross_attention is not None:
             assert context is not None, "this block has cross-attention: pass context tokens"
@@ -369,7 +371,7 @@ class ZigMaConfig:
 
 
 class ZigMa(nn.Module):
-    """Patchify, add positions, ZigMaBlocks in their token orders, unpatchify (as the official ZigMa)."""
+    """Patchify, add positions, ZigMaBlocks (each in its token order), unpatchify, as the official ZigMa."""
 
     def __init__(self, config: ZigMaConfig):
         super().__init__()
@@ -383,7 +385,7 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding (DiT's N(0, 0.02) is small beside the timestep's embedding).
+            # N(0, 1), as ADM's class embedding; DiT and the official code start at N(0, 0.02).
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
@@ -391,9 +393,9 @@ class ZigMa(nn.Module):
         # A learned position per token, one table for images and clips (DiT's is a fixed 2D sin-cos table).
         self.pos_embed = nn.Parameter(torch.randn(1, math.prod(grid), dim) * 0.02)
         pattern = config.video_pattern if config.frames else "s"
-        self.orders = nn.ModuleList(layer_orders(grid, config.depth, config.paths, config.num_paths, pattern))
+        orders = layer_orders(grid, config.depth, config.paths, config.num_paths, pattern)
         self.blocks = nn.ModuleList(
-            ZigMaBlock(dim, config.d_state, config.expand, config.context_dim) for _ in range(config.depth))
+            ZigMaBlock(dim, order, config.d_state, config.expand, config.context_dim) for order in orders)
         self.final_layer = FinalLayer(dim, config.patch_size, config.in_channels)
         # True: keep each block's input only, and recompute the block in the backward pass (less memory).
         self.grad_checkpointing = False
@@ -423,7 +425,6 @@ class ZigMa(nn.Module):
         conditions are dropped (see conditions). Returns the velocity, shaped like x."""
         config = self.config
         frames, height, width = config.grid
-        video = config.frames > 0
         assert x.shape[1:] == config.input_shape, f"x is (B, *{config.input_shape}), not {tuple(x.shape)}"
         assert y is None or self.y_embedder is not None, "this model has no classes: leave y out"
         assert context is None or self.null_context is not None, "this model takes no context: leave it out"
@@ -431,7 +432,7 @@ class ZigMa(nn.Module):
         batch = x.shape[0]
         y, context, context_mask = self.conditions(batch, y, context, context_mask, drop)
 
-        pixels = x.flatten(0, 1) if video else x  # (B*T, C, H*P, W*P)
+        pixels = x.reshape(-1, *x.shape[-3:])  # (B*T, C, H*P, W*P), T = 1 for images
         tokens = rearrange(self.patch_embed(pixels), "(b frames) d height width -> b (frames height width) d",
                            b=batch)  # (B, T*H*W, D)
         tokens = tokens + self.pos_embed
@@ -439,16 +440,16 @@ class ZigMa(nn.Module):
         if y is not None:
             c = c + self.y_embedder(y)  # (B, D)
         # Text reaches the blocks through their cross-attention only.
-        for block, order in zip(self.blocks, self.orders):
+        for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, order, context, context_mask, use_reentrant=False)
+                tokens = checkpoint(block, tokens, c, context, context_mask, use_reentrant=False)
             else:
-                tokens = block(tokens, c, order, context, context_mask)  # (B, T*H*W, D)
+                tokens = block(tokens, c, context, context_mask)  # (B, T*H*W, D)
         out = self.final_layer(tokens, c)  # (B, T*H*W, P*P*C)
         out = rearrange(out, "b (frames height width) (p1 p2 ch) -> b frames ch (height p1) (width p2)",
                         frames=frames, height=height, width=width, p1=config.patch_size,
                         p2=config.patch_size)  # (B, T, C, H*P, W*P)
-        return out if video else out[:, 0]
+        return out if config.frames else out[:, 0]
 
 
 # 6. Flow matching: the loss and the sampler -----------------------------------------------------------------
@@ -463,9 +464,9 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
               time_sampling: str = "logit-normal") -> torch.Tensor:
     """The velocity loss (SiT's) for data x on the interpolant x_t = (1 - t) noise + t x, one t per example.
 
-    By default t = sigmoid(a standard normal draw), logit-normal, which trains more on middle times (SD3's
-    choice, arXiv 2403.03206). It sampled better in this project's runs than the uniform t of SiT and the
-    paper, which time_sampling="uniform" gives. Each example's label and context become the null ones with
+    By default t = sigmoid(a standard normal draw), logit-normal, which weights the middle times, where the
+    velocity is hardest to predict (SD3's choice, arXiv 2403.03206). time_sampling="uniform" gives SiT's and
+    the paper's uniform t. Each example's label and context become the null ones with
     probability drop_prob, for guidance. noise (like x) and t (B,) are drawn unless given.
     """
     assert time_sampling in TIME_SAMPLING, f"time_sampling is uniform or logit-normal, not {time_sampling!r}"
@@ -502,8 +503,7 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
     """Integrate dx/dt = v(x, t) from noise at t = 0 to data at t = 1, in `steps` equal steps.
 
     Euler takes one model call a step, and its error shrinks with the step size. Heun averages the slopes at
-    both ends of a step. It takes two calls, and its error shrinks with the step size squared. With guidance
-    each call is one pass of twice the batch.
+    both ends of a step: two calls, and an error that shrinks with the step size squared.
     """
     assert method in ("euler", "heun"), f"method must be 'euler' or 'heun', not {method!r}"
     x_t = noise
@@ -589,8 +589,9 @@ def hilbert_paths(height: int, width: int) -> torch.Tensor:
     corner, first along the rows, then along the columns.
 
     When one side is odd and the other even, no continuous curve runs along the odd side from one corner to
-    the next. That orientation takes the other one's curve backwards, which starts at another corner, so some
-    of the eight repeat. On a square grid all eight differ.
+    the next. On a grid of 4 rows of 3 cells, say, the orientations along the rows take the curve along the
+    columns, read backwards, so they start at another corner, and only four of the eight differ. On a square
+    grid all eight do.
     """
     curves = {"rows": gilbert(0, 0, width, 0, 0, height), "columns": gilbert(0, 0, 0, height, width, 0)}
     exists = {"rows": width % 2 == 0 or height % 2 == 1, "columns": height % 2 == 0 or width % 2 == 1}
@@ -603,7 +604,7 @@ def hilbert_paths(height: int, width: int) -> torch.Tensor:
     return torch.stack(paths)  # (8, H*W)
 
 
-def sign(v: int) -> int:
+def _sign(v: int) -> int:
     return (v > 0) - (v < 0)
 
 
@@ -615,8 +616,8 @@ def gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> list[tuple[in
     (x, y) and ends at the far end of the major side. It is continuous unless the major side is odd and the
     minor side even, where no continuous curve ends there.
     """
-    major_length, minor_length = abs(ax + ay), abs(bx + by)  # in cells
-    (ux, uy), (vx, vy) = (sign(ax), sign(ay)), (sign(bx), sign(by))  # one cell along each side
+    major_length, minor_length = abs(ax + ay), abs(bx + by)  # in cells (each side has one coordinate 0)
+    (ux, uy), (vx, vy) = (_sign(ax), _sign(ay)), (_sign(bx), _sign(by))  # one cell along each side
     if minor_length == 1:  # one line along the major side
         return [(x + i * ux, y + i * uy) for i in range(major_length)]
     if major_length == 1:  # one line along the minor side
@@ -641,9 +642,9 @@ def gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> list[tuple[in
 
 
 # Appendix: the presets --------------------------------------------------------------------------------------
-# DiT's widths, at twice DiT's depth (as the official B and L; its S is 368 wide). A ZigMa layer (Mamba
-# mixer and adaLN, about 9.25 D^2 parameters) is half a DiT block (attention, MLP and adaLN, 18 D^2), so the
-# sizes match DiT's.
+# DiT's widths, at twice DiT's depth (as the official B and L; its zigma_s_2 is 368 wide). A ZigMa layer
+# (Mamba mixer and adaLN, about 9.25 D^2 parameters) is half a DiT block (attention, MLP and adaLN, 18 D^2),
+# so the sizes match DiT's.
 PRESET_SHAPES = {
     "Tiny": dict(dim=128, depth=8),  # small enough to train on a CPU
     "S": dict(dim=384, depth=24),
