@@ -14,17 +14,17 @@ The file reads top to bottom: 1. token orders, 2. the selective scan, 3. the Mam
 the Hilbert baseline, the presets, where the official code differs, and `python zigma.py`, a demonstration.
 
 Shapes:
-    B  batch             T  frames (1 for an image)     C  image (or latent) channels    P  patch size
+    B  batch             T  frames, max(frames, 1)      C  image (or latent) channels    P  patch size
     H, W  the token grid: an image is H*P x W*P pixels   D  model width    S  context (text) tokens
     L  tokens in one Mamba sequence: H*W in a spatial layer, T in a temporal one, T*H*W in a volume one
     K  paths the layers take turns over (1, 2 or 8, the paper's Zigzag-1, -2 and -8)
-In the Mamba sections A, B, C and D are the SSM's parameters, so the shapes there are lowercase: b batch,
-l tokens, d model width, e = expand * d inner width, n state size, r the rank of delta's projection. There h
-is the SSM's state. Elsewhere c is DiT's condition vector.
+In the Mamba sections A, B, C and D are the SSM's parameters, so the shapes there are lowercase. b is the
+batch, l the tokens, d the model width, e = expand * d the inner width, n the state size and r the rank of
+delta's projection. In those sections h is the SSM's state; elsewhere c is DiT's condition vector.
 
 Words. A path is the order in which a layer reads the tokens of a sequence, given as a permutation. A layer's
 token order (TokenOrder) says which tokens form its sequences (a frame, a position through time, or the whole
-clip) and holds its path. "Scan" means the SSM's recurrence only.
+clip) and holds its path. ZigMaConfig.paths names a family of paths. "Scan" means the SSM's recurrence only.
 
 Time. x_t = (1 - t) noise + t data, t in [0, 1], so t = 0 is noise and t = 1 is data (as in SiT's code; its
 paper puts data at 0). The network predicts the velocity v = dx_t/dt = data - noise. Sampling integrates
@@ -52,19 +52,19 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 
 # 1. Token orders --------------------------------------------------------------------------------------------
 # A scan is causal along its path, so a token sees only the tokens read before it. The layers therefore take
-# turns over K paths that differ in corner or direction. A 16 x 16 grid has 960 (token, neighbour) pairs. One
-# path reads the token right after the neighbour for 255 of them, K = 2 paths for 496, and K = 8 paths for all
+# turns over K paths that differ in corner or direction. A 16 x 16 grid has 960 (token, neighbour) pairs. A
+# single zigzag reads 255 of them consecutively, neighbour first; two paths read 496, and eight read all 960
 # (`python zigma.py` counts them).
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# Path k starts at CORNERS[k // 2], by rows for even k. A checkpoint stores its config and not its paths, so
-# this list keeps its order. With K = 1 or 2 every layer starts top-left, so that token sees no other.
+# Path k starts at CORNERS[k // 2], by rows for even k; the order stays, as checkpoints store configs, not
+# paths. With K = 1 or 2 every layer starts at the top-left token, which so never sees another token.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
 def corner_grids(height: int, width: int) -> list[torch.Tensor]:
     """The grid's row-major token indices, (H, W), flipped so that each corner in turn is at [0, 0]."""
-    # device="cpu" even inside `with torch.device("meta")`, since TokenOrder checks the paths' values.
+    # On the CPU even under `with torch.device("meta")`, since TokenOrder calls .tolist() on the paths.
     indices = torch.arange(height * width, device="cpu").view(height, width)  # (H, W)
     grids = []
     for flip_rows, flip_cols in CORNERS:
@@ -161,7 +161,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
     """The token order of every layer.
 
     `family` names the 2D paths (PATH_FAMILIES), and `num_paths` is K. `pattern` repeats over the depth, one
-    letter a layer (images use "s"):
+    letter per layer (images use "s"), and j counts the layers of each kind from 0:
     - s, a spatial layer: the j-th reads 2D path j mod K;
     - t, a temporal layer: the j-th reads time forwards for even j, backwards for odd j;
     - v, a volume layer: the j-th reads the 3D path of 2D path (j // 2) mod K, forwards for even j. Each 3D
@@ -188,13 +188,14 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
 
 
 # 2. Selective scan ------------------------------------------------------------------------------------------
-# Mamba's selective state-space model (Mamba, Alg. 2, Eq. 2-4), in mamba-ssm's layout so its kernel drops in:
+# Mamba's selective state-space model (Mamba, Alg. 2, Eq. 2 and 4), in the layout of mamba-ssm's kernel:
 #     u, delta, z: (b, e, l)    A: (e, n)    B, C: (b, n, l)    D, delta_bias: (e,)
+#     delta = softplus(delta + delta_bias)                  (where delta_softplus)
 #     h_i = exp(delta_i A) h_{i-1} + delta_i B_i u_i        (h: (b, e, n), zero before token 0)
 #     y_i = C_i . h_i + D u_i,  then gated: y_i * silu(z_i)
 # Mamba's Eq. 4 discretises h' = A h + B u by the zero-order hold, which holds u fixed over a step of length
 # delta: A becomes exp(delta A), and B becomes (delta A)^-1 (exp(delta A) - 1) delta B. Mamba's code, and this
-# file, take delta B for the latter, the same to first order in delta.
+# file, use delta B in its place, the same to first order in delta.
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """The selective scan one token at a time: the definition, to which test_zigma.py compares the fast scans.
@@ -225,14 +226,14 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
     """The scan as the layers run it, by the fastest exact implementation at hand: mamba-ssm's CUDA kernel
     where it is installed, else fast_scan.py's scan, else (zigma.py on its own) the reference.
 
-    Under autocast u, delta, B, C and z may be bf16. The kernel needs A, D and delta_bias in float32 (float64
+    Under autocast, u, delta, B, C and z may be bf16. The kernel needs A, D and delta_bias in float32 (float64
     in a float64 model), so they are cast here."""
     precision = torch.promote_types(A.dtype, torch.float32)
     A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
     kernel_ok = u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)  # not float64
     if fused_selective_scan is not None and kernel_ok:
         scan = fused_selective_scan
-    elif fast_scan is None:  # zigma.py on its own
+    elif fast_scan is None:  # zigma.py on its own; slow, and compiling would unroll its loop
         scan = selective_scan_reference
     elif u.device.type == "cpu" and torch.compiler.is_compiling():
         # On a CPU the fast scan is a loop over the tokens, which compiling would unroll into a huge graph.
@@ -267,14 +268,15 @@ class MambaMixer(nn.Module):
         dt = dt.clamp(min=dt_init_floor)
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # the inverse of softplus
-        # ... and A = -[1, 2, ..., N] in every channel (S4D-Real), as A_log: A = -exp(A_log) stays negative.
+        # ... and A = -[1, 2, ..., n] in every channel (S4D-Real), kept as A_log so that A = -exp(A_log) < 0.
         A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(inner, 1)  # (e, n)
         self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(inner))  # the skip connection D u_i
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, l, d)
+        length = x.shape[1]
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each
-        x = self.conv1d(x.transpose(1, 2))[..., :x.shape[1]]  # (b, e, l): the first l outputs, causal
+        x = self.conv1d(x.transpose(1, 2))[..., :length]  # (b, e, l): the first l outputs, causal
         u = F.silu(x)  # (b, e, l), the scan's input
         # delta (b, l, r), B and C (b, l, n)
         delta, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
@@ -397,8 +399,7 @@ class ZigMa(nn.Module):
         self.blocks = nn.ModuleList(
             ZigMaBlock(dim, order, config.d_state, config.expand, config.context_dim) for order in orders)
         self.final_layer = FinalLayer(dim, config.patch_size, config.in_channels)
-        # True: keep each block's input only, and recompute the block in the backward pass (less memory).
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # True: recompute each block in the backward pass, for memory
 
     def conditions(self, batch: int, y=None, context=None, context_mask=None, drop=None):
         """The label (B,), context (B, S, context_dim) and mask (B, S) that the blocks see, None where the
@@ -439,7 +440,6 @@ class ZigMa(nn.Module):
         c = self.t_embedder(t)  # (B, D)
         if y is not None:
             c = c + self.y_embedder(y)  # (B, D)
-        # Text reaches the blocks through their cross-attention only.
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, c, context, context_mask, use_reentrant=False)
@@ -464,18 +464,18 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
               time_sampling: str = "logit-normal") -> torch.Tensor:
     """The velocity loss (SiT's) for data x on the interpolant x_t = (1 - t) noise + t x, one t per example.
 
-    By default t = sigmoid(a standard normal draw), logit-normal, which weights the middle times, where the
-    velocity is hardest to predict (SD3's choice, arXiv 2403.03206). time_sampling="uniform" gives SiT's and
-    the paper's uniform t. Each example's label and context become the null ones with
-    probability drop_prob, for guidance. noise (like x) and t (B,) are drawn unless given.
+    By default t = sigmoid(n), n ~ N(0, 1), which weights the middle times, where the velocity is hardest to
+    predict (SD3's logit-normal, arXiv 2403.03206); it sampled better in this project's measurements than
+    SiT's and the paper's uniform t. Each example's label and context become the null ones with probability
+    drop_prob, for guidance. noise (like x) and t (B,) are drawn unless given.
     """
-    assert time_sampling in TIME_SAMPLING, f"time_sampling is uniform or logit-normal, not {time_sampling!r}"
+    assert time_sampling in TIME_SAMPLING, f"time_sampling is one of {TIME_SAMPLING}, not {time_sampling!r}"
     batch = x.shape[0]
     noise = torch.randn_like(x) if noise is None else noise
     if t is None:
         uniform = time_sampling == "uniform"
         t = torch.rand(batch, device=x.device) if uniform else torch.randn(batch, device=x.device).sigmoid()
-    t_broadcast = t.view(batch, *[1] * (x.dim() - 1)).to(x.dtype)  # (B, 1, 1, 1), or (B, 1, 1, 1, 1)
+    t_broadcast = t.view(batch, *([1] * (x.dim() - 1))).to(x.dtype)  # (B, 1, 1, 1), or (B, 1, 1, 1, 1)
     x_t = (1 - t_broadcast) * noise + t_broadcast * x
     drop = None
     if y is not None or context is not None:
@@ -536,8 +536,8 @@ class TimestepEmbedder(nn.Module):
         half = self.frequency_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)  # (half,)
         angles = 1000 * t.to(torch.promote_types(t.dtype, torch.float32))[:, None] * freqs  # (B, half)
-        frequencies = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, frequency_dim)
-        return self.mlp(frequencies.to(self.mlp[0].weight.dtype))  # (B, D)
+        t_freq = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, frequency_dim)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (B, D)
 
 
 class FinalLayer(nn.Module):
@@ -591,7 +591,7 @@ def hilbert_paths(height: int, width: int) -> torch.Tensor:
     When one side is odd and the other even, no continuous curve runs along the odd side from one corner to
     the next. On a grid of 4 rows of 3 cells, say, the orientations along the rows take the curve along the
     columns, read backwards, so they start at another corner, and only four of the eight differ. On a square
-    grid all eight do.
+    grid, as the model's are, all eight do.
     """
     curves = {"rows": gilbert(0, 0, width, 0, 0, height), "columns": gilbert(0, 0, 0, height, width, 0)}
     exists = {"rows": width % 2 == 0 or height % 2 == 1, "columns": height % 2 == 0 or width % 2 == 1}
@@ -642,9 +642,8 @@ def gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> list[tuple[in
 
 
 # Appendix: the presets --------------------------------------------------------------------------------------
-# DiT's widths, at twice DiT's depth (as the official B and L; its zigma_s_2 is 368 wide). A ZigMa layer
-# (Mamba mixer and adaLN, about 9.25 D^2 parameters) is half a DiT block (attention, MLP and adaLN, 18 D^2),
-# so the sizes match DiT's.
+# DiT's widths, at twice DiT's depth. A ZigMa layer (Mamba mixer and adaLN, about 9.25 D^2 parameters) is
+# half a DiT block (attention, MLP and adaLN, 18 D^2), so the sizes match DiT's.
 PRESET_SHAPES = {
     "Tiny": dict(dim=128, depth=8),  # small enough to train on a CPU
     "S": dict(dim=384, depth=24),
@@ -681,6 +680,7 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
 # - ZigMa: the text's mean is also added to c. The label table starts at N(0, 0.02), as DiT's, where here it
 #   starts at N(0, 1). The positions start at zeros. out_proj is rescaled by 1/sqrt(depth).
 # - FinalLayer: not modulated by the condition.
+# - PRESETS: the official zigma_s_2 is 368 wide, where ZigMa-S is DiT-S's 384; B and L match.
 # - flow_loss: t is uniform (SiT's transport); here logit-normal by default.
 # - guided_velocity: the official ZigMa.forward_with_cfg raises NotImplementedError; guidance is this file's.
 # - sample: the official code also has SiT's SDE sampler (transport/). Here the sampler is the ODE's.
