@@ -14,7 +14,7 @@ The file reads top to bottom: 1. token orders, 2. the selective scan, 3. the Mam
 the Hilbert baseline, the presets, where the official code differs, and `python zigma.py`, a demonstration.
 
 Shapes:
-    B  batch             T  frames, max(frames, 1)      C  image (or latent) channels    P  patch size
+    B  batch             T  frames (1 for an image)     C  image (or latent) channels    P  patch size
     H, W  the token grid: an image is H*P x W*P pixels   D  model width    S  context (text) tokens
     L  tokens in one Mamba sequence: H*W in a spatial layer, T in a temporal one, T*H*W in a volume one
     K  paths the layers take turns over (1, 2 or 8, the paper's Zigzag-1, -2 and -8)
@@ -52,13 +52,14 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 
 # 1. Token orders --------------------------------------------------------------------------------------------
 # A scan is causal along its path, so a token sees only the tokens read before it. The layers therefore take
-# turns over K paths that differ in corner or direction. A 16 x 16 grid has 960 (token, neighbour) pairs. A
-# single zigzag reads 255 of them consecutively, neighbour first; two paths read 496, and eight read all 960
-# (`python zigma.py` counts them).
+# turns over K paths that differ in corner or direction. A 16 x 16 grid has 960 (token, neighbour) pairs. In
+# 255 of them one zigzag reads the neighbour just before the token, so that the token sees it at once; two
+# paths do so for 496 pairs, and eight for all 960 (`python zigma.py` counts them).
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# Path k starts at CORNERS[k // 2], by rows for even k; the order stays, as checkpoints store configs, not
-# paths. With K = 1 or 2 every layer starts at the top-left token, which so never sees another token.
+# Path k starts at CORNERS[k // 2], by rows for even k. At K = 1, 2 and 8 any order of the corners covers the
+# same pairs; this one stays, since checkpoints store configs, not paths. With K = 1 or 2 every layer starts
+# at the top-left, so the top-left token, read first by every layer, never sees another token.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
@@ -112,7 +113,7 @@ def family_paths(family: str, height: int, width: int) -> torch.Tensor:
 
 
 def volume_path(path: torch.Tensor, frames: int, snake: bool) -> torch.Tensor:
-    """A 2D path extended through a clip, frame after frame, (T*H*W,). Frame f holds tokens f*H*W onwards.
+    """A 2D path extended through a clip, frame after frame, (T*H*W,). Frame f's tokens are f*H*W on.
 
     With snake every other frame is read backwards, so each frame starts on the cell where the one before
     ended, one step away in time. So a continuous 2D path gives a continuous 3D one.
@@ -164,8 +165,8 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
     letter per layer (images use "s"), and j counts the layers of each kind from 0:
     - s, a spatial layer: the j-th reads 2D path j mod K;
     - t, a temporal layer: the j-th reads time forwards for even j, backwards for odd j;
-    - v, a volume layer: the j-th reads the 3D path of 2D path (j // 2) mod K, forwards for even j. Each 3D
-      path is read both ways by a pair of layers, as time is, since one way a frame sees only earlier ones.
+    - v, a volume layer: the j-th reads the 3D path of 2D path (j // 2) mod K, forwards for even j. So
+      layers 2i and 2i + 1 read one 3D path both ways, and every frame sees the frames before and after it.
     """
     frames, height, width = grid
     paths_2d = family_paths(family, height, width)[:num_paths]  # (K, H*W)
@@ -190,7 +191,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
 # 2. Selective scan ------------------------------------------------------------------------------------------
 # Mamba's selective state-space model (Mamba, Alg. 2, Eq. 2 and 4), in the layout of mamba-ssm's kernel:
 #     u, delta, z: (b, e, l)    A: (e, n)    B, C: (b, n, l)    D, delta_bias: (e,)
-#     delta = softplus(delta + delta_bias)                  (where delta_softplus)
+#     delta = softplus(delta + delta_bias)                  (if delta_softplus)
 #     h_i = exp(delta_i A) h_{i-1} + delta_i B_i u_i        (h: (b, e, n), zero before token 0)
 #     y_i = C_i . h_i + D u_i,  then gated: y_i * silu(z_i)
 # Mamba's Eq. 4 discretises h' = A h + B u by the zero-order hold, which holds u fixed over a step of length
@@ -253,7 +254,7 @@ class MambaMixer(nn.Module):
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
         super().__init__()
         inner = expand * dim  # e
-        self.dt_rank = math.ceil(dim / 16)  # r: Mamba's dt_rank="auto"
+        self.dt_rank = math.ceil(dim / 16)  # r: Mamba's dt_rank="auto" (mamba-ssm calls delta dt)
         self.d_state = d_state
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
         # Depthwise along the tokens; padded by d_conv - 1 on both sides, and causal once cut to the first l.
@@ -347,7 +348,7 @@ class ZigMaConfig:
     paths: str = "zigzag"  # the name of a family of 2D paths (PATH_FAMILIES): zigzag, or a baseline
     num_paths: int = 8  # K: the j-th spatial layer reads path j mod K (1, 2 or 8; the paper's best, Zigzag-8)
     frames: int = 0  # 0: images (C, H*P, W*P), read as one frame; T > 0: clips (T, C, H*P, W*P)
-    video_pattern: str = "sst"  # clips: a letter a layer, s spatial, t temporal, v volume; the official "sst"
+    video_pattern: str = "sst"  # clips: one letter per layer, s spatial, t temporal, v volume; official "sst"
     num_classes: int = 0  # 0 = unconditional; label num_classes is the null label, for guidance
     context_dim: int = 0  # 0 = no cross-attention; else the width of the context tokens
     d_state: int = 16  # n, the SSM's state size, as in Mamba
@@ -387,7 +388,7 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding; DiT and the official code start at N(0, 0.02).
+            # N(0, 1), as ADM's class embedding (see the appendix on the official code).
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
@@ -402,10 +403,10 @@ class ZigMa(nn.Module):
         self.grad_checkpointing = False  # True: recompute each block in the backward pass, for memory
 
     def conditions(self, batch: int, y=None, context=None, context_mask=None, drop=None):
-        """The label (B,), context (B, S, context_dim) and mask (B, S) that the blocks see, None where the
-        model takes none. For guidance, a missing label or context becomes the null one, and so does each row
-        where drop (B,) is True."""
-        if self.y_embedder is not None:  # the null label is class num_classes
+        """Returns the label (B,), context (B, S, context_dim) and mask (B, S) that the blocks see, or None
+        for what the model does not take. For guidance, a missing label or context becomes the null one, and
+        so does each row where drop (B,) is True."""
+        if self.y_embedder is not None:
             null_y = torch.full((batch,), self.config.num_classes, device=self.y_embedder.weight.device)
             y = null_y if y is None else y
             y = y if drop is None else torch.where(drop, null_y, y)
@@ -426,13 +427,12 @@ class ZigMa(nn.Module):
         conditions are dropped (see conditions). Returns the velocity, shaped like x."""
         config = self.config
         frames, height, width = config.grid
-        assert x.shape[1:] == config.input_shape, f"x is (B, *{config.input_shape}), not {tuple(x.shape)}"
+        assert x.shape[1:] == config.input_shape, f"x is {tuple(x.shape)}, not (B, {config.input_shape})"
         assert y is None or self.y_embedder is not None, "this model has no classes: leave y out"
         assert context is None or self.null_context is not None, "this model takes no context: leave it out"
         assert context is not None or context_mask is None, "a context_mask needs its context"
         batch = x.shape[0]
         y, context, context_mask = self.conditions(batch, y, context, context_mask, drop)
-
         pixels = x.reshape(-1, *x.shape[-3:])  # (B*T, C, H*P, W*P), T = 1 for images
         tokens = rearrange(self.patch_embed(pixels), "(b frames) d height width -> b (frames height width) d",
                            b=batch)  # (B, T*H*W, D)
@@ -464,9 +464,9 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
               time_sampling: str = "logit-normal") -> torch.Tensor:
     """The velocity loss (SiT's) for data x on the interpolant x_t = (1 - t) noise + t x, one t per example.
 
-    By default t = sigmoid(n), n ~ N(0, 1), which weights the middle times, where the velocity is hardest to
-    predict (SD3's logit-normal, arXiv 2403.03206); it sampled better in this project's measurements than
-    SiT's and the paper's uniform t. Each example's label and context become the null ones with probability
+    By default t = sigmoid(a), a ~ N(0, 1), which weights the middle times, where the velocity is hardest to
+    predict (SD3's logit-normal, arXiv 2403.03206); on a CPU it sampled better than SiT's and the paper's
+    uniform t (docs/quality.md). Each example's label and context become the null ones with probability
     drop_prob, for guidance. noise (like x) and t (B,) are drawn unless given.
     """
     assert time_sampling in TIME_SAMPLING, f"time_sampling is one of {TIME_SAMPLING}, not {time_sampling!r}"
@@ -594,11 +594,11 @@ def hilbert_paths(height: int, width: int) -> torch.Tensor:
     grid, as the model's are, all eight do.
     """
     curves = {"rows": gilbert(0, 0, width, 0, 0, height), "columns": gilbert(0, 0, 0, height, width, 0)}
-    exists = {"rows": width % 2 == 0 or height % 2 == 1, "columns": height % 2 == 0 or width % 2 == 1}
+    continuous = {"rows": width % 2 == 0 or height % 2 == 1, "columns": height % 2 == 0 or width % 2 == 1}
     paths = []
     for from_corner in corner_grids(height, width):
         for axis, other in (("rows", "columns"), ("columns", "rows")):
-            cells = curves[axis] if exists[axis] else curves[other][::-1]  # (column, row) pairs
+            cells = curves[axis] if continuous[axis] else curves[other][::-1]  # (column, row) pairs
             columns, rows = zip(*cells)
             paths.append(from_corner[list(rows), list(columns)])  # (H*W,)
     return torch.stack(paths)  # (8, H*W)
@@ -678,7 +678,9 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
 #   not the identity at the start. It also has drop-path, and its cross-attention has 8 heads of 64 at any
 #   width.
 # - ZigMa: the text's mean is also added to c. The label table starts at N(0, 0.02), as DiT's, where here it
-#   starts at N(0, 1). The positions start at zeros. out_proj is rescaled by 1/sqrt(depth).
+#   starts at N(0, 1), as ADM's: at 0.02 a label is small beside the timestep's embedding, whose norm grows
+#   to about 20 within a few hundred steps. The positions start at zeros. out_proj is rescaled by
+#   1/sqrt(depth).
 # - FinalLayer: not modulated by the condition.
 # - PRESETS: the official zigma_s_2 is 368 wide, where ZigMa-S is DiT-S's 384; B and L match.
 # - flow_loss: t is uniform (SiT's transport); here logit-normal by default.
