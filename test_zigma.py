@@ -450,6 +450,18 @@ def test_the_fused_kernel_gets_only_cuda_tensors_in_the_dtypes_it_takes(monkeypa
     assert called.pop() == "eager", "compiled on a CPU, the scan is left eager"
 
 
+def test_compiled_without_fast_scan_the_reference_stays_out_of_the_graph(monkeypatch):
+    # zigma.py on its own: compiling the reference's loop over the tokens would unroll it, a step a token.
+    monkeypatch.setattr(zigma, "fast_scan", None)
+    torch.manual_seed(0)
+    mixer, x = zigma.MambaMixer(16, d_state=4), torch.randn(2, 40, 16)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(mixer)(x)
+    assert any("disable" in str(reason.reason) for reason in explanation.break_reasons), explanation.break_reasons
+    compiled = torch.compile(mixer, backend="aot_eager")(x)
+    assert relative_error(compiled, mixer(x)) < 1e-5, "compiled, the mixer should compute what it computes eager"
+
+
 def test_a_run_that_compiles_nothing_does_not_import_dynamo():
     # torch._dynamo takes 1.5 s to import; train.py and sample.py on a CPU without --compile need none of it.
     finished = subprocess.run([sys.executable, "-c", "import sys, torch, zigma; from zigma import *; "

@@ -4,7 +4,7 @@ Paper: "ZigMa: A DiT-style Zigzag Mamba Diffusion Model", Hu et al., ECCV 2024 (
 It builds on Mamba (arXiv 2312.00752), DiT (arXiv 2212.09748), SiT (arXiv 2401.08740) and stochastic
 interpolants (Albergo and Vanden-Eijnden, arXiv 2209.15571).
 
-Mamba reads its input as a 1D sequence, so the order of the patch tokens matters. Before each layer's scan,
+Mamba reads its input as a 1D sequence, so the order of the patch tokens matters. Before each Mamba layer,
 ZigMa reorders the tokens along one of eight continuous zigzag paths over the token grid, and puts them back
 after. Neighbours in the sequence are then neighbours in the image. For video, spatial layers zigzag within
 each frame, temporal layers read each position through time, and volume layers read the clip as one path.
@@ -24,7 +24,7 @@ delta's projection. In those sections h is the SSM's state; elsewhere c is DiT's
 
 Words. A path is the order in which a layer reads the tokens of a sequence, given as a permutation. A layer's
 token order (TokenOrder) says which tokens form its sequences (a frame, a position through time, or the whole
-clip) and holds its path. ZigMaConfig.paths names a family of paths. "Scan" means the SSM's recurrence only.
+clip) and holds its path. ZigMaConfig.paths names a family of paths. "Scan" means the selective scan only.
 
 Time. x_t = (1 - t) noise + t data, t in [0, 1], so t = 0 is noise and t = 1 is data (as in SiT's code; its
 paper puts data at 0). The network predicts the velocity v = dx_t/dt = data - noise. Sampling integrates
@@ -52,13 +52,13 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 
 # 1. Token orders --------------------------------------------------------------------------------------------
 # A scan is causal along its path, so a token sees only the tokens read before it. The layers therefore take
-# turns over K paths that differ in corner or direction. A 16 x 16 grid has 960 (token, neighbour) pairs. In
-# 255 of them one zigzag reads the neighbour just before the token, so that the token sees it at once; two
-# paths do so for 496 pairs, and eight for all 960 (`python zigma.py` counts them).
+# turns over K paths that differ in corner or direction. A 16 x 16 grid has 960 (token, neighbour) pairs. Path
+# 0 alone reads the neighbour just before the token, at distance one, for 255 of them; paths 0 and 1 together
+# for 496, and all eight for the 960 (`python zigma.py` counts them).
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# Path k starts at CORNERS[k // 2], by rows for even k. At K = 1, 2 and 8 any order of the corners covers the
-# same pairs; this one stays, since checkpoints store configs, not paths. With K = 1 or 2 every layer starts
+# Path k starts at CORNERS[k // 2], by rows for even k. At K = 1, 2 and 8 the official order picks the same
+# paths; changing this one would change the paths of trained models. With K = 1 or 2 every layer starts
 # at the top-left, so the top-left token, read first by every layer, never sees another token.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
@@ -113,7 +113,7 @@ def family_paths(family: str, height: int, width: int) -> torch.Tensor:
 
 
 def volume_path(path: torch.Tensor, frames: int, snake: bool) -> torch.Tensor:
-    """A 2D path extended through a clip, frame after frame, (T*H*W,). Frame f's tokens are f*H*W on.
+    """A 2D path extended through a clip, frame after frame, (T*H*W,): frame f holds tokens f*H*W onwards.
 
     With snake every other frame is read backwards, so each frame starts on the cell where the one before
     ended, one step away in time. So a continuous 2D path gives a continuous 3D one.
@@ -166,7 +166,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
     - s, a spatial layer: the j-th reads 2D path j mod K;
     - t, a temporal layer: the j-th reads time forwards for even j, backwards for odd j;
     - v, a volume layer: the j-th reads the 3D path of 2D path (j // 2) mod K, forwards for even j. So
-      layers 2i and 2i + 1 read one 3D path both ways, and every frame sees the frames before and after it.
+      volume layers 2i and 2i + 1 read one 3D path both ways, and each frame sees those before and after it.
     """
     frames, height, width = grid
     paths_2d = family_paths(family, height, width)[:num_paths]  # (K, H*W)
@@ -180,11 +180,11 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
         if kind == "s":
             orders.append(TokenOrder(grid, "space", paths_2d[j % num_paths]))
         elif kind == "t":
-            forwards = torch.arange(frames, device="cpu")  # on the CPU, as in corner_grids
-            orders.append(TokenOrder(grid, "time", forwards.flip(0) if j % 2 else forwards))
+            path = torch.arange(frames, device="cpu")  # on the CPU, as in corner_grids
+            orders.append(TokenOrder(grid, "time", path.flip(0) if j % 2 else path))
         else:
-            forwards = volume_path(paths_2d[(j // 2) % num_paths], frames, snake)
-            orders.append(TokenOrder(grid, "volume", forwards.flip(0) if j % 2 else forwards))
+            path = volume_path(paths_2d[(j // 2) % num_paths], frames, snake)
+            orders.append(TokenOrder(grid, "volume", path.flip(0) if j % 2 else path))
     return orders
 
 
@@ -225,20 +225,19 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
     """The scan as the layers run it, by the fastest exact implementation at hand: mamba-ssm's CUDA kernel
-    where it is installed, else fast_scan.py's scan, else (zigma.py on its own) the reference.
-
-    Under autocast, u, delta, B, C and z may be bf16. The kernel needs A, D and delta_bias in float32 (float64
-    in a float64 model), so they are cast here."""
+    where it is installed, else fast_scan.py's scan, else the reference. Under autocast u, delta, B, C and z
+    may be bf16, and the kernel needs A, D and delta_bias in float32; a float64 model keeps float64."""
     precision = torch.promote_types(A.dtype, torch.float32)
     A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
     kernel_ok = u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)  # not float64
     if fused_selective_scan is not None and kernel_ok:
         scan = fused_selective_scan
-    elif fast_scan is None:  # zigma.py on its own; slow, and compiling would unroll its loop
+    elif fast_scan is None:  # zigma.py on its own
         scan = selective_scan_reference
+        if torch.compiler.is_compiling():  # compiling would unroll its loop over the tokens
+            scan = torch.compiler.disable(scan)
     elif u.device.type == "cpu" and torch.compiler.is_compiling():
-        # On a CPU the fast scan is a loop over the tokens, which compiling would unroll into a huge graph.
-        scan = fast_scan.selective_scan_eager  # the same scan, left out of the graph
+        scan = fast_scan.selective_scan_eager  # on a CPU fast_scan loops over the tokens too: left uncompiled
     else:
         scan = fast_scan.selective_scan
     return scan(u, delta, A, B, C, D, z, delta_bias=delta_bias, delta_softplus=delta_softplus)  # (b, e, l)
@@ -277,8 +276,7 @@ class MambaMixer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, l, d)
         length = x.shape[1]
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each
-        x = self.conv1d(x.transpose(1, 2))[..., :length]  # (b, e, l): the first l outputs, causal
-        u = F.silu(x)  # (b, e, l), the scan's input
+        u = F.silu(self.conv1d(x.transpose(1, 2))[..., :length])  # (b, e, l), causal: the first l outputs
         # delta (b, l, r), B and C (b, l, n)
         delta, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
         delta = delta @ self.dt_proj.weight.t()  # (b, l, e); as in mamba-ssm, the scan adds the bias
@@ -388,7 +386,7 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding (see the appendix on the official code).
+            # N(0, 1), as ADM's class embedding: at DiT's 0.02 a label is small beside the timestep's.
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
