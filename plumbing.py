@@ -19,6 +19,7 @@ import math
 import os
 import re
 import signal
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -220,6 +221,16 @@ def start_processes(device_name: str | None, batch_size: int | None = None) -> t
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device
+
+
+def end_processes() -> None:
+    """Leave the process group, if there is one. Unless an error is on its way out, first wait for every process
+    to get here: a process that tears the group down while another still uses it can abort at exit (gloo)."""
+    if not dist.is_initialized():
+        return
+    if sys.exc_info()[0] is None:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from data import (ArgumentParser, Terminal, UserError, load_checkpoint, load_pretrained_text_encoder,
                   networks_from_checkpoint, save_samples)
 from plumbing import (FID, GRID_LIMIT, PRECISIONS, Conditions, CountedCalls, autocast_dtype, check_sampling_arguments,
-                      gather, output_path, precision_name, sample_adaptive, sample_noise, start_processes, to_bytes,
+                      end_processes, gather, output_path, precision_name, sample_adaptive, sample_noise, start_processes, to_bytes,
                       vae_for, write_npz)
 from zigma import sample
 
@@ -146,5 +145,4 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         sys.exit("sample.py: interrupted; the files written so far are kept")
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_processes()

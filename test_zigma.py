@@ -1621,6 +1621,7 @@ share = slice(dist.get_rank() * 2, dist.get_rank() * 2 + 2)  # each of the 2 pro
 model = one_training_step(DistributedDataParallel, share)
 if dist.get_rank() == 0:
     torch.save(model.state_dict(), sys.argv[2])
+dist.barrier()  # as plumbing.end_processes: no process leaves while another still uses the group
 dist.destroy_process_group()
 """
 

@@ -37,7 +37,7 @@ from data import (VAE, ArgumentParser, CaptionEncoder, CPUThreads, Latents, Term
                   load_checkpoint, load_pretrained_text_encoder, plural, save_atomically, save_samples)
 from plumbing import (PRECISIONS, Batches, RunLog, StopRequest, autocast_dtype, build_dataset, check_resumed_options,
                       check_training_arguments, check_weights_are_sane, keep_numbered, only_writer, precision_name,
-                      derived_seed, preview_conditions, resume, saved_arguments, start_processes)
+                      derived_seed, end_processes, preview_conditions, resume, saved_arguments, start_processes)
 from zigma import PATH_FAMILIES, PRESETS, TIME_SAMPLING, flow_loss, fused_selective_scan, preset_config, sample
 
 if QUIET_START:
@@ -129,8 +129,7 @@ def main(argv=None):
             sys.exit(1)  # the first process says what happened
         raise
     finally:
-        if world > 1:
-            dist.destroy_process_group()
+        end_processes()
 
 
 def train(args, rank: int, world: int, device: torch.device):
