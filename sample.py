@@ -28,8 +28,8 @@ from tqdm import tqdm
 from data import (ArgumentParser, Terminal, UserError, load_checkpoint, load_pretrained_text_encoder,
                   networks_from_checkpoint, save_samples)
 from plumbing import (FID, GRID_LIMIT, PRECISIONS, Conditions, CountedCalls, autocast_dtype, check_sampling_arguments,
-                      end_processes, gather, output_path, precision_name, sample_adaptive, sample_noise, start_processes, to_bytes,
-                      vae_for, write_npz)
+                      end_processes, gather, output_path, precision_name, sample_adaptive, sample_noise, start_processes,
+                      to_bytes, vae_for, write_npz)
 from zigma import sample
 
 if QUIET_START:

@@ -1615,14 +1615,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, sys.argv[1])
+from plumbing import end_processes
 from test_zigma import one_training_step
 dist.init_process_group("gloo")
 share = slice(dist.get_rank() * 2, dist.get_rank() * 2 + 2)  # each of the 2 processes takes half the batch of 4
 model = one_training_step(DistributedDataParallel, share)
 if dist.get_rank() == 0:
     torch.save(model.state_dict(), sys.argv[2])
-dist.barrier()  # as plumbing.end_processes: no process leaves while another still uses the group
-dist.destroy_process_group()
+end_processes()  # as train.py and sample.py leave the group
 """
 
 
