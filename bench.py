@@ -67,7 +67,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -461,16 +460,14 @@ def graph_breaks(plan: str) -> tuple[int, list[str]]:
     torch.manual_seed(0)
     model = ZigMa(zigma.ZigMaConfig(input_size=16, in_channels=4, patch_size=2, dim=64, depth=1, context_dim=32))
     x, c, context = torch.randn(2, 64, 64), torch.randn(2, 64), torch.randn(2, 5, 32)
-    planner, scans = fast_scan.scan_plan, zigma.fast_scan
-    if plan == "cuda":  # the scan a CUDA tensor gets without mamba-ssm (not the CPU's eager one), under the GPU plan
+    planner = fast_scan.scan_plan
+    if plan == "cuda":  # the scan a CUDA tensor gets without mamba-ssm: fast_scan under the GPU plan
         fast_scan.scan_plan = lambda length, per_token, _: planner(length, per_token, "cuda")
-        zigma.fast_scan = types.SimpleNamespace(selective_scan=fast_scan.selective_scan,
-                                                selective_scan_eager=fast_scan.selective_scan)
     try:
         torch._dynamo.reset()
         explanation = torch._dynamo.explain(model.blocks[0])(x, c, context)
     finally:
-        fast_scan.scan_plan, zigma.fast_scan = planner, scans
+        fast_scan.scan_plan = planner
     return explanation.graph_count, [str(reason.reason).splitlines()[0] for reason in explanation.break_reasons]
 
 

@@ -216,23 +216,17 @@ class _SelectiveScan(torch.autograd.Function):
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """The selective scan in pure torch, in few operations and little memory; mamba-ssm's selective_scan_fn's arguments.
 
-    Computes in float32 (float64 for float64 inputs) with autocast off, and returns u's dtype.
+    Computes in float32 (float64 for float64 inputs) with autocast off, and returns u's dtype. Under torch.compile a
+    plan of one chunk a block (the CPU's) is left out of the graph: it steps through the tokens one at a time, which
+    compiling would unroll, a step a token. The other plans trace whole, and unroll into about 3 * (chunks +
+    chunk_len) steps, which the compiler fuses into a few kernels.
     """
+    block, chunk_len = scan_plan(u.shape[2], u.shape[0] * u.shape[1] * A.shape[1], u.device.type)
+    if torch.compiler.is_compiling() and block == chunk_len:
+        return torch.compiler.disable(selective_scan)(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     compute = torch.promote_types(u.dtype, torch.float32)
     with torch.autocast(u.device.type, enabled=False):
         # The small inputs are cast here; u, delta and z block by block inside, so that no cast copy of them is kept.
         A, B, C, D, delta_bias = (None if x is None else x.to(compute) for x in (A, B, C, D, delta_bias))
         y = _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)  # (b, e, l)
     return y.to(u.dtype)
-
-
-# torch.compile traces selective_scan whole, with no graph break, and unrolls its Python loops. Under the GPU plan
-# that is about 3 * (chunks + chunk_len) steps, which it fuses into a few kernels. Under the CPU plan it would be a
-# step a token: there a compiled model runs selective_scan_eager, which torch.compile leaves out of its graph. It is
-# made on first use (a module __getattr__), since torch.compiler.disable imports torch._dynamo, 1.5 s that a run
-# which compiles nothing need not pay.
-def __getattr__(name: str):
-    if name != "selective_scan_eager":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = torch.compiler.disable(selective_scan)
-    return globals()[name]

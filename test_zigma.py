@@ -392,7 +392,7 @@ def test_mixer_hands_mamba_ssms_kernel_what_it_accepts_under_autocast(monkeypatc
     # As train.py and sample.py run on CUDA: the whole model under autocast, with classes, captions and guidance.
     kernel = KernelStandIn()  # in fast_scan's place, so that the layers call it on any device
     monkeypatch.setattr(zigma, "fused_selective_scan", None)
-    monkeypatch.setattr(zigma, "fast_scan", types.SimpleNamespace(selective_scan=kernel, selective_scan_eager=kernel))
+    monkeypatch.setattr(zigma, "fast_scan", types.SimpleNamespace(selective_scan=kernel))
     torch.manual_seed(0)
     model = randomize(ZigMa(tiny_config(num_classes=2, context_dim=8)), scale=0.1).to(device)  # 0.3 overflows float16
     x, y = torch.randn(2, 3, 8, 8, device=device), torch.tensor([0, 1], device=device)
@@ -433,8 +433,7 @@ def test_the_fused_kernel_gets_only_cuda_tensors_in_the_dtypes_it_takes(monkeypa
     called = []
     recorder = lambda name: lambda *args, **kwargs: called.append(name)  # noqa: E731
     monkeypatch.setattr(zigma, "fused_selective_scan", recorder("fused"))  # mamba-ssm "installed"
-    monkeypatch.setattr(zigma, "fast_scan", types.SimpleNamespace(selective_scan=recorder("fast"),
-                                                                  selective_scan_eager=recorder("eager")))
+    monkeypatch.setattr(zigma, "fast_scan", types.SimpleNamespace(selective_scan=recorder("fast")))
     for device_type, dtype, expected in [("cuda", torch.float32, "fused"), ("cuda", torch.bfloat16, "fused"),
                                          ("cuda", torch.float16, "fused"), ("cuda", torch.float64, "fast"),
                                          ("mps", torch.float32, "fast"), ("cpu", torch.float32, "fast")]:
@@ -444,15 +443,14 @@ def test_the_fused_kernel_gets_only_cuda_tensors_in_the_dtypes_it_takes(monkeypa
             patched.setattr(torch.Tensor, "device", property(lambda self: torch.device(device_type)))
             zigma.selective_scan(u, u, A, u, u, D, u, D)
         assert called.pop() == expected, f"a {device_type} {dtype} input should run the {expected} scan"
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    u, A, D = torch.empty(1, 2, 3), torch.empty(2, 4), torch.empty(2)
-    zigma.selective_scan(u, u, A, u, u, D, u, D)
-    assert called.pop() == "eager", "compiled on a CPU, the scan is left eager"
 
 
-def test_compiled_without_fast_scan_the_reference_stays_out_of_the_graph(monkeypatch):
-    # zigma.py on its own: compiling the reference's loop over the tokens would unroll it, a step a token.
-    monkeypatch.setattr(zigma, "fast_scan", None)
+@pytest.mark.parametrize("scan", ["fast_scan", "reference"])
+def test_compiled_on_a_cpu_the_scans_loop_over_the_tokens_stays_out_of_the_graph(monkeypatch, scan):
+    # Compiling a loop over the tokens would unroll it, a step a token: the reference's loop (zigma.py on its own),
+    # and fast_scan's under the CPU plan.
+    if scan == "reference":
+        monkeypatch.setattr(zigma, "fast_scan", None)
     torch.manual_seed(0)
     mixer, x = zigma.MambaMixer(16, d_state=4), torch.randn(2, 40, 16)
     torch._dynamo.reset()

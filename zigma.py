@@ -18,13 +18,12 @@ Shapes:
     H, W  the token grid: an image is H*P x W*P pixels   D  model width    S  context (text) tokens
     L  tokens in one Mamba sequence: H*W in a spatial layer, T in a temporal one, T*H*W in a volume one
     K  paths the layers take turns over (1, 2 or 8, the paper's Zigzag-1, -2 and -8)
-In the Mamba sections A, B, C and D are the SSM's parameters, so the shapes there are lowercase. b is the
-batch, l the tokens, d the model width, e = expand * d the inner width, n the state size and r the rank of
-delta's projection. In those sections h is the SSM's state; elsewhere c is DiT's condition vector.
+In the Mamba sections A, B, C and D are the SSM's parameters, so the shapes there are lowercase: b is the
+sequences (B*T, B*H*W or B), l their tokens, d the model width, e = expand * d the inner width, n the state
+size and r the rank of delta's projection. There h is the SSM's state, and C its output matrix.
 
-Words. A path is the order in which a layer reads the tokens of a sequence, given as a permutation. A layer's
-token order (TokenOrder) says which tokens form its sequences (a frame, a position through time, or the whole
-clip) and holds its path. ZigMaConfig.paths names a family of paths. "Scan" means the selective scan only.
+Terms. A path is the order in which a layer reads a sequence's tokens, as a permutation. ZigMaConfig.paths
+names a family of paths. "Scan" means the selective scan only.
 
 Time. x_t = (1 - t) noise + t data, t in [0, 1], so t = 0 is noise and t = 1 is data (as in SiT's code; its
 paper puts data at 0). The network predicts the velocity v = dx_t/dt = data - noise. Sampling integrates
@@ -52,20 +51,19 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 
 # 1. Token orders --------------------------------------------------------------------------------------------
 # A scan is causal along its path, so a token sees only the tokens read before it. The layers therefore take
-# turns over K paths that differ in corner or direction. A 16 x 16 grid has 960 (token, neighbour) pairs. Path
-# 0 alone reads the neighbour just before the token, at distance one, for 255 of them; paths 0 and 1 together
-# for 496, and all eight for the 960 (`python zigma.py` counts them).
+# turns over K paths that differ in corner or direction. A 16 x 16 grid has 960 (token, neighbour) pairs (480
+# adjacent pairs, each way). Path 0 reads the neighbour immediately before the token for 255 of them, paths 0
+# and 1 for 496, and all eight paths for all 960 (`python zigma.py` counts them).
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# Path k starts at CORNERS[k // 2], by rows for even k. At K = 1, 2 and 8 the official order picks the same
-# paths; changing this one would change the paths of trained models. With K = 1 or 2 every layer starts
-# at the top-left, so the top-left token, read first by every layer, never sees another token.
+# Path k starts at CORNERS[k // 2], by rows for even k. Trained models depend on this order, so it stays.
+# With K = 1 or 2 every layer starts at the top-left: in an image model that token never sees another.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
 def corner_grids(height: int, width: int) -> list[torch.Tensor]:
     """The grid's row-major token indices, (H, W), flipped so that each corner in turn is at [0, 0]."""
-    # On the CPU even under `with torch.device("meta")`, since TokenOrder calls .tolist() on the paths.
+    # On the CPU whatever the default device, since TokenOrder checks the paths with .tolist().
     indices = torch.arange(height * width, device="cpu").view(height, width)  # (H, W)
     grids = []
     for flip_rows, flip_cols in CORNERS:
@@ -113,10 +111,10 @@ def family_paths(family: str, height: int, width: int) -> torch.Tensor:
 
 
 def volume_path(path: torch.Tensor, frames: int, snake: bool) -> torch.Tensor:
-    """A 2D path extended through a clip, frame after frame, (T*H*W,): frame f holds tokens f*H*W onwards.
+    """A 2D path extended through a clip, frame after frame, (T*H*W,): frame f's part is f*H*W + path.
 
-    With snake every other frame is read backwards, so each frame starts on the cell where the one before
-    ended, one step away in time. So a continuous 2D path gives a continuous 3D one.
+    With snake every other frame is read backwards: each frame starts on the cell where the one before ended,
+    one step away in time, and a continuous 2D path gives a continuous 3D one.
     """
     frame_size = path.numel()
     parts = [f * frame_size + (path.flip(0) if snake and f % 2 else path) for f in range(frames)]
@@ -189,7 +187,8 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
 
 
 # 2. Selective scan ------------------------------------------------------------------------------------------
-# Mamba's selective state-space model (Mamba, Alg. 2, Eq. 2 and 4), in the layout of mamba-ssm's kernel:
+# Mamba's selective state-space model (Mamba, Alg. 2, Eq. 2 and 4), in the layout of mamba-ssm's kernel, which
+# calls delta dt (hence dt_proj, dt_rank and dt_min below):
 #     u, delta, z: (b, e, l)    A: (e, n)    B, C: (b, n, l)    D, delta_bias: (e,)
 #     delta = softplus(delta + delta_bias)                  (if delta_softplus)
 #     h_i = exp(delta_i A) h_{i-1} + delta_i B_i u_i        (h: (b, e, n), zero before token 0)
@@ -232,14 +231,12 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
     kernel_ok = u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)  # not float64
     if fused_selective_scan is not None and kernel_ok:
         scan = fused_selective_scan
-    elif fast_scan is None:  # zigma.py on its own
-        scan = selective_scan_reference
-        if torch.compiler.is_compiling():  # compiling would unroll its loop over the tokens
-            scan = torch.compiler.disable(scan)
-    elif u.device.type == "cpu" and torch.compiler.is_compiling():
-        scan = fast_scan.selective_scan_eager  # on a CPU fast_scan loops over the tokens too: left uncompiled
-    else:
+    elif fast_scan is not None:
         scan = fast_scan.selective_scan
+    else:  # zigma.py on its own
+        scan = selective_scan_reference
+        if torch.compiler.is_compiling():  # compiling would unroll the loop over the tokens: run it eager
+            scan = torch.compiler.disable(scan)
     return scan(u, delta, A, B, C, D, z, delta_bias=delta_bias, delta_softplus=delta_softplus)  # (b, e, l)
 
 
@@ -253,7 +250,7 @@ class MambaMixer(nn.Module):
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
         super().__init__()
         inner = expand * dim  # e
-        self.dt_rank = math.ceil(dim / 16)  # r: Mamba's dt_rank="auto" (mamba-ssm calls delta dt)
+        self.dt_rank = math.ceil(dim / 16)  # r: Mamba's dt_rank="auto"
         self.d_state = d_state
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
         # Depthwise along the tokens; padded by d_conv - 1 on both sides, and causal once cut to the first l.
@@ -264,10 +261,10 @@ class MambaMixer(nn.Module):
         # Mamba's initialisation: dt_proj's weight uniform in +-r^-1/2 (its dt_init="random"), and delta
         # log-uniform in [dt_min, dt_max] through softplus(bias) ...
         nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        dt = torch.exp(torch.rand(inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_init_floor)
+        delta = torch.exp(torch.rand(inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        delta = delta.clamp(min=dt_init_floor)  # (e,)
         with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # the inverse of softplus
+            self.dt_proj.bias.copy_(delta + torch.log(-torch.expm1(-delta)))  # the inverse of softplus
         # ... and A = -[1, 2, ..., n] in every channel (S4D-Real), kept as A_log so that A = -exp(A_log) < 0.
         A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(inner, 1)  # (e, n)
         self.A_log = nn.Parameter(torch.log(A))
@@ -297,8 +294,10 @@ class ZigMaBlock(nn.Module):
     adaLN-Zero conditioning and an optional cross-attention to text.
 
     x + gate * mixer(modulate(LayerNorm(x))) is DiT's pre-LayerNorm residual, with the mixer in attention's
-    place. The gates start at zero, so the block is the identity until it trains. There is no MLP, as in
-    Mamba: the mixer's in_proj and out_proj (expand 2) play its part.
+    place, and the mixer reads the tokens in path order:
+        (B, T*H*W, D) -> to_sequences -> (sequences, L, D) -> mixer -> from_sequences -> (B, T*H*W, D)
+    The gates start at zero, so the block is the identity until it trains. There is no MLP, as in Mamba: the
+    mixer's in_proj and out_proj (expand 2) play its part.
     """
 
     def __init__(self, dim: int, order: TokenOrder, d_state: int = 16, expand: int = 2, context_dim: int = 0):
@@ -321,7 +320,7 @@ class ZigMaBlock(nn.Module):
         cross-attention, context (B, S, context_dim) and context_mask (B, S), True for real tokens."""
         modulation = self.adaLN_modulation(c).chunk(3 * self.branches, dim=1)  # (B, D) each
         shift, scale, gate = modulation[:3]
-        # ZigMa's step: the mixer reads the tokens in the layer's path order, and they go back after.
+        # ZigMa's idea: the mixer reads the tokens in the layer's path order.
         sequences = self.order.to_sequences(modulate(self.norm1(x), shift, scale))  # (sequences, L, D)
         mixed = self.order.from_sequences(self.mixer(sequences), batch=x.shape[0])  # (B, T*H*W, D)
         x = x + gate[:, None] * mixed
@@ -345,7 +344,7 @@ class ZigMaConfig:
     depth: int = 24
     paths: str = "zigzag"  # the name of a family of 2D paths (PATH_FAMILIES): zigzag, or a baseline
     num_paths: int = 8  # K: the j-th spatial layer reads path j mod K (1, 2 or 8; the paper's best, Zigzag-8)
-    frames: int = 0  # 0: images (C, H*P, W*P), read as one frame; T > 0: clips (T, C, H*P, W*P)
+    frames: int = 0  # 0: images (C, H*P, W*P), read as one frame; T > 0: clips (T, C, H*P, W*P), T = 1 too
     video_pattern: str = "sst"  # clips: one letter per layer, s spatial, t temporal, v volume; official "sst"
     num_classes: int = 0  # 0 = unconditional; label num_classes is the null label, for guidance
     context_dim: int = 0  # 0 = no cross-attention; else the width of the context tokens
@@ -386,7 +385,8 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding: at DiT's 0.02 a label is small beside the timestep's.
+            # N(0, 1), as ADM's class embedding: at DiT's 0.02 a label is small beside the timestep's, whose
+            # norm grows to about 20 within a few hundred training steps.
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
@@ -401,9 +401,10 @@ class ZigMa(nn.Module):
         self.grad_checkpointing = False  # True: recompute each block in the backward pass, for memory
 
     def conditions(self, batch: int, y=None, context=None, context_mask=None, drop=None):
-        """Returns the label (B,), context (B, S, context_dim) and mask (B, S) that the blocks see, or None
-        for what the model does not take. For guidance, a missing label or context becomes the null one, and
-        so does each row where drop (B,) is True."""
+        """The label (B,), context (B, S, context_dim) and context mask (B, S) that forward uses, or None for
+        what the model does not take. One rule: a condition that is missing, or dropped, is the null one (the
+        label num_classes, or the learned null token). drop (B,) is True in the rows to drop: at random in
+        training, and in guidance's null half."""
         if self.y_embedder is not None:
             null_y = torch.full((batch,), self.config.num_classes, device=self.y_embedder.weight.device)
             y = null_y if y is None else y
@@ -411,11 +412,10 @@ class ZigMa(nn.Module):
         if self.null_context is not None and context is None:
             context = self.null_context.expand(batch, 1, -1)  # (B, 1, context_dim)
         elif self.null_context is not None and drop is not None:
-            # A dropped row becomes S copies of the null token, all marked real. Attention then returns the
-            # null token's value, as it does for the one-token null context.
+            # A dropped row becomes S copies of the null token, all marked real in the mask. Attending to them
+            # gives the null token's value, as the one-token null context does.
             context = torch.where(drop[:, None, None], self.null_context, context)  # (B, S, context_dim)
-            if context_mask is not None:
-                context_mask = context_mask | drop[:, None]
+            context_mask = None if context_mask is None else context_mask | drop[:, None]  # (B, S)
         return y, context, context_mask
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y=None, context=None, context_mask=None,
@@ -447,7 +447,7 @@ class ZigMa(nn.Module):
         out = rearrange(out, "b (frames height width) (p1 p2 ch) -> b frames ch (height p1) (width p2)",
                         frames=frames, height=height, width=width, p1=config.patch_size,
                         p2=config.patch_size)  # (B, T, C, H*P, W*P)
-        return out if config.frames else out[:, 0]
+        return out.reshape(x.shape)  # an image drops its frame axis, T = 1
 
 
 # 6. Flow matching: the loss and the sampler -----------------------------------------------------------------
@@ -463,9 +463,9 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
     """The velocity loss (SiT's) for data x on the interpolant x_t = (1 - t) noise + t x, one t per example.
 
     By default t = sigmoid(a), a ~ N(0, 1), which weights the middle times, where the velocity is hardest to
-    predict (SD3's logit-normal, arXiv 2403.03206); on a CPU it sampled better than SiT's and the paper's
-    uniform t (docs/quality.md). Each example's label and context become the null ones with probability
-    drop_prob, for guidance. noise (like x) and t (B,) are drawn unless given.
+    predict (SD3's logit-normal, arXiv 2403.03206). In the small runs of docs/quality.md it sampled better
+    than the uniform t of SiT and the paper. Each example's label and context become the null ones with
+    probability drop_prob, for guidance. noise (like x) and t (B,) are drawn unless given.
     """
     assert time_sampling in TIME_SAMPLING, f"time_sampling is one of {TIME_SAMPLING}, not {time_sampling!r}"
     batch = x.shape[0]
@@ -489,9 +489,10 @@ def guided_velocity(model: ZigMa, x_t, t, y=None, context=None, context_mask=Non
         return model(x_t, t)
     if cfg_scale == 1:  # no guidance, v = v_cond, one pass
         return model(x_t, t, y, context, context_mask)
-    twice = [None if a is None else torch.cat([a, a]) for a in (x_t, t, y, context, context_mask)]  # 2B rows
     null_half = torch.tensor([False] * len(x_t) + [True] * len(x_t), device=x_t.device)  # (2B,)
-    v_cond, v_null = model(*twice, drop=null_half).chunk(2)  # the second half drops its condition
+    x_t, t, y, context, context_mask = (None if a is None else torch.cat([a, a])  # 2B rows each
+                                        for a in (x_t, t, y, context, context_mask))
+    v_cond, v_null = model(x_t, t, y, context, context_mask, drop=null_half).chunk(2)  # the second half: null
     return v_null + cfg_scale * (v_cond - v_null)
 
 
@@ -507,14 +508,14 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
     x_t = noise
     times = torch.linspace(0, 1, steps + 1, device=noise.device)
     for t, t_next in zip(times[:-1], times[1:]):
-        dt = t_next - t
+        step_size = t_next - t
         v = guided_velocity(model, x_t, t.expand(x_t.shape[0]), y, context, context_mask, cfg_scale)
         if method == "heun":
-            x_next = x_t + dt * v  # Euler's end of the step
+            x_next = x_t + step_size * v  # Euler's end of the step
             v_next = guided_velocity(model, x_next, t_next.expand(x_t.shape[0]), y, context, context_mask,
                                      cfg_scale)
             v = (v + v_next) / 2
-        x_t = x_t + dt * v
+        x_t = x_t + step_size * v
     return x_t
 
 
@@ -580,7 +581,7 @@ class CrossAttention(nn.Module):
 
 # Appendix: the Hilbert baseline of the paper ----------------------------------------------------------------
 # The paper compares zigzag paths with raster sweeps and Hilbert curves. These are J. Cerveny's generalized
-# Hilbert ("gilbert") curves, continuous on every grid, square or not.
+# Hilbert ("gilbert") curves: for any rectangle, and continuous on the square grids the model builds.
 
 def hilbert_paths(height: int, width: int) -> torch.Tensor:
     """Eight generalized Hilbert curves over the grid, (8, H*W), in grid_paths' orientations: from each
@@ -628,9 +629,14 @@ def gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> list[tuple[in
             half_ax, half_ay = half_ax + ux, half_ay + uy
         return (gilbert(x, y, half_ax, half_ay, bx, by)
                 + gilbert(x + half_ax, y + half_ay, ax - half_ax, ay - half_ay, bx, by))
-    # Else three parts in a U, as in Hilbert's curve: out along the first half of the minor side, across the
-    # whole major side beyond it, and back along the minor side to the far end of the major side. The third
-    # part starts at the last cell of the major side, half the minor side in, and runs both sides backwards.
+    # Else three parts in a U, as in Hilbert's curve. With the major side along the top, left to right, and
+    # the minor side down the left, the parts cover:
+    #     1 1 3 3     1: the top-left block, from (x, y), down the minor side's first half
+    #     1 1 3 3     2: the bottom half, across the whole major side
+    #     2 2 2 2     3: the top-right block, back up, to the major side's far end
+    #     2 2 2 2
+    # The third part starts at the last cell of the major side, half the minor side in, and runs both sides
+    # backwards.
     if abs(half_bx + half_by) % 2 and minor_length > 2:
         half_bx, half_by = half_bx + vx, half_by + vy
     return (gilbert(x, y, half_bx, half_by, half_ax, half_ay)
@@ -641,7 +647,7 @@ def gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> list[tuple[in
 
 # Appendix: the presets --------------------------------------------------------------------------------------
 # DiT's widths, at twice DiT's depth. A ZigMa layer (Mamba mixer and adaLN, about 9.25 D^2 parameters) is
-# half a DiT block (attention, MLP and adaLN, 18 D^2), so the sizes match DiT's.
+# about half a DiT block (attention, MLP and adaLN, 18 D^2), so the sizes match DiT's.
 PRESET_SHAPES = {
     "Tiny": dict(dim=128, depth=8),  # small enough to train on a CPU
     "S": dict(dim=384, depth=24),
@@ -665,7 +671,8 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
 # the name here that it concerns:
 # - grid_paths: the official utils/utils_zigzag.py builds the paths for square grids only. mamba_simple.py's
 #   Mamba.forward permutes the tokens with them, in its zigzagN branch. Its corners come top-left, top-right,
-#   bottom-left, bottom-right; at K = 1, 2 and 8 either order meets the same neighbour pairs.
+#   bottom-left, bottom-right; at K = 1, 2 and 8 both orders pick the same set of paths (at K = 8 in
+#   another order).
 # - hilbert_paths: the official utils/utils_gilbert.py's paths jump between cells that are not neighbours.
 # - layer_orders: the official code has spatial and temporal layers only (its config 3d_zigzag8sst); volume
 #   layers are this file's.
@@ -675,10 +682,8 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
 #   r (Mamba's fused add and norm). Each official layer adds its normalised input back to the stream, so it is
 #   not the identity at the start. It also has drop-path, and its cross-attention has 8 heads of 64 at any
 #   width.
-# - ZigMa: the text's mean is also added to c. The label table starts at N(0, 0.02), as DiT's, where here it
-#   starts at N(0, 1), as ADM's: at 0.02 a label is small beside the timestep's embedding, whose norm grows
-#   to about 20 within a few hundred steps. The positions start at zeros. out_proj is rescaled by
-#   1/sqrt(depth).
+# - ZigMa: the text's mean is also added to c. The label table starts at N(0, 0.02), as DiT's (here N(0, 1),
+#   for the reason given there). The positions start at zeros. out_proj is rescaled by 1/sqrt(depth).
 # - FinalLayer: not modulated by the condition.
 # - PRESETS: the official zigma_s_2 is 368 wide, where ZigMa-S is DiT-S's 384; B and L match.
 # - flow_loss: t is uniform (SiT's transport); here logit-normal by default.
@@ -717,7 +722,7 @@ def demonstrate(steps: int = 200) -> None:
           f"tokens")
     side = torch.linspace(-1, 1, 16)
     rows, cols = torch.meshgrid(side, side, indexing="ij")  # (16, 16) each
-    image = torch.stack([rows, cols, -rows * cols])[None]  # (1, 3, 16, 16): three gradients, in [-1, 1]
+    image = torch.stack([rows, cols, -rows * cols])[None]  # (1, 3, 16, 16): 2 gradients, their product
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(1, steps + 1):
         loss = flow_loss(model, image.expand(8, -1, -1, -1))
