@@ -213,6 +213,15 @@ class _SelectiveScan(torch.autograd.Function):
         return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_D, grad_z, grad_delta_bias, None
 
 
+def _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    compute = torch.promote_types(u.dtype, torch.float32)
+    with torch.autocast(u.device.type, enabled=False):
+        # The small inputs are cast here; u, delta and z block by block inside, so that no cast copy of them is kept.
+        A, B, C, D, delta_bias = (None if x is None else x.to(compute) for x in (A, B, C, D, delta_bias))
+        y = _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)  # (b, e, l)
+    return y.to(u.dtype)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """The selective scan in pure torch, in few operations and little memory; mamba-ssm's selective_scan_fn's arguments.
 
@@ -223,10 +232,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     block, chunk_len = scan_plan(u.shape[2], u.shape[0] * u.shape[1] * A.shape[1], u.device.type)
     if torch.compiler.is_compiling() and block == chunk_len:
-        return torch.compiler.disable(selective_scan)(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    compute = torch.promote_types(u.dtype, torch.float32)
-    with torch.autocast(u.device.type, enabled=False):
-        # The small inputs are cast here; u, delta and z block by block inside, so that no cast copy of them is kept.
-        A, B, C, D, delta_bias = (None if x is None else x.to(compute) for x in (A, B, C, D, delta_bias))
-        y = _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus)  # (b, e, l)
-    return y.to(u.dtype)
+        # The work is in a function of its own: disabling this one, which is being compiled, made a 3-step
+        # `train.py --compile` run take 72 s, not 16 s.
+        return torch.compiler.disable(_selective_scan)(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
