@@ -18,12 +18,12 @@ Shapes:
     H, W  the token grid: an image is H*P x W*P pixels   D  model width    S  context (text) tokens
     L  tokens in one Mamba sequence: H*W in a spatial layer, T in a temporal one, T*H*W in a volume one
     K  paths the layers take turns over (1, 2 or 8, the paper's Zigzag-1, -2 and -8)
-In the Mamba sections A, B, C and D are the SSM's parameters, so the shapes there are lowercase: b is the
-sequences (B*T, B*H*W or B), l their tokens, d the model width, e = expand * d the inner width, n the state
-size and r the rank of delta's projection. There h is the SSM's state, and C its output matrix.
+In sections 2 and 3 A, B, C and D name the SSM's parameters, and h its state, so the shapes there are
+lowercase: b sequences (B*T, B*H*W or B), l tokens, d the model width, e = expand * d the inner width, n the
+state size and r the rank of delta's projection.
 
-Terms. A path is the order in which a layer reads a sequence's tokens, as a permutation. ZigMaConfig.paths
-names a family of paths. "Scan" means the selective scan only.
+Terms. A path is the order in which a layer reads a sequence's tokens, as a permutation. "Scan" means the
+selective scan, never a path (which the paper also calls a scan).
 
 Time. x_t = (1 - t) noise + t data, t in [0, 1], so t = 0 is noise and t = 1 is data (as in SiT's code; its
 paper puts data at 0). The network predicts the velocity v = dx_t/dt = data - noise. Sampling integrates
@@ -50,20 +50,20 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 
 
 # 1. Token orders --------------------------------------------------------------------------------------------
-# A scan is causal along its path, so a token sees only the tokens read before it. The layers therefore take
-# turns over K paths that differ in corner or direction. A 16 x 16 grid has 960 (token, neighbour) pairs (480
-# adjacent pairs, each way). Path 0 reads the neighbour immediately before the token for 255 of them, paths 0
-# and 1 for 496, and all eight paths for all 960 (`python zigma.py` counts them).
+# A token sees only the tokens read before it on its layer's path, since the scan is causal. So the layers
+# take turns over K paths that differ in corner or direction. Of the 960 (token, neighbour) pairs of a 16 x 16
+# grid (480 adjacent pairs, both ways), path 0 reads the neighbour just before the token for 255, paths 0 and
+# 1 for 496, and all eight paths for all 960 (`python zigma.py` counts them).
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
 # Path k starts at CORNERS[k // 2], by rows for even k. Trained models depend on this order, so it stays.
-# With K = 1 or 2 every layer starts at the top-left: in an image model that token never sees another.
+# With K = 1 or 2 all layers start top-left, so in an image model the top-left token sees only itself.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
 def corner_grids(height: int, width: int) -> list[torch.Tensor]:
     """The grid's row-major token indices, (H, W), flipped so that each corner in turn is at [0, 0]."""
-    # On the CPU whatever the default device, since TokenOrder checks the paths with .tolist().
+    # On the CPU whatever the default device: TokenOrder checks the paths with .tolist().
     indices = torch.arange(height * width, device="cpu").view(height, width)  # (H, W)
     grids = []
     for flip_rows, flip_cols in CORNERS:
@@ -163,8 +163,9 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
     letter per layer (images use "s"), and j counts the layers of each kind from 0:
     - s, a spatial layer: the j-th reads 2D path j mod K;
     - t, a temporal layer: the j-th reads time forwards for even j, backwards for odd j;
-    - v, a volume layer: the j-th reads the 3D path of 2D path (j // 2) mod K, forwards for even j. So
-      volume layers 2i and 2i + 1 read one 3D path both ways, and each frame sees those before and after it.
+    - v, a volume layer: the j-th reads the 3D path of 2D path (j // 2) mod K, forwards for even j: volume
+      layers 0 and 1 read path 0's both ways, 2 and 3 path 1's, so each frame sees those before and after it.
+    For example "sst" at K = 8 reads path 0, path 1, time forwards, path 2, path 3, time backwards, path 4...
     """
     frames, height, width = grid
     paths_2d = family_paths(family, height, width)[:num_paths]  # (K, H*W)
@@ -178,7 +179,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
         if kind == "s":
             orders.append(TokenOrder(grid, "space", paths_2d[j % num_paths]))
         elif kind == "t":
-            path = torch.arange(frames, device="cpu")  # on the CPU, as in corner_grids
+            path = torch.arange(frames, device="cpu")
             orders.append(TokenOrder(grid, "time", path.flip(0) if j % 2 else path))
         else:
             path = volume_path(paths_2d[(j // 2) % num_paths], frames, snake)
@@ -225,7 +226,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
     """The scan as the layers run it, by the fastest exact implementation at hand: mamba-ssm's CUDA kernel
     where it is installed, else fast_scan.py's scan, else the reference. Under autocast u, delta, B, C and z
-    may be bf16, and the kernel needs A, D and delta_bias in float32; a float64 model keeps float64."""
+    may be bf16, while the kernel needs A, D and delta_bias in float32 (a float64 model keeps float64)."""
     precision = torch.promote_types(A.dtype, torch.float32)
     A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
     kernel_ok = u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)  # not float64
@@ -276,7 +277,7 @@ class MambaMixer(nn.Module):
         u = F.silu(self.conv1d(x.transpose(1, 2))[..., :length])  # (b, e, l), causal: the first l outputs
         # delta (b, l, r), B and C (b, l, n)
         delta, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
-        delta = delta @ self.dt_proj.weight.t()  # (b, l, e); as in mamba-ssm, the scan adds the bias
+        delta = delta @ self.dt_proj.weight.t()  # (b, l, e), no bias yet: the scan adds it, as in mamba-ssm
         A = -torch.exp(self.A_log)  # (e, n), negative
         delta, B, C, z = (a.transpose(1, 2) for a in (delta, B, C, z))  # (b, e|n, l), mamba-ssm's layout
         y = selective_scan(u, delta, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True)
@@ -344,7 +345,7 @@ class ZigMaConfig:
     depth: int = 24
     paths: str = "zigzag"  # the name of a family of 2D paths (PATH_FAMILIES): zigzag, or a baseline
     num_paths: int = 8  # K: the j-th spatial layer reads path j mod K (1, 2 or 8; the paper's best, Zigzag-8)
-    frames: int = 0  # 0: images (C, H*P, W*P), read as one frame; T > 0: clips (T, C, H*P, W*P), T = 1 too
+    frames: int = 0  # 0: images (C, H*P, W*P), read as one frame; T >= 1: clips (T, C, H*P, W*P)
     video_pattern: str = "sst"  # clips: one letter per layer, s spatial, t temporal, v volume; official "sst"
     num_classes: int = 0  # 0 = unconditional; label num_classes is the null label, for guidance
     context_dim: int = 0  # 0 = no cross-attention; else the width of the context tokens
@@ -377,7 +378,7 @@ class ZigMa(nn.Module):
         super().__init__()
         self.config = config
         dim, grid = config.dim, config.grid
-        # Each module initialises its own weights; the rest keep PyTorch's initialisation.
+        # Each module initialises its own weights. The rest keep PyTorch's defaults.
         self.patch_embed = nn.Conv2d(config.in_channels, dim, config.patch_size, stride=config.patch_size)
         nn.init.xavier_uniform_(self.patch_embed.weight.view(dim, -1))  # like a linear layer, as DiT's
         nn.init.zeros_(self.patch_embed.bias)
@@ -385,8 +386,8 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding: at DiT's 0.02 a label is small beside the timestep's, whose
-            # norm grows to about 20 within a few hundred training steps.
+            # N(0, 1), as ADM's class embedding: at DiT's 0.02 a label is small beside the timestep embedding,
+            # whose norm grows to about 20 within a few hundred training steps.
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
@@ -401,21 +402,19 @@ class ZigMa(nn.Module):
         self.grad_checkpointing = False  # True: recompute each block in the backward pass, for memory
 
     def conditions(self, batch: int, y=None, context=None, context_mask=None, drop=None):
-        """The label (B,), context (B, S, context_dim) and context mask (B, S) that forward uses, or None for
-        what the model does not take. One rule: a condition that is missing, or dropped, is the null one (the
-        label num_classes, or the learned null token). drop (B,) is True in the rows to drop: at random in
-        training, and in guidance's null half."""
-        if self.y_embedder is not None:
+        """y (B,), context (B, S, context_dim) and context_mask (B, S) as forward uses them: a condition that
+        is missing, or dropped, becomes the null one. drop (B,) is True in the rows to drop: at random in
+        training, and in guidance's null half. What the model does not take stays None."""
+        if self.y_embedder is not None:  # labels: the null label is num_classes
             null_y = torch.full((batch,), self.config.num_classes, device=self.y_embedder.weight.device)
             y = null_y if y is None else y
-            y = y if drop is None else torch.where(drop, null_y, y)
-        if self.null_context is not None and context is None:
-            context = self.null_context.expand(batch, 1, -1)  # (B, 1, context_dim)
-        elif self.null_context is not None and drop is not None:
-            # A dropped row becomes S copies of the null token, all marked real in the mask. Attending to them
-            # gives the null token's value, as the one-token null context does.
-            context = torch.where(drop[:, None, None], self.null_context, context)  # (B, S, context_dim)
-            context_mask = None if context_mask is None else context_mask | drop[:, None]  # (B, S)
+            y = y if drop is None else torch.where(drop, null_y, y)  # (B,)
+        if self.null_context is not None:  # text: the null context is one learned token
+            if context is None:
+                context = self.null_context.expand(batch, 1, -1)  # (B, 1, context_dim)
+            elif drop is not None:  # a dropped row: S copies of the null token (attending to them = to one)
+                context = torch.where(drop[:, None, None], self.null_context, context)  # (B, S, context_dim)
+                context_mask = None if context_mask is None else context_mask | drop[:, None]  # (B, S)
         return y, context, context_mask
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y=None, context=None, context_mask=None,
@@ -522,7 +521,8 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
 # Appendix: DiT's parts, and cross-attention -----------------------------------------------------------------
 
 class TimestepEmbedder(nn.Module):
-    """Embeds t in [0, 1] with sinusoids of 1000 t (DiT's range of timesteps), then an MLP, as DiT's."""
+    """Embeds t in [0, 1] with sinusoids of 1000 t (DiT's range of timesteps), then an MLP, as DiT's. Its
+    weights start at N(0, 0.02), as DiT's; its biases keep PyTorch's defaults, where DiT's start at zero."""
 
     def __init__(self, dim: int, frequency_dim: int = 256):
         super().__init__()
@@ -612,8 +612,8 @@ def gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> list[tuple[in
 
     The rectangle's first cell is (x, y). Its sides are the vectors (ax, ay), the major side, and (bx, by),
     the minor one. Each runs along the rows or the columns, its sign giving the direction. The curve starts at
-    (x, y) and ends at the far end of the major side. It is continuous unless the major side is odd and the
-    minor side even, where no continuous curve ends there.
+    (x, y) and, unless the major side is odd and the minor side even, ends at the far end of the major side,
+    continuously. In that case no continuous curve ends there, and this one jumps or ends elsewhere.
     """
     major_length, minor_length = abs(ax + ay), abs(bx + by)  # in cells (each side has one coordinate 0)
     (ux, uy), (vx, vy) = (_sign(ax), _sign(ay)), (_sign(bx), _sign(by))  # one cell along each side
@@ -709,7 +709,7 @@ def demonstrate(steps: int = 200) -> None:
     for row in range(4):
         when = [paths[k].argsort().view(4, 4)[row] for k in range(8)]  # the step at which each token is read
         print("   ".join(" ".join(f"{int(step):2d}" for step in path_row) for path_row in when))
-    pairs = 2 * (2 * 16 * 15)  # a 16 x 16 grid: 2 * 16 * 15 adjacent pairs, each read one way or the other
+    pairs = 2 * (2 * 16 * 15)  # a 16 x 16 grid: 2 * 16 * 15 adjacent pairs, counted in both directions
     for k in (1, 2, 8):
         covered = neighbour_pairs_covered(zigzag_paths(16, 16)[:k], 16, 16)
         print(f"K = {k}: the paths read {covered} of the {pairs} (token, neighbour) pairs of a 16 x 16 grid "
