@@ -18,16 +18,15 @@ Shapes:
     H, W  the token grid: an image is H*P x W*P pixels   D  model width    S  context (text) tokens
     L  tokens in one Mamba sequence: H*W in a spatial layer, T in a temporal one, T*H*W in a volume one
     K  paths the layers take turns over (1, 2 or 8, the paper's Zigzag-1, -2 and -8)
-In sections 2 and 3 A, B, C and D name the SSM's parameters, and h its state, so the shapes there are
+In sections 2 and 3, A, B, C and D name the SSM's parameters, and h its state, so the shapes there are
 lowercase: b sequences (B*T, B*H*W or B), l tokens, d the model width, e = expand * d the inner width, n the
 state size and r the rank of delta's projection.
 
 Terms. A path is the order in which a layer reads a sequence's tokens, as a permutation. "Scan" means the
 selective scan, never a path (which the paper also calls a scan).
 
-Time. x_t = (1 - t) noise + t data, t in [0, 1], so t = 0 is noise and t = 1 is data (as in SiT's code; its
-paper puts data at 0). The network predicts the velocity v = dx_t/dt = data - noise. Sampling integrates
-dx/dt = v from t = 0 to t = 1.
+Time. x_t = (1 - t) noise + t data, so t = 0 is noise and t = 1 data (as in SiT's code; its paper puts data
+at 0). The network predicts the velocity v = dx_t/dt = data - noise, and sampling integrates it from 0 to 1.
 """
 
 import math
@@ -51,9 +50,9 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 
 # 1. Token orders --------------------------------------------------------------------------------------------
 # A token sees only the tokens read before it on its layer's path, since the scan is causal. So the layers
-# take turns over K paths that differ in corner or direction. Of the 960 (token, neighbour) pairs of a 16 x 16
-# grid (480 adjacent pairs, both ways), path 0 reads the neighbour just before the token for 255, paths 0 and
-# 1 for 496, and all eight paths for all 960 (`python zigma.py` counts them).
+# take turns over K paths that differ in corner or direction. A 16 x 16 grid has 960 (token, neighbour) pairs
+# (480 adjacent pairs, both ways). Path 0 reads the neighbour straight before the token in 255 of them; paths
+# 0 and 1 together, in 496; all eight, in all 960 (`python zigma.py` counts them).
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
 # Path k starts at CORNERS[k // 2], by rows for even k. Trained models depend on this order, so it stays.
@@ -63,7 +62,7 @@ CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 def corner_grids(height: int, width: int) -> list[torch.Tensor]:
     """The grid's row-major token indices, (H, W), flipped so that each corner in turn is at [0, 0]."""
-    # On the CPU whatever the default device: TokenOrder checks the paths with .tolist().
+    # Built on the CPU whatever the default device, since TokenOrder reads the paths back with .tolist().
     indices = torch.arange(height * width, device="cpu").view(height, width)  # (H, W)
     grids = []
     for flip_rows, flip_cols in CORNERS:
@@ -96,7 +95,7 @@ def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
 
 
 def zigzag_paths(height: int, width: int) -> torch.Tensor:
-    """ZigMa's eight continuous zigzag paths over the token grid, (8, H*W)."""
+    """ZigMa's eight zigzag paths over the token grid, (8, H*W); the model takes them via family_paths."""
     return grid_paths(height, width, snake=True)
 
 
@@ -113,8 +112,10 @@ def family_paths(family: str, height: int, width: int) -> torch.Tensor:
 def volume_path(path: torch.Tensor, frames: int, snake: bool) -> torch.Tensor:
     """A 2D path extended through a clip, frame after frame, (T*H*W,): frame f's part is f*H*W + path.
 
-    With snake every other frame is read backwards: each frame starts on the cell where the one before ended,
-    one step away in time, and a continuous 2D path gives a continuous 3D one.
+    With snake every odd frame reads the path backwards, so each frame starts on the cell where the one before
+    ended, and a continuous 2D path stays continuous. Path 0 through two 2 x 2 frames (when each is read):
+        frame 0:  0 1    frame 1:  7 6
+                  3 2              4 5
     """
     frame_size = path.numel()
     parts = [f * frame_size + (path.flip(0) if snake and f % 2 else path) for f in range(frames)]
@@ -188,8 +189,8 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
 
 
 # 2. Selective scan ------------------------------------------------------------------------------------------
-# Mamba's selective state-space model (Mamba, Alg. 2, Eq. 2 and 4), in the layout of mamba-ssm's kernel, which
-# calls delta dt (hence dt_proj, dt_rank and dt_min below):
+# Mamba's selective state-space model (Mamba, Alg. 2, Eq. 2 and 4), in the layout of mamba-ssm's kernel.
+# (mamba-ssm's Mamba module calls delta dt, hence dt_proj, dt_rank and dt_min below.)
 #     u, delta, z: (b, e, l)    A: (e, n)    B, C: (b, n, l)    D, delta_bias: (e,)
 #     delta = softplus(delta + delta_bias)                  (if delta_softplus)
 #     h_i = exp(delta_i A) h_{i-1} + delta_i B_i u_i        (h: (b, e, n), zero before token 0)
@@ -279,7 +280,7 @@ class MambaMixer(nn.Module):
         delta, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
         delta = delta @ self.dt_proj.weight.t()  # (b, l, e), no bias yet: the scan adds it, as in mamba-ssm
         A = -torch.exp(self.A_log)  # (e, n), negative
-        delta, B, C, z = (a.transpose(1, 2) for a in (delta, B, C, z))  # (b, e|n, l), mamba-ssm's layout
+        delta, B, C, z = (a.transpose(1, 2) for a in (delta, B, C, z))  # delta, z (b, e, l); B, C (b, n, l)
         y = selective_scan(u, delta, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True)
         return self.out_proj(y.transpose(1, 2))  # (b, e, l) -> (b, l, d)
 
@@ -412,7 +413,7 @@ class ZigMa(nn.Module):
         if self.null_context is not None:  # text: the null context is one learned token
             if context is None:
                 context = self.null_context.expand(batch, 1, -1)  # (B, 1, context_dim)
-            elif drop is not None:  # a dropped row: S copies of the null token (attending to them = to one)
+            elif drop is not None:  # a dropped row: S null tokens, all unmasked (padding too), attend as one
                 context = torch.where(drop[:, None, None], self.null_context, context)  # (B, S, context_dim)
                 context_mask = None if context_mask is None else context_mask | drop[:, None]  # (B, S)
         return y, context, context_mask
@@ -469,9 +470,10 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
     assert time_sampling in TIME_SAMPLING, f"time_sampling is one of {TIME_SAMPLING}, not {time_sampling!r}"
     batch = x.shape[0]
     noise = torch.randn_like(x) if noise is None else noise
-    if t is None:
-        uniform = time_sampling == "uniform"
-        t = torch.rand(batch, device=x.device) if uniform else torch.randn(batch, device=x.device).sigmoid()
+    if t is None and time_sampling == "uniform":
+        t = torch.rand(batch, device=x.device)
+    elif t is None:  # logit-normal
+        t = torch.randn(batch, device=x.device).sigmoid()
     t_broadcast = t.view(batch, *([1] * (x.dim() - 1))).to(x.dtype)  # (B, 1, 1, 1), or (B, 1, 1, 1, 1)
     x_t = (1 - t_broadcast) * noise + t_broadcast * x
     drop = None
@@ -534,7 +536,8 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,)
         half = self.frequency_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)  # (half,)
-        angles = 1000 * t.to(torch.promote_types(t.dtype, torch.float32))[:, None] * freqs  # (B, half)
+        t = t.to(torch.promote_types(t.dtype, torch.float32))  # at least float32
+        angles = 1000 * t[:, None] * freqs  # (B, half)
         t_freq = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (B, frequency_dim)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (B, D)
 
