@@ -4,10 +4,10 @@ Paper: "ZigMa: A DiT-style Zigzag Mamba Diffusion Model", Hu et al., ECCV 2024 (
 It builds on Mamba (arXiv 2312.00752), DiT (arXiv 2212.09748), SiT (arXiv 2401.08740) and stochastic
 interpolants (Albergo and Vanden-Eijnden, arXiv 2209.15571).
 
-Mamba reads its input as a 1D sequence, so the order of the patch tokens matters. Before each Mamba layer,
-ZigMa reorders the tokens along one of eight continuous zigzag paths over the token grid, and puts them back
-after. Neighbours in the sequence are then neighbours in the image. For video, spatial layers zigzag within
-each frame, temporal layers read each position through time, and volume layers read the clip as one path.
+Mamba reads a 1D sequence, so the order of the patch tokens matters. Before each Mamba layer, ZigMa reorders
+the tokens along one of eight continuous zigzag paths over the token grid. After the layer, it puts them back.
+Neighbours in the sequence are then neighbours in the image. For video, spatial layers zigzag within each
+frame, temporal layers read each position through time, and volume layers read the clip as one path.
 
 The file reads top to bottom: 1. token orders, 2. the selective scan, 3. the Mamba mixer, 4. the ZigMa block,
 5. the model, 6. flow matching. Appendices follow: DiT's timestep embedder, final layer and cross-attention,
@@ -18,15 +18,15 @@ Shapes:
     H, W  the token grid: an image is H*P x W*P pixels   D  model width    S  context (text) tokens
     L  tokens in one Mamba sequence: H*W in a spatial layer, T in a temporal one, T*H*W in a volume one
     K  paths the layers take turns over (1, 2 or 8, the paper's Zigzag-1, -2 and -8)
-In sections 2 and 3, A, B, C and D name the SSM's parameters, and h its state, so the shapes there are
-lowercase: b sequences (B*T, B*H*W or B), l tokens, d the model width, e = expand * d the inner width, n the
-state size and r the rank of delta's projection.
+Sections 2 and 3 use lowercase shapes, since A, B, C and D there name the SSM's parameters and h its state:
+    b  sequences (B*T, B*H*W or B)    l  tokens    d  model width    e = expand * d  inner width
+    n  state size    r  rank of delta's projection
 
-Terms. A path is the order in which a layer reads a sequence's tokens, as a permutation. "Scan" means the
-selective scan, never a path (which the paper also calls a scan).
+Terms. A path is the order, as a permutation, in which a layer reads a sequence's tokens. "Scan" always
+means the selective scan, never a path. (The paper calls paths scans too.)
 
-Time. x_t = (1 - t) noise + t data, so t = 0 is noise and t = 1 data (as in SiT's code; its paper puts data
-at 0). The network predicts the velocity v = dx_t/dt = data - noise, and sampling integrates it from 0 to 1.
+Time. x_t = (1 - t) noise + t data. So t = 0 is noise and t = 1 is data, as in SiT's code (SiT's paper puts
+data at 0). The network predicts the velocity v = dx_t/dt = data - noise. Sampling integrates it from 0 to 1.
 """
 
 import math
@@ -49,20 +49,20 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 
 
 # 1. Token orders --------------------------------------------------------------------------------------------
-# A token sees only the tokens read before it on its layer's path, since the scan is causal. So the layers
-# take turns over K paths that differ in corner or direction. A 16 x 16 grid has 960 (token, neighbour) pairs
-# (480 adjacent pairs, both ways). Path 0 reads the neighbour straight before the token in 255 of them; paths
-# 0 and 1 together, in 496; all eight, in all 960 (`python zigma.py` counts them).
+# The scan is causal. A token sees only the tokens read before it on its layer's path. So the layers take
+# turns over K paths, which differ in corner or direction. A 16 x 16 grid has 960 (token, neighbour) pairs
+# (480 adjacent pairs, both ways). Path 0 reads the neighbour straight before the token in 255 of them.
+# Paths 0 and 1 together do so in 496, and all eight in all 960. `python zigma.py` counts them.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# Path k starts at CORNERS[k // 2], by rows for even k. Trained models depend on this order, so it stays.
-# With K = 1 or 2 all layers start top-left, so in an image model the top-left token sees only itself.
+# Path k starts at CORNERS[k // 2] and reads by rows for even k. Trained models depend on this order.
+# With K = 1 or 2, every layer starts top-left. In an image model, the top-left token then sees only itself.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
 def corner_grids(height: int, width: int) -> list[torch.Tensor]:
-    """The grid's row-major token indices, (H, W), flipped so that each corner in turn is at [0, 0]."""
-    # Built on the CPU whatever the default device, since TokenOrder reads the paths back with .tolist().
+    """The grid's row-major token indices, (H, W), flipped to put each corner in turn at [0, 0]."""
+    # On the CPU whatever the default device, because TokenOrder reads the paths back with .tolist().
     indices = torch.arange(height * width, device="cpu").view(height, width)  # (H, W)
     grids = []
     for flip_rows, flip_cols in CORNERS:
@@ -74,9 +74,9 @@ def corner_grids(height: int, width: int) -> list[torch.Tensor]:
 def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
     """The eight line-by-line paths over a grid, (8, H*W): from each corner, by rows, then by columns.
 
-    path[i] is the row-major index of the token read i-th. With snake=True every other line is read backwards,
-    so the path is continuous. This is ZigMa's zigzag. With snake=False every line starts at the same side, as
-    in a raster "sweep". Below, the zigzags on a 4 x 4 grid; each cell shows when its token is read.
+    path[i] is the row-major index of the token read i-th. With snake=True, every other line runs backwards,
+    which makes the path continuous: ZigMa's zigzag. With snake=False, every line starts at the same side, as
+    in a raster "sweep". Below are the zigzags on a 4 x 4 grid. Each cell shows when its token is read.
 
         0: rows, top-left      1: columns, top-left   2: rows, bottom-right  3: columns, bottom-right
          0  1  2  3             0  7  8 15            12 13 14 15            12 11  4  3
@@ -95,7 +95,7 @@ def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
 
 
 def zigzag_paths(height: int, width: int) -> torch.Tensor:
-    """ZigMa's eight zigzag paths over the token grid, (8, H*W); the model takes them via family_paths."""
+    """ZigMa's eight zigzag paths over the token grid, (8, H*W). The model gets them through family_paths."""
     return grid_paths(height, width, snake=True)
 
 
@@ -112,8 +112,8 @@ def family_paths(family: str, height: int, width: int) -> torch.Tensor:
 def volume_path(path: torch.Tensor, frames: int, snake: bool) -> torch.Tensor:
     """A 2D path extended through a clip, frame after frame, (T*H*W,): frame f's part is f*H*W + path.
 
-    With snake every odd frame reads the path backwards, so each frame starts on the cell where the one before
-    ended, and a continuous 2D path stays continuous. Path 0 through two 2 x 2 frames (when each is read):
+    With snake, every odd frame reads the path backwards. Each frame then starts where the one before ended,
+    so a continuous 2D path stays continuous. Path 0 through two 2 x 2 frames (when each cell is read):
         frame 0:  0 1    frame 1:  7 6
                   3 2              4 5
     """
@@ -125,9 +125,9 @@ def volume_path(path: torch.Tensor, frames: int, snake: bool) -> torch.Tensor:
 class TokenOrder(nn.Module):
     """One layer's token order: how the tokens of a (T, H, W) grid form Mamba sequences, and their path.
 
-    With axis "space" each frame is a sequence of H*W tokens, and an image is a clip of one frame. With "time"
-    each position is a sequence of T tokens, and with "volume" the clip is one sequence. `path` permutes a
-    sequence's L tokens. It and its inverse are left out of the state_dict, since the config rebuilds them.
+    The axis decides the sequences. "space": each frame is a sequence of H*W tokens (an image is a clip of
+    one frame). "time": each position is a sequence of T tokens. "volume": the clip is one sequence. `path`
+    permutes a sequence's L tokens. The config rebuilds it and its inverse, so the state_dict leaves them out.
     """
 
     def __init__(self, grid: tuple[int, int, int], axis: str, path: torch.Tensor):
@@ -160,13 +160,13 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
                  pattern: str) -> list[TokenOrder]:
     """The token order of every layer.
 
-    `family` names the 2D paths (PATH_FAMILIES), and `num_paths` is K. `pattern` repeats over the depth, one
-    letter per layer (images use "s"), and j counts the layers of each kind from 0:
-    - s, a spatial layer: the j-th reads 2D path j mod K;
-    - t, a temporal layer: the j-th reads time forwards for even j, backwards for odd j;
-    - v, a volume layer: the j-th reads the 3D path of 2D path (j // 2) mod K, forwards for even j: volume
-      layers 0 and 1 read path 0's both ways, 2 and 3 path 1's, so each frame sees those before and after it.
-    For example "sst" at K = 8 reads path 0, path 1, time forwards, path 2, path 3, time backwards, path 4...
+    `family` names the 2D paths (PATH_FAMILIES). `num_paths` is K. `pattern` has one letter per layer and
+    repeats over the depth (images use "s"). j counts the layers of each kind from 0.
+    - s, spatial: the j-th reads 2D path j mod K.
+    - t, temporal: the j-th reads time forwards for even j, backwards for odd j.
+    - v, volume: the j-th reads the 3D path of 2D path (j // 2) mod K, forwards for even j. Volume layers 0
+      and 1 read path 0's both ways, 2 and 3 path 1's. So each frame sees the frames before and after it.
+    For example, "sst" at K = 8 reads path 0, path 1, time forwards, path 2, path 3, time backwards, path 4...
     """
     frames, height, width = grid
     paths_2d = family_paths(family, height, width)[:num_paths]  # (K, H*W)
@@ -190,18 +190,18 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
 
 # 2. Selective scan ------------------------------------------------------------------------------------------
 # Mamba's selective state-space model (Mamba, Alg. 2, Eq. 2 and 4), in the layout of mamba-ssm's kernel.
-# (mamba-ssm's Mamba module calls delta dt, hence dt_proj, dt_rank and dt_min below.)
+# (mamba-ssm's Mamba module calls delta dt. Hence the names dt_proj, dt_rank and dt_min below.)
 #     u, delta, z: (b, e, l)    A: (e, n)    B, C: (b, n, l)    D, delta_bias: (e,)
 #     delta = softplus(delta + delta_bias)                  (if delta_softplus)
 #     h_i = exp(delta_i A) h_{i-1} + delta_i B_i u_i        (h: (b, e, n), zero before token 0)
 #     y_i = C_i . h_i + D u_i,  then gated: y_i * silu(z_i)
 # Mamba's Eq. 4 discretises h' = A h + B u by the zero-order hold, which holds u fixed over a step of length
-# delta: A becomes exp(delta A), and B becomes (delta A)^-1 (exp(delta A) - 1) delta B. Mamba's code, and this
-# file, use delta B in its place, the same to first order in delta.
+# delta. A becomes exp(delta A), and B becomes (delta A)^-1 (exp(delta A) - 1) delta B. Mamba's code and this
+# file use delta B instead. The two agree to first order in delta.
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The selective scan one token at a time: the definition, to which test_zigma.py compares the fast scans.
-    Computes in float32 (float64 for float64 inputs) with autocast off, and returns u's dtype."""
+    """The selective scan, one token at a time. test_zigma.py compares the fast scans to this definition.
+    Computes in float32 (float64 for float64 inputs) with autocast off. Returns u's dtype."""
     dtype = u.dtype
     compute_dtype = torch.promote_types(dtype, torch.float32)
     with torch.autocast(u.device.type, enabled=False):  # else the einsum would run in bf16 under autocast
@@ -225,9 +225,9 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
-    """The scan as the layers run it, by the fastest exact implementation at hand: mamba-ssm's CUDA kernel
-    where it is installed, else fast_scan.py's scan, else the reference. Under autocast u, delta, B, C and z
-    may be bf16, while the kernel needs A, D and delta_bias in float32 (a float64 model keeps float64)."""
+    """The scan the layers run, by the fastest exact implementation at hand: mamba-ssm's CUDA kernel if it is
+    installed, else fast_scan.py's scan, else the reference. Under autocast, u, delta, B, C and z may be bf16.
+    The kernel needs A, D and delta_bias in float32 (a float64 model keeps float64)."""
     precision = torch.promote_types(A.dtype, torch.float32)
     A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
     kernel_ok = u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)  # not float64
@@ -255,13 +255,13 @@ class MambaMixer(nn.Module):
         self.dt_rank = math.ceil(dim / 16)  # r: Mamba's dt_rank="auto"
         self.d_state = d_state
         self.in_proj = nn.Linear(dim, 2 * inner, bias=False)
-        # Depthwise along the tokens; padded by d_conv - 1 on both sides, and causal once cut to the first l.
+        # Depthwise along the tokens. It pads d_conv - 1 on both sides and is causal once cut to the first l.
         self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
         self.x_proj = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, inner)
         self.out_proj = nn.Linear(inner, dim, bias=False)
-        # Mamba's initialisation: dt_proj's weight uniform in +-r^-1/2 (its dt_init="random"), and delta
-        # log-uniform in [dt_min, dt_max] through softplus(bias) ...
+        # Mamba's initialisation. dt_proj's weight is uniform in +-r^-1/2 (Mamba's dt_init="random"). delta is
+        # log-uniform in [dt_min, dt_max], through softplus(bias) ...
         nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
         delta = torch.exp(torch.rand(inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         delta = delta.clamp(min=dt_init_floor)  # (e,)
@@ -292,13 +292,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class ZigMaBlock(nn.Module):
-    """The paper's Zigzag Mamba block: a Mamba layer reading the tokens in its layer's token order, with DiT's
-    adaLN-Zero conditioning and an optional cross-attention to text.
+    """The paper's Zigzag Mamba block: a Mamba layer that reads the tokens in its layer's token order, with
+    DiT's adaLN-Zero conditioning and optional cross-attention to text.
 
-    x + gate * mixer(modulate(LayerNorm(x))) is DiT's pre-LayerNorm residual, with the mixer in attention's
-    place, and the mixer reads the tokens in path order:
+    x + gate * mixer(modulate(LayerNorm(x))) is DiT's pre-LayerNorm residual, with the mixer in place of
+    attention. The mixer reads the tokens in path order:
         (B, T*H*W, D) -> to_sequences -> (sequences, L, D) -> mixer -> from_sequences -> (B, T*H*W, D)
-    The gates start at zero, so the block is the identity until it trains. There is no MLP, as in Mamba: the
+    The gates start at zero, so the block is the identity until it trains. As in Mamba, there is no MLP. The
     mixer's in_proj and out_proj (expand 2) play its part.
     """
 
@@ -318,8 +318,8 @@ class ZigMaBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context=None, context_mask=None):
-        """x (B, T*H*W, D) in row-major (frame, row, column) order, c (B, D), and where the block has
-        cross-attention, context (B, S, context_dim) and context_mask (B, S), True for real tokens."""
+        """x (B, T*H*W, D) in row-major (frame, row, column) order, and c (B, D). With cross-attention, also
+        context (B, S, context_dim) and context_mask (B, S), True for real tokens."""
         modulation = self.adaLN_modulation(c).chunk(3 * self.branches, dim=1)  # (B, D) each
         shift, scale, gate = modulation[:3]
         # ZigMa's idea: the mixer reads the tokens in the layer's path order.
@@ -338,18 +338,18 @@ class ZigMaBlock(nn.Module):
 
 @dataclass
 class ZigMaConfig:
-    """The defaults are ZigMa-S/2 on the 32 x 32 x 4 latents of a 256 px image (the presets below)."""
-    input_size: int = 32  # image side in pixels, or in latent cells; square
+    """The defaults are ZigMa-S/2 on the 32 x 32 x 4 latents of a 256 px image (see the presets below)."""
+    input_size: int = 32  # the side of the square input, in pixels or latent cells
     in_channels: int = 4  # C: 3 for pixels, the VAE's channels for latents
     patch_size: int = 2  # P
     dim: int = 384  # D
     depth: int = 24
-    paths: str = "zigzag"  # the name of a family of 2D paths (PATH_FAMILIES): zigzag, or a baseline
-    num_paths: int = 8  # K: the j-th spatial layer reads path j mod K (1, 2 or 8; the paper's best, Zigzag-8)
-    frames: int = 0  # 0: images (C, H*P, W*P), read as one frame; T >= 1: clips (T, C, H*P, W*P)
-    video_pattern: str = "sst"  # clips: one letter per layer, s spatial, t temporal, v volume; official "sst"
-    num_classes: int = 0  # 0 = unconditional; label num_classes is the null label, for guidance
-    context_dim: int = 0  # 0 = no cross-attention; else the width of the context tokens
+    paths: str = "zigzag"  # the family of 2D paths (PATH_FAMILIES): zigzag, or a baseline
+    num_paths: int = 8  # K: 1, 2 or 8 (the paper's best, Zigzag-8). The j-th spatial layer reads path j mod K
+    frames: int = 0  # 0: images (C, H*P, W*P), read as one frame. T >= 1: clips (T, C, H*P, W*P)
+    video_pattern: str = "sst"  # clips: a letter per layer, s spatial, t temporal, v volume. Official: "sst"
+    num_classes: int = 0  # 0: unconditional. Label num_classes is the null label, for guidance
+    context_dim: int = 0  # 0: no cross-attention. Else the width of the context tokens
     d_state: int = 16  # n, the SSM's state size, as in Mamba
     expand: int = 2  # the mixer's inner width is e = expand * D, as in Mamba
 
@@ -373,7 +373,7 @@ class ZigMaConfig:
 
 
 class ZigMa(nn.Module):
-    """Patchify, add positions, ZigMaBlocks (each in its token order), unpatchify, as the official ZigMa."""
+    """As the official ZigMa: patchify, add positions, ZigMaBlocks (each in its token order), unpatchify."""
 
     def __init__(self, config: ZigMaConfig):
         super().__init__()
@@ -387,25 +387,25 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding: at DiT's 0.02 a label is small beside the timestep embedding,
-            # whose norm grows to about 20 within a few hundred training steps.
+            # N(0, 1), as ADM's class embedding. At DiT's 0.02, a label would be small beside the timestep
+            # embedding, whose norm grows to about 20 within a few hundred training steps.
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
             self.null_context = nn.Parameter(torch.randn(1, 1, config.context_dim) * 0.02)
-        # A learned position per token, one table for images and clips (DiT's is a fixed 2D sin-cos table).
+        # A learned position per token, in one table for images and clips. DiT uses a fixed 2D sin-cos table.
         self.pos_embed = nn.Parameter(torch.randn(1, math.prod(grid), dim) * 0.02)
         pattern = config.video_pattern if config.frames else "s"
         orders = layer_orders(grid, config.depth, config.paths, config.num_paths, pattern)
         self.blocks = nn.ModuleList(
             ZigMaBlock(dim, order, config.d_state, config.expand, config.context_dim) for order in orders)
         self.final_layer = FinalLayer(dim, config.patch_size, config.in_channels)
-        self.grad_checkpointing = False  # True: recompute each block in the backward pass, for memory
+        self.grad_checkpointing = False  # True: recompute each block in the backward pass, to save memory
 
     def conditions(self, batch: int, y=None, context=None, context_mask=None, drop=None):
-        """y (B,), context (B, S, context_dim) and context_mask (B, S) as forward uses them: a condition that
-        is missing, or dropped, becomes the null one. drop (B,) is True in the rows to drop: at random in
-        training, and in guidance's null half. What the model does not take stays None."""
+        """y (B,), context (B, S, context_dim) and context_mask (B, S) as forward uses them. A missing or
+        dropped condition becomes the null one. drop (B,) is True in the rows to drop: random rows in
+        training, and guidance's null half. Conditions the model does not take stay None."""
         if self.y_embedder is not None:  # labels: the null label is num_classes
             null_y = torch.full((batch,), self.config.num_classes, device=self.y_embedder.weight.device)
             y = null_y if y is None else y
@@ -420,9 +420,9 @@ class ZigMa(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y=None, context=None, context_mask=None,
                 drop=None) -> torch.Tensor:
-        """x (B, C, H*P, W*P) images or (B, T, C, H*P, W*P) clips, t (B,) in [0, 1], y (B,) labels, context
-        (B, S, context_dim) text tokens, context_mask (B, S), False on padding, and drop (B,), the rows whose
-        conditions are dropped (see conditions). Returns the velocity, shaped like x."""
+        """Returns the velocity, shaped like x. x: (B, C, H*P, W*P) images or (B, T, C, H*P, W*P) clips.
+        t: (B,) in [0, 1]. y: (B,) labels. context: (B, S, context_dim) text tokens. context_mask: (B, S),
+        False on padding. drop: (B,), the rows whose conditions are dropped (see conditions)."""
         config = self.config
         frames, height, width = config.grid
         assert x.shape[1:] == config.input_shape, f"x is {tuple(x.shape)}, not (B, {config.input_shape})"
@@ -451,8 +451,8 @@ class ZigMa(nn.Module):
 
 
 # 6. Flow matching: the loss and the sampler -----------------------------------------------------------------
-# SiT's linear interpolant between noise and data, the simplest stochastic interpolant (Albergo and
-# Vanden-Eijnden). Its velocity is data - noise, and its ODE carries noise to data.
+# SiT's linear interpolant between noise and data: the simplest stochastic interpolant (Albergo and
+# Vanden-Eijnden). Its velocity is data - noise. Its ODE carries noise to data.
 
 TIME_SAMPLING = ("uniform", "logit-normal")
 
@@ -460,12 +460,12 @@ TIME_SAMPLING = ("uniform", "logit-normal")
 def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=None, drop_prob: float = 0.1,
               noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
               time_sampling: str = "logit-normal") -> torch.Tensor:
-    """The velocity loss (SiT's) for data x on the interpolant x_t = (1 - t) noise + t x, one t per example.
+    """SiT's velocity loss for data x, on the interpolant x_t = (1 - t) noise + t x, with one t per example.
 
-    By default t = sigmoid(a), a ~ N(0, 1), which weights the middle times, where the velocity is hardest to
-    predict (SD3's logit-normal, arXiv 2403.03206). In the small runs of docs/quality.md it sampled better
-    than the uniform t of SiT and the paper. Each example's label and context become the null ones with
-    probability drop_prob, for guidance. noise (like x) and t (B,) are drawn unless given.
+    By default t = sigmoid(a) with a ~ N(0, 1): SD3's logit-normal (arXiv 2403.03206). It favours the middle
+    times, where the velocity is hardest to predict. In the small runs of docs/quality.md it sampled better
+    than the uniform t of SiT and the paper. For guidance, each example's label and context become the null
+    ones with probability drop_prob. noise (like x) and t (B,) are drawn unless given.
     """
     assert time_sampling in TIME_SAMPLING, f"time_sampling is one of {TIME_SAMPLING}, not {time_sampling!r}"
     batch = x.shape[0]
@@ -484,8 +484,8 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
 
 
 def guided_velocity(model: ZigMa, x_t, t, y=None, context=None, context_mask=None, cfg_scale: float = 1.0):
-    """The velocity at (x_t, t); with a label or context and cfg_scale != 1, classifier-free guided (Ho and
-    Salimans, arXiv 2207.12598): v = v_null + cfg_scale * (v_cond - v_null), both passes in one batch."""
+    """The velocity at (x_t, t). With a label or context and cfg_scale != 1, it is classifier-free guided (Ho
+    and Salimans, arXiv 2207.12598), both passes in one batch: v = v_null + cfg_scale * (v_cond - v_null)."""
     if y is None and context is None:
         return model(x_t, t)
     if cfg_scale == 1:  # no guidance, v = v_cond, one pass
@@ -502,8 +502,8 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
            cfg_scale: float = 1.0, method: str = "euler") -> torch.Tensor:
     """Integrate dx/dt = v(x, t) from noise at t = 0 to data at t = 1, in `steps` equal steps.
 
-    Euler takes one model call a step, and its error shrinks with the step size. Heun averages the slopes at
-    both ends of a step: two calls, and an error that shrinks with the step size squared.
+    Euler makes one model call per step. Its error shrinks with the step size. Heun averages the slopes at
+    both ends of a step. It makes two calls per step, and its error shrinks with the step size squared.
     """
     assert method in ("euler", "heun"), f"method must be 'euler' or 'heun', not {method!r}"
     x_t = noise
@@ -524,7 +524,7 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
 
 class TimestepEmbedder(nn.Module):
     """Embeds t in [0, 1] with sinusoids of 1000 t (DiT's range of timesteps), then an MLP, as DiT's. Its
-    weights start at N(0, 0.02), as DiT's; its biases keep PyTorch's defaults, where DiT's start at zero."""
+    weights start at N(0, 0.02), as DiT's. Its biases keep PyTorch's defaults (DiT's start at zero)."""
 
     def __init__(self, dim: int, frequency_dim: int = 256):
         super().__init__()
@@ -591,9 +591,9 @@ def hilbert_paths(height: int, width: int) -> torch.Tensor:
     corner, first along the rows, then along the columns.
 
     When one side is odd and the other even, no continuous curve runs along the odd side from one corner to
-    the next. On a grid of 4 rows of 3 cells, say, the orientations along the rows take the curve along the
-    columns, read backwards, so they start at another corner, and only four of the eight differ. On a square
-    grid, as the model's are, all eight do.
+    the next. Take a grid of 4 rows of 3 cells. There, the orientations along the rows use the curve along
+    the columns, read backwards. So they start at another corner, and only four of the eight differ. On a
+    square grid, as the model's are, all eight do.
     """
     curves = {"rows": gilbert(0, 0, width, 0, 0, height), "columns": gilbert(0, 0, 0, height, width, 0)}
     continuous = {"rows": width % 2 == 0 or height % 2 == 1, "columns": height % 2 == 0 or width % 2 == 1}
@@ -614,9 +614,9 @@ def gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> list[tuple[in
     """The cells of a generalized Hilbert curve over a rectangle, in order, as (column, row).
 
     The rectangle's first cell is (x, y). Its sides are the vectors (ax, ay), the major side, and (bx, by),
-    the minor one. Each runs along the rows or the columns, its sign giving the direction. The curve starts at
-    (x, y) and, unless the major side is odd and the minor side even, ends at the far end of the major side,
-    continuously. In that case no continuous curve ends there, and this one jumps or ends elsewhere.
+    the minor one. Each runs along the rows or the columns, and its sign gives the direction. The curve starts
+    at (x, y). It ends at the far end of the major side, continuously, unless the major side is odd and the
+    minor side even. Then no continuous curve ends there, and this one jumps or ends elsewhere.
     """
     major_length, minor_length = abs(ax + ay), abs(bx + by)  # in cells (each side has one coordinate 0)
     (ux, uy), (vx, vy) = (_sign(ax), _sign(ay)), (_sign(bx), _sign(by))  # one cell along each side
@@ -670,8 +670,8 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
 
 
 # Appendix: where the official code differs ------------------------------------------------------------------
-# The official code is github.com/CompVis/zigma: model_zigma.py, with Mamba in dis_mamba/. Each difference, by
-# the name here that it concerns:
+# The official code is github.com/CompVis/zigma: model_zigma.py, with Mamba in dis_mamba/. The differences,
+# each under the name in this file that it concerns:
 # - grid_paths: the official utils/utils_zigzag.py builds the paths for square grids only. mamba_simple.py's
 #   Mamba.forward permutes the tokens with them, in its zigzagN branch. Its corners come top-left, top-right,
 #   bottom-left, bottom-right; at K = 1, 2 and 8 both orders pick the same set of paths (at K = 8 in
