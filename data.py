@@ -744,7 +744,8 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-RENAMED_CONFIG_FIELDS = {"scan": "paths", "scan_paths": "num_paths", "video_scan": "video_pattern"}  # older names
+RENAMED_CONFIG_FIELDS = {"scan": "path_family", "paths": "path_family", "scan_paths": "num_paths",  # older names
+                         "video_scan": "video_pattern"}
 
 
 def checkpoint_config(checkpoint: dict) -> dict:

@@ -134,7 +134,7 @@ def build_dataset(args, vae=None):
 
 
 # What sets each field of the model's config, for the message when a resumed checkpoint differs.
-MODEL_OPTIONS = ["model", "image_size", "vae", "paths", "num_paths", "frames", "video_pattern", "class_cond", "captions",
+MODEL_OPTIONS = ["model", "image_size", "vae", "path_family", "num_paths", "frames", "video_pattern", "class_cond", "captions",
                  "text_encoder"]
 # Options that may change when a run resumes: they take effect, and a line says so.
 TRAINING_OPTIONS = ["data", "batch_size", "lr", "warmup", "time_sampling", "weight_decay", "grad_clip", "ema_decay",

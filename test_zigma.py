@@ -79,7 +79,7 @@ def test_hilbert_paths_start_at_four_corners_in_both_directions_on_square_grids(
 
 
 def test_a_hilbert_model_reads_orientation_i_mod_k():
-    model = ZigMa(tiny_config(paths="hilbert", depth=4, num_paths=2))
+    model = ZigMa(tiny_config(path_family="hilbert", depth=4, num_paths=2))
     orders = [block.order.path for block in model.blocks]
     paths = zigma.hilbert_paths(4, 4)
     assert all(torch.equal(order, paths[i % 2]) for i, order in enumerate(orders))
@@ -149,15 +149,16 @@ def test_scan_orders_are_buffers_that_checkpoints_need_not_carry():
     assert model.blocks[0].order.path.dtype == torch.long, "orders must stay integer under .to(dtype)"
 
 
-def test_checkpoints_that_carry_scan_orders_still_load():
+@pytest.mark.parametrize("old_names", [{"path_family": "scan", "num_paths": "scan_paths", "video_pattern": "video_scan"},
+                                       {"path_family": "paths"}], ids=["scan", "paths"])
+def test_checkpoints_that_carry_scan_orders_still_load(old_names):
     # Checkpoints written before the orders became non-persistent buffers hold them, under the module's old name
-    # (scans), and their configs name the fields scan, scan_paths and video_scan.
-    config = tiny_config(depth=4, paths="hilbert", num_paths=2, frames=2, video_pattern="st")
+    # (scans), and their configs name the fields scan, scan_paths and video_scan, or later paths.
+    config = tiny_config(depth=4, path_family="hilbert", num_paths=2, frames=2, video_pattern="st")
     networks = data.build_networks(config, {"vocabulary": None})
     old = dict(networks.state_dict())
     for i, order in enumerate(block.order for block in networks["zigma"].blocks):
         old[f"zigma.scans.{i}.order"], old[f"zigma.scans.{i}.inverse"] = order.path, order.inverse
-    old_names = {"paths": "scan", "num_paths": "scan_paths", "video_pattern": "video_scan"}
     old_config = {old_names.get(name, name): value for name, value in asdict(config).items()}
     checkpoint = {"config": old_config, "conditioning": {"vocabulary": None}, "ema": old}
     loaded = data.networks_from_checkpoint(checkpoint, Path("old.pt"))
@@ -489,7 +490,7 @@ def test_fused_scan_equals_pure_torch_scan():
     (dict(num_classes=5), (2, 3, 8, 8), dict(y=torch.tensor([0, 4]))),
     (dict(context_dim=12), (2, 3, 8, 8), dict(context=torch.randn(2, 7, 12))),
     (dict(frames=3, num_classes=2, context_dim=12), (2, 3, 3, 8, 8), dict(y=torch.tensor([1, 0]), context=torch.randn(2, 4, 12))),
-    (dict(frames=2, video_pattern="v", paths="sweep"), (2, 2, 3, 8, 8), {}),
+    (dict(frames=2, video_pattern="v", path_family="sweep"), (2, 2, 3, 8, 8), {}),
 ])
 def test_model_output_has_the_input_shape(fields, x_shape, condition):
     model = randomize(ZigMa(tiny_config(**fields)))
@@ -1058,7 +1059,7 @@ def trained_run(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("options, message", [
     (["--model", "ZigMa-Tiny/4"], "was trained with --model ZigMa-Tiny/2, but this run has --model ZigMa-Tiny/4"),
-    (["--scan", "sweep"], "was trained with --paths zigzag, but this run has --paths sweep"),
+    (["--paths", "sweep"], "was trained with --path-family zigzag, but this run has --path-family sweep"),
     (["--image-size", "16"], "was trained with --image-size 8, but this run has --image-size 16"),
     (["--no-class-cond"], "was trained with --class-cond, but this run has no --class-cond"),
 ])
@@ -1072,6 +1073,21 @@ def test_resuming_with_another_model_names_the_option(tmp_path, trained_run, opt
         arguments += options
     with pytest.raises(UserError, match=re.escape(message)):
         train.main(arguments)
+
+
+def test_a_checkpoint_that_names_the_path_family_paths_resumes(tmp_path, trained_run):
+    # Checkpoints written before the field was path_family call it paths, in the config and the arguments.
+    out = tmp_path / "out"
+    shutil.copytree(trained_run, out)
+    checkpoint = torch.load(out / "ckpt.pt", weights_only=False)
+    for saved in (checkpoint["config"], checkpoint["args"]):
+        saved["paths"] = saved.pop("path_family")
+    torch.save(checkpoint, out / "ckpt.pt")
+    train.main(["--out", str(out), "--steps", "2", *TINY_RUN, "--class-cond"])
+    resumed = torch.load(out / "ckpt.pt", weights_only=False)
+    assert resumed["step"] == 2 and resumed["config"]["path_family"] == "zigzag"
+    with pytest.raises(UserError, match="was trained with --path-family zigzag, but this run has --path-family sweep"):
+        train.main(["--out", str(out), "--steps", "3", *TINY_RUN, "--class-cond", "--paths", "sweep"])
 
 
 def test_resuming_with_a_new_learning_rate_uses_it_and_says_so(tmp_path, trained_run, capsys):

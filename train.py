@@ -56,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("out"), help="where checkpoint, samples and log go (default: out)")
     parser.add_argument("--model", choices=sorted(PRESETS), help="preset (default: the ZigMa-Tiny with 8 x 8 tokens or more)")
     parser.add_argument("--image-size", type=int, default=32, help="images are resized and cropped to this side (default: 32)")
-    parser.add_argument("--paths", "--scan", default="zigzag", choices=PATH_FAMILIES,
-                        help="the token orders; --scan is the older name (default: zigzag, the paper's)")
+    parser.add_argument("--path-family", "--paths", "--scan", default="zigzag", choices=PATH_FAMILIES,
+                        help="the token orders; --paths and --scan are older names (default: zigzag, the paper's)")
     parser.add_argument("--num-paths", "--scan-paths", type=int, default=8, choices=[1, 2, 8],
                         help="K: layer i reads path i mod K; --scan-paths is the older name (default: 8)")
     parser.add_argument("--vae", metavar="NAME_OR_PATH", help="train in this diffusers AutoencoderKL's latent space "
@@ -158,8 +158,8 @@ def train(args, rank: int, world: int, device: torch.device):
         conditioning["text_encoder"] = args.text_encoder
     pretrained = load_pretrained_text_encoder(conditioning["text_encoder"], device)  # frozen, not in the checkpoint
     size, channels = (args.image_size // vae.factor, vae.channels) if vae else (args.image_size, 3)
-    config = preset_config(args.model, input_size=size, in_channels=channels, paths=args.paths, num_paths=args.num_paths,
-                           frames=args.frames, video_pattern=args.video_pattern,
+    config = preset_config(args.model, input_size=size, in_channels=channels, path_family=args.path_family,
+                           num_paths=args.num_paths, frames=args.frames, video_pattern=args.video_pattern,
                            num_classes=len(conditioning["class_names"] or []),
                            context_dim=(pretrained.dim if pretrained else PRESETS[args.model]["dim"]) if args.captions else 0)
     networks = build_networks(config, conditioning).to(device)  # the ZigMa, and the built-in caption encoder

@@ -50,9 +50,9 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 
 # 1. Token orders --------------------------------------------------------------------------------------------
 # The scan is causal. A token sees only the tokens read before it on its layer's path. So the layers take
-# turns over K paths, which differ in corner or direction. A 16 x 16 grid has 960 (token, neighbour) pairs
-# (480 adjacent pairs, both ways). Path 0 reads the neighbour straight before the token in 255 of them.
-# Paths 0 and 1 together do so in 496, and all eight in all 960. `python zigma.py` counts them.
+# turns over K paths, which differ in corner or direction (grid_paths draws them). A 16 x 16 grid has 960
+# (token, neighbour) pairs: 480 adjacent pairs, both ways. Path 0 reads the neighbour straight before the
+# token in 255 of them, paths 0 and 1 together in 496, and all eight in all 960 (`python zigma.py` counts).
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
 # Path k starts at CORNERS[k // 2] and reads by rows for even k. Trained models depend on this order.
@@ -62,7 +62,7 @@ CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 def corner_grids(height: int, width: int) -> list[torch.Tensor]:
     """The grid's row-major token indices, (H, W), flipped to put each corner in turn at [0, 0]."""
-    # On the CPU whatever the default device, because TokenOrder reads the paths back with .tolist().
+    # On the CPU even under a "meta" default device, since TokenOrder reads the paths back with .tolist().
     indices = torch.arange(height * width, device="cpu").view(height, width)  # (H, W)
     grids = []
     for flip_rows, flip_cols in CORNERS:
@@ -99,7 +99,7 @@ def zigzag_paths(height: int, width: int) -> torch.Tensor:
     return grid_paths(height, width, snake=True)
 
 
-PATH_FAMILIES = ("zigzag", "sweep", "hilbert")  # the family names ZigMaConfig.paths takes
+PATH_FAMILIES = ("zigzag", "sweep", "hilbert")  # the names ZigMaConfig.path_family takes
 
 
 def family_paths(family: str, height: int, width: int) -> torch.Tensor:
@@ -110,7 +110,7 @@ def family_paths(family: str, height: int, width: int) -> torch.Tensor:
 
 
 def volume_path(path: torch.Tensor, frames: int, snake: bool) -> torch.Tensor:
-    """A 2D path extended through a clip, frame after frame, (T*H*W,): frame f's part is f*H*W + path.
+    """A 2D path extended through a clip, (T*H*W,): frame f reads f*H*W + path (backwards in odd f, if snake).
 
     With snake, every odd frame reads the path backwards. Each frame then starts where the one before ended,
     so a continuous 2D path stays continuous. Path 0 through two 2 x 2 frames (when each cell is read):
@@ -127,7 +127,7 @@ class TokenOrder(nn.Module):
 
     The axis decides the sequences. "space": each frame is a sequence of H*W tokens (an image is a clip of
     one frame). "time": each position is a sequence of T tokens. "volume": the clip is one sequence. `path`
-    permutes a sequence's L tokens. The config rebuilds it and its inverse, so the state_dict leaves them out.
+    permutes a sequence's L tokens. ZigMa rebuilds it and its inverse from the config, so neither is saved.
     """
 
     def __init__(self, grid: tuple[int, int, int], axis: str, path: torch.Tensor):
@@ -165,7 +165,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
     - s, spatial: the j-th reads 2D path j mod K.
     - t, temporal: the j-th reads time forwards for even j, backwards for odd j.
     - v, volume: the j-th reads the 3D path of 2D path (j // 2) mod K, forwards for even j. Volume layers 0
-      and 1 read path 0's both ways, 2 and 3 path 1's. So each frame sees the frames before and after it.
+      and 1 read path 0's both ways, 2 and 3 path 1's. So each such pair lets every token see every frame.
     For example, "sst" at K = 8 reads path 0, path 1, time forwards, path 2, path 3, time backwards, path 4...
     """
     frames, height, width = grid
@@ -344,7 +344,7 @@ class ZigMaConfig:
     patch_size: int = 2  # P
     dim: int = 384  # D
     depth: int = 24
-    paths: str = "zigzag"  # the family of 2D paths (PATH_FAMILIES): zigzag, or a baseline
+    path_family: str = "zigzag"  # the 2D paths (PATH_FAMILIES): zigzag, or a baseline
     num_paths: int = 8  # K: 1, 2 or 8 (the paper's best, Zigzag-8). The j-th spatial layer reads path j mod K
     frames: int = 0  # 0: images (C, H*P, W*P), read as one frame. T >= 1: clips (T, C, H*P, W*P)
     video_pattern: str = "sst"  # clips: a letter per layer, s spatial, t temporal, v volume. Official: "sst"
@@ -354,11 +354,10 @@ class ZigMaConfig:
     expand: int = 2  # the mixer's inner width is e = expand * D, as in Mamba
 
     def __post_init__(self):
-        side, patch = self.input_size, self.patch_size
+        side, patch, family, pattern = self.input_size, self.patch_size, self.path_family, self.video_pattern
         assert side % patch == 0, f"the patch size {patch} must divide the input size {side}"
-        assert self.paths in PATH_FAMILIES, f"paths: one of {', '.join(PATH_FAMILIES)}, not {self.paths!r}"
+        assert family in PATH_FAMILIES, f"path_family: one of {', '.join(PATH_FAMILIES)}, not {family!r}"
         assert self.num_paths in (1, 2, 8), f"num_paths: 1, 2 or 8, not {self.num_paths}"
-        pattern = self.video_pattern
         assert pattern and set(pattern) <= set("stv"), f"video_pattern takes s, t and v, not {pattern!r}"
 
     @property
@@ -396,7 +395,7 @@ class ZigMa(nn.Module):
         # A learned position per token, in one table for images and clips. DiT uses a fixed 2D sin-cos table.
         self.pos_embed = nn.Parameter(torch.randn(1, math.prod(grid), dim) * 0.02)
         pattern = config.video_pattern if config.frames else "s"
-        orders = layer_orders(grid, config.depth, config.paths, config.num_paths, pattern)
+        orders = layer_orders(grid, config.depth, config.path_family, config.num_paths, pattern)
         self.blocks = nn.ModuleList(
             ZigMaBlock(dim, order, config.d_state, config.expand, config.context_dim) for order in orders)
         self.final_layer = FinalLayer(dim, config.patch_size, config.in_channels)
@@ -588,7 +587,7 @@ class CrossAttention(nn.Module):
 
 def hilbert_paths(height: int, width: int) -> torch.Tensor:
     """Eight generalized Hilbert curves over the grid, (8, H*W), in grid_paths' orientations: from each
-    corner, first along the rows, then along the columns.
+    corner, the curve whose major side runs along the rows, then the one along the columns.
 
     When one side is odd and the other even, no continuous curve runs along the odd side from one corner to
     the next. Take a grid of 4 rows of 3 cells. There, the orientations along the rows use the curve along
@@ -596,6 +595,7 @@ def hilbert_paths(height: int, width: int) -> torch.Tensor:
     square grid, as the model's are, all eight do.
     """
     curves = {"rows": gilbert(0, 0, width, 0, 0, height), "columns": gilbert(0, 0, 0, height, width, 0)}
+    # Continuous unless the major side is odd and the minor side even:
     continuous = {"rows": width % 2 == 0 or height % 2 == 1, "columns": height % 2 == 0 or width % 2 == 1}
     paths = []
     for from_corner in corner_grids(height, width):
@@ -649,8 +649,9 @@ def gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> list[tuple[in
 
 
 # Appendix: the presets --------------------------------------------------------------------------------------
-# DiT's widths, at twice DiT's depth. A ZigMa layer (Mamba mixer and adaLN, about 9.25 D^2 parameters) is
-# about half a DiT block (attention, MLP and adaLN, 18 D^2), so the sizes match DiT's.
+# DiT's widths, at twice DiT's depth. A ZigMa layer has about 9.25 D^2 parameters (in_proj 4, out_proj 2,
+# x_proj and dt_proj 0.25, adaLN 3), about half a DiT block's 18 D^2 (attention 4, MLP 8, adaLN 6). So the
+# sizes match DiT's.
 PRESET_SHAPES = {
     "Tiny": dict(dim=128, depth=8),  # small enough to train on a CPU
     "S": dict(dim=384, depth=24),
@@ -674,16 +675,17 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
 # each under the name in this file that it concerns:
 # - grid_paths: the official utils/utils_zigzag.py builds the paths for square grids only. mamba_simple.py's
 #   Mamba.forward permutes the tokens with them, in its zigzagN branch. Its corners come top-left, top-right,
-#   bottom-left, bottom-right; at K = 1, 2 and 8 both orders pick the same set of paths (at K = 8 in
-#   another order).
+#   bottom-left, bottom-right. At K = 1, 2 and 8 both orders pick the same set of paths, but at K = 8 layers
+#   2 to 7 read them in another order.
 # - hilbert_paths: the official utils/utils_gilbert.py's paths jump between cells that are not neighbours.
 # - layer_orders: the official code has spatial and temporal layers only (its config 3d_zigzag8sst); volume
 #   layers are this file's.
 # - selective_scan: the official code runs a vendored, patched mamba-ssm, which must be built. Here mamba-ssm
 #   is optional and unpatched.
-# - ZigMaBlock: Block.forward returns RMSNorm(r) + gate * mixer(modulate(RMSNorm(r))) for the residual stream
-#   r (Mamba's fused add and norm). Each official layer adds its normalised input back to the stream, so it is
-#   not the identity at the start. It also has drop-path, and its cross-attention has 8 heads of 64 at any
+# - ZigMaBlock: for the residual stream r, the official Block.forward returns
+#       RMSNorm(r) + gate * mixer(modulate(RMSNorm(r)))        (Mamba's fused add and norm)
+#   So each official layer adds its normalised input back to the stream, and is not the identity at the start,
+#   even with its gates at zero. It also has drop-path, and its cross-attention has 8 heads of 64 at any
 #   width.
 # - ZigMa: the text's mean is also added to c. The label table starts at N(0, 0.02), as DiT's (here N(0, 1),
 #   for the reason given there). The positions start at zeros. out_proj is rescaled by 1/sqrt(depth).
