@@ -9,9 +9,9 @@ the tokens along one of eight continuous zigzag paths over the token grid. After
 Neighbours in the sequence are then neighbours in the image. For video, spatial layers zigzag within each
 frame, temporal layers read each position through time, and volume layers read the clip as one path.
 
-The file reads top to bottom: 1. token orders, 2. the selective scan, 3. the Mamba mixer, 4. the ZigMa block,
-5. the model, 6. flow matching. Appendices follow: DiT's timestep embedder, final layer and cross-attention,
-the Hilbert baseline, the presets, where the official code differs, and `python zigma.py`, a demonstration.
+Sections: 1. token orders, 2. the selective scan, 3. the Mamba mixer, 4. the ZigMa block, 5. the model,
+6. flow matching. Appendices: DiT's parts, the Hilbert baseline, the presets, the official code's differences,
+and `python zigma.py`, a demonstration.
 
 Shapes:
     B  batch             T  frames (1 for an image)     C  image (or latent) channels    P  patch size
@@ -62,7 +62,7 @@ CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 def corner_grids(height: int, width: int) -> list[torch.Tensor]:
     """The grid's row-major token indices, (H, W), flipped to put each corner in turn at [0, 0]."""
-    # On the CPU even under a "meta" default device, since TokenOrder reads the paths back with .tolist().
+    # On the CPU, even under a "meta" default device: TokenOrder calls .tolist() on the paths.
     indices = torch.arange(height * width, device="cpu").view(height, width)  # (H, W)
     grids = []
     for flip_rows, flip_cols in CORNERS:
@@ -76,7 +76,7 @@ def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
 
     path[i] is the row-major index of the token read i-th. With snake=True, every other line runs backwards,
     which makes the path continuous: ZigMa's zigzag. With snake=False, every line starts at the same side, as
-    in a raster "sweep". Below are the zigzags on a 4 x 4 grid. Each cell shows when its token is read.
+    in a raster "sweep". Below, the zigzags on a 4 x 4 grid; each cell holds argsort(path), when it is read.
 
         0: rows, top-left      1: columns, top-left   2: rows, bottom-right  3: columns, bottom-right
          0  1  2  3             0  7  8 15            12 13 14 15            12 11  4  3
@@ -165,7 +165,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
     - s, spatial: the j-th reads 2D path j mod K.
     - t, temporal: the j-th reads time forwards for even j, backwards for odd j.
     - v, volume: the j-th reads the 3D path of 2D path (j // 2) mod K, forwards for even j. Volume layers 0
-      and 1 read path 0's both ways, 2 and 3 path 1's. So each such pair lets every token see every frame.
+      and 1 read path 0's both ways, 2 and 3 path 1's. So each such pair lets every token see every other.
     For example, "sst" at K = 8 reads path 0, path 1, time forwards, path 2, path 3, time backwards, path 4...
     """
     frames, height, width = grid
@@ -226,11 +226,11 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
     """The scan the layers run, by the fastest exact implementation at hand: mamba-ssm's CUDA kernel if it is
-    installed, else fast_scan.py's scan, else the reference. Under autocast, u, delta, B, C and z may be bf16.
-    The kernel needs A, D and delta_bias in float32 (a float64 model keeps float64)."""
+    installed (for float32, fp16 or bf16 inputs, with A, D and delta_bias in float32), else fast_scan.py's
+    scan, else the reference."""
     precision = torch.promote_types(A.dtype, torch.float32)
     A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
-    kernel_ok = u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)  # not float64
+    kernel_ok = u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
     if fused_selective_scan is not None and kernel_ok:
         scan = fused_selective_scan
     elif fast_scan is not None:
@@ -387,7 +387,7 @@ class ZigMa(nn.Module):
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
             # N(0, 1), as ADM's class embedding. At DiT's 0.02, a label would be small beside the timestep
-            # embedding, whose norm grows to about 20 within a few hundred training steps.
+            # embedding, whose norm grows to about 20 within a few hundred steps (docs/official-code.md).
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
@@ -412,7 +412,8 @@ class ZigMa(nn.Module):
         if self.null_context is not None:  # text: the null context is one learned token
             if context is None:
                 context = self.null_context.expand(batch, 1, -1)  # (B, 1, context_dim)
-            elif drop is not None:  # a dropped row: S null tokens, all unmasked (padding too), attend as one
+            elif drop is not None:
+                # A dropped row: S copies of the null token, none masked, attend as the one null token does.
                 context = torch.where(drop[:, None, None], self.null_context, context)  # (B, S, context_dim)
                 context_mask = None if context_mask is None else context_mask | drop[:, None]  # (B, S)
         return y, context, context_mask
@@ -638,8 +639,8 @@ def gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> list[tuple[in
     #     1 1 3 3     2: the bottom half, across the whole major side
     #     2 2 2 2     3: the top-right block, back up, to the major side's far end
     #     2 2 2 2
-    # The third part starts at the last cell of the major side, half the minor side in, and runs both sides
-    # backwards.
+    # The third part starts at the last cell of the major side, in the last line of the minor side's first
+    # half, and runs both sides backwards.
     if abs(half_bx + half_by) % 2 and minor_length > 2:
         half_bx, half_by = half_bx + vx, half_by + vy
     return (gilbert(x, y, half_bx, half_by, half_ax, half_ay)
@@ -671,29 +672,33 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
 
 
 # Appendix: where the official code differs ------------------------------------------------------------------
-# The official code is github.com/CompVis/zigma: model_zigma.py, with Mamba in dis_mamba/. The differences,
-# each under the name in this file that it concerns:
-# - grid_paths: the official utils/utils_zigzag.py builds the paths for square grids only. mamba_simple.py's
-#   Mamba.forward permutes the tokens with them, in its zigzagN branch. Its corners come top-left, top-right,
-#   bottom-left, bottom-right. At K = 1, 2 and 8 both orders pick the same set of paths, but at K = 8 layers
-#   2 to 7 read them in another order.
-# - hilbert_paths: the official utils/utils_gilbert.py's paths jump between cells that are not neighbours.
-# - layer_orders: the official code has spatial and temporal layers only (its config 3d_zigzag8sst); volume
-#   layers are this file's.
-# - selective_scan: the official code runs a vendored, patched mamba-ssm, which must be built. Here mamba-ssm
-#   is optional and unpatched.
-# - ZigMaBlock: for the residual stream r, the official Block.forward returns
+# The official code is github.com/CompVis/zigma: model_zigma.py, with Mamba in dis_mamba/. Each difference is
+# listed under the name in this file that it concerns.
+# - grid_paths. Official: utils/utils_zigzag.py builds the paths, for square grids only, and mamba_simple.py's
+#   Mamba.forward permutes the tokens with them (its zigzagN branch). Its corners come top-left, top-right,
+#   bottom-left, bottom-right. Here: any grid, and the corners of CORNERS. At K = 1, 2 and 8 both orders pick
+#   the same set of paths, but at K = 8 layers 2 to 7 read them in another order.
+# - hilbert_paths. Official: utils/utils_gilbert.py's paths jump between cells that are not neighbours.
+#   Here: continuous on the model's grids.
+# - layer_orders. Official: spatial and temporal layers only (its config 3d_zigzag8sst). Here: volume layers
+#   too.
+# - selective_scan. Official: a vendored, patched mamba-ssm, which must be built. Here: mamba-ssm is optional
+#   and unpatched.
+# - ZigMaBlock. Official: for the residual stream r, Block.forward returns
 #       RMSNorm(r) + gate * mixer(modulate(RMSNorm(r)))        (Mamba's fused add and norm)
-#   So each official layer adds its normalised input back to the stream, and is not the identity at the start,
-#   even with its gates at zero. It also has drop-path, and its cross-attention has 8 heads of 64 at any
-#   width.
-# - ZigMa: the text's mean is also added to c. The label table starts at N(0, 0.02), as DiT's (here N(0, 1),
-#   for the reason given there). The positions start at zeros. out_proj is rescaled by 1/sqrt(depth).
-# - FinalLayer: not modulated by the condition.
-# - PRESETS: the official zigma_s_2 is 368 wide, where ZigMa-S is DiT-S's 384; B and L match.
-# - flow_loss: t is uniform (SiT's transport); here logit-normal by default.
-# - guided_velocity: the official ZigMa.forward_with_cfg raises NotImplementedError; guidance is this file's.
-# - sample: the official code also has SiT's SDE sampler (transport/). Here the sampler is the ODE's.
+#   So each layer adds its normalised input back to the stream, and is not the identity at the start, even
+#   with its gates at zero. It also has drop-path, and its cross-attention has 8 heads of 64 at any width.
+#   Here: DiT's residual, the identity at the start, no drop-path, and heads of 64 where 64 divides D (else
+#   one head).
+# - ZigMa. Official: the text's mean is also added to c, the label table starts at N(0, 0.02) as DiT's, the
+#   positions start at zeros, and out_proj is rescaled by 1/sqrt(depth). Here: c is the timestep and the
+#   label, labels start at N(0, 1) (the reason is given there), positions at N(0, 0.02), and out_proj keeps
+#   PyTorch's initialisation.
+# - FinalLayer. Official: not modulated by the condition. Here: modulated, as DiT's.
+# - PRESETS. Official: zigma_s_2 is 368 wide. Here: ZigMa-S is DiT-S's 384. B and L match.
+# - flow_loss. Official: t is uniform (SiT's transport). Here: logit-normal by default.
+# - guided_velocity. Official: ZigMa.forward_with_cfg raises NotImplementedError. Here: guidance works.
+# - sample. Official: SiT's SDE sampler too (transport/). Here: the ODE's only.
 
 
 # Appendix: python zigma.py ----------------------------------------------------------------------------------
