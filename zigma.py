@@ -49,14 +49,13 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 
 
 # 1. Token orders --------------------------------------------------------------------------------------------
-# The scan is causal. A token sees only the tokens read before it on its layer's path. So the layers take
-# turns over K paths, which differ in corner or direction (grid_paths draws them). A 16 x 16 grid has 960
-# (token, neighbour) pairs: 480 adjacent pairs, both ways. Path 0 reads the neighbour straight before the
-# token in 255 of them, paths 0 and 1 together in 496, and all eight in all 960 (`python zigma.py` counts).
+# The scan is causal: a token sees only the tokens read before it on its layer's path. So the layers take
+# turns over K paths, which differ in corner or direction. The model takes each layer's TokenOrder from
+# layer_orders, at the end of this section; the functions before them build the paths.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# Path k starts at CORNERS[k // 2] and reads by rows for even k. Trained models depend on this order.
-# With K = 1 or 2, every layer starts top-left. In an image model, the top-left token then sees only itself.
+# Path k starts at CORNERS[k // 2], by rows for even k. Models trained with this file depend on this order.
+# With K = 1 or 2 all layers start top-left, so an image's top-left token sees no other token in them.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
@@ -83,6 +82,9 @@ def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
          7  6  5  4             1  6  9 14            11 10  9  8            13 10  5  2
          8  9 10 11             2  5 10 13             4  5  6  7            14  9  6  1
         15 14 13 12             3  4 11 12             3  2  1  0            15  8  7  0
+
+    Why K paths: of the 960 (token, neighbour) pairs of a 16 x 16 grid (each adjacent pair both ways), path 0
+    reads 255 consecutively, paths 0 and 1 together 496, and all eight all 960 (`python zigma.py` counts).
     """
     paths = []
     for from_corner in corner_grids(height, width):
@@ -95,7 +97,7 @@ def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
 
 
 def zigzag_paths(height: int, width: int) -> torch.Tensor:
-    """ZigMa's eight zigzag paths over the token grid, (8, H*W). The model gets them through family_paths."""
+    """ZigMa's eight zigzag paths, (8, H*W), by name for the demo and tests; the model uses family_paths."""
     return grid_paths(height, width, snake=True)
 
 
@@ -112,8 +114,7 @@ def family_paths(family: str, height: int, width: int) -> torch.Tensor:
 def volume_path(path: torch.Tensor, frames: int, snake: bool) -> torch.Tensor:
     """A 2D path extended through a clip, (T*H*W,): frame f reads f*H*W + path (backwards in odd f, if snake).
 
-    With snake, every odd frame reads the path backwards. Each frame then starts where the one before ended,
-    so a continuous 2D path stays continuous. Path 0 through two 2 x 2 frames (when each cell is read):
+    So each frame starts where the one before ended. Path 0 through two 2 x 2 frames (when each is read):
         frame 0:  0 1    frame 1:  7 6
                   3 2              4 5
     """
@@ -228,7 +229,7 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
     """The scan the layers run, by the fastest exact implementation at hand: mamba-ssm's CUDA kernel if it is
     installed (for float32, fp16 or bf16 inputs, with A, D and delta_bias in float32), else fast_scan.py's
     scan, else the reference."""
-    precision = torch.promote_types(A.dtype, torch.float32)
+    precision = torch.promote_types(A.dtype, torch.float32)  # float32 even after model.half(); or float64
     A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
     kernel_ok = u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
     if fused_selective_scan is not None and kernel_ok:
@@ -402,7 +403,7 @@ class ZigMa(nn.Module):
         self.grad_checkpointing = False  # True: recompute each block in the backward pass, to save memory
 
     def conditions(self, batch: int, y=None, context=None, context_mask=None, drop=None):
-        """y (B,), context (B, S, context_dim) and context_mask (B, S) as forward uses them. A missing or
+        """y (B,), context (B, S, context_dim) and context_mask (B, S) as forward takes them. A missing or
         dropped condition becomes the null one. drop (B,) is True in the rows to drop: random rows in
         training, and guidance's null half. Conditions the model does not take stay None."""
         if self.y_embedder is not None:  # labels: the null label is num_classes
@@ -413,7 +414,7 @@ class ZigMa(nn.Module):
             if context is None:
                 context = self.null_context.expand(batch, 1, -1)  # (B, 1, context_dim)
             elif drop is not None:
-                # A dropped row: S copies of the null token, none masked, attend as the one null token does.
+                # A dropped row: S unmasked copies of the null token attend as the one null token does.
                 context = torch.where(drop[:, None, None], self.null_context, context)  # (B, S, context_dim)
                 context_mask = None if context_mask is None else context_mask | drop[:, None]  # (B, S)
         return y, context, context_mask
@@ -470,10 +471,9 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
     assert time_sampling in TIME_SAMPLING, f"time_sampling is one of {TIME_SAMPLING}, not {time_sampling!r}"
     batch = x.shape[0]
     noise = torch.randn_like(x) if noise is None else noise
-    if t is None and time_sampling == "uniform":
-        t = torch.rand(batch, device=x.device)
-    elif t is None:  # logit-normal
-        t = torch.randn(batch, device=x.device).sigmoid()
+    if t is None:
+        uniform = time_sampling == "uniform"
+        t = torch.rand(batch, device=x.device) if uniform else torch.randn(batch, device=x.device).sigmoid()
     t_broadcast = t.view(batch, *([1] * (x.dim() - 1))).to(x.dtype)  # (B, 1, 1, 1), or (B, 1, 1, 1, 1)
     x_t = (1 - t_broadcast) * noise + t_broadcast * x
     drop = None
@@ -575,7 +575,7 @@ class CrossAttention(nn.Module):
         q = rearrange(self.to_q(x), "b tokens (heads head_dim) -> b heads tokens head_dim", heads=self.heads)
         k, v = rearrange(self.to_kv(context), "b s (two heads head_dim) -> two b heads s head_dim", two=2,
                          heads=self.heads)  # (B, heads, S, D / heads) each
-        # Padding is not attended to, or a caption's result would depend on the others in its batch.
+        # Padding is not attended to, or a caption's result would depend on how far its batch pads it.
         attn_mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, S)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, T*H*W, D / heads)
         out = rearrange(out, "b heads tokens head_dim -> b tokens (heads head_dim)")  # (B, T*H*W, D)
@@ -677,7 +677,7 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
 # - grid_paths. Official: utils/utils_zigzag.py builds the paths, for square grids only, and mamba_simple.py's
 #   Mamba.forward permutes the tokens with them (its zigzagN branch). Its corners come top-left, top-right,
 #   bottom-left, bottom-right. Here: any grid, and the corners of CORNERS. At K = 1, 2 and 8 both orders pick
-#   the same set of paths, but at K = 8 layers 2 to 7 read them in another order.
+#   the same set of paths, but at K = 8 the spatial layers j with j mod 8 from 2 to 7 read other ones.
 # - hilbert_paths. Official: utils/utils_gilbert.py's paths jump between cells that are not neighbours.
 #   Here: continuous on the model's grids.
 # - layer_orders. Official: spatial and temporal layers only (its config 3d_zigzag8sst). Here: volume layers
@@ -732,7 +732,7 @@ def demonstrate(steps: int = 200) -> None:
           f"tokens")
     side = torch.linspace(-1, 1, 16)
     rows, cols = torch.meshgrid(side, side, indexing="ij")  # (16, 16) each
-    image = torch.stack([rows, cols, -rows * cols])[None]  # (1, 3, 16, 16): 2 gradients, their product
+    image = torch.stack([rows, cols, -rows * cols])[None]  # (1, 3, 16, 16): 2 gradients, minus their product
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(1, steps + 1):
         loss = flow_loss(model, image.expand(8, -1, -1, -1))
