@@ -11,7 +11,7 @@ frame, temporal layers read each position through time, and volume layers read t
 
 Sections: 1. token orders, 2. the selective scan, 3. the Mamba mixer, 4. the ZigMa block, 5. the model,
 6. flow matching. Appendices: DiT's parts, the Hilbert baseline, the presets, the official code's differences,
-and `python zigma.py`, a demonstration.
+and `python zigma.py`, a demonstration. ZigMa's idea itself is the two lines so marked in ZigMaBlock.forward.
 
 Shapes:
     B  batch             T  frames (1 for an image)     C  image (or latent) channels    P  patch size
@@ -51,7 +51,7 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 # 1. Token orders --------------------------------------------------------------------------------------------
 # The scan is causal: a token sees only the tokens read before it on its layer's path. So the layers take
 # turns over K paths, which differ in corner or direction. The model takes each layer's TokenOrder from
-# layer_orders, at the end of this section; the functions before them build the paths.
+# layer_orders, at the end of this section; the functions before it build the paths.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
 # Path k starts at CORNERS[k // 2], by rows for even k. Models trained with this file depend on this order.
@@ -84,7 +84,7 @@ def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
         15 14 13 12             3  4 11 12             3  2  1  0            15  8  7  0
 
     Why K paths: of the 960 (token, neighbour) pairs of a 16 x 16 grid (each adjacent pair both ways), path 0
-    reads 255 consecutively, paths 0 and 1 together 496, and all eight all 960 (`python zigma.py` counts).
+    reads 255 back to back, neighbour then token. Paths 0 and 1 do for 496, all eight for all 960 (the demo).
     """
     paths = []
     for from_corner in corner_grids(height, width):
@@ -165,8 +165,8 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
     repeats over the depth (images use "s"). j counts the layers of each kind from 0.
     - s, spatial: the j-th reads 2D path j mod K.
     - t, temporal: the j-th reads time forwards for even j, backwards for odd j.
-    - v, volume: the j-th reads the 3D path of 2D path (j // 2) mod K, forwards for even j. Volume layers 0
-      and 1 read path 0's both ways, 2 and 3 path 1's. So each such pair lets every token see every other.
+    - v, volume: the layers come in pairs. Pair p reads 2D path p mod K carried through the frames, first
+      forwards, then backwards, so that together they let every token see every other.
     For example, "sst" at K = 8 reads path 0, path 1, time forwards, path 2, path 3, time backwards, path 4...
     """
     frames, height, width = grid
@@ -229,7 +229,7 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
     """The scan the layers run, by the fastest exact implementation at hand: mamba-ssm's CUDA kernel if it is
     installed (for float32, fp16 or bf16 inputs, with A, D and delta_bias in float32), else fast_scan.py's
     scan, else the reference."""
-    precision = torch.promote_types(A.dtype, torch.float32)  # float32 even after model.half(); or float64
+    precision = torch.promote_types(A.dtype, torch.float32)  # float32 even after model.half() (or float64)
     A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
     kernel_ok = u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
     if fused_selective_scan is not None and kernel_ok:
@@ -261,14 +261,14 @@ class MambaMixer(nn.Module):
         self.x_proj = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, inner)
         self.out_proj = nn.Linear(inner, dim, bias=False)
-        # Mamba's initialisation. dt_proj's weight is uniform in +-r^-1/2 (Mamba's dt_init="random"). delta is
-        # log-uniform in [dt_min, dt_max], through softplus(bias) ...
+        # Mamba's initialisation of delta: dt_proj's weight uniform in +-r^-1/2 (Mamba's dt_init="random"),
+        # and delta log-uniform in [dt_min, dt_max], through softplus(bias).
         nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
         delta = torch.exp(torch.rand(inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         delta = delta.clamp(min=dt_init_floor)  # (e,)
         with torch.no_grad():
             self.dt_proj.bias.copy_(delta + torch.log(-torch.expm1(-delta)))  # the inverse of softplus
-        # ... and A = -[1, 2, ..., n] in every channel (S4D-Real), kept as A_log so that A = -exp(A_log) < 0.
+        # Mamba's initialisation of A: -[1, 2, ..., n] in every channel (S4D-Real), kept as A_log = log(-A).
         A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(inner, 1)  # (e, n)
         self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(inner))  # the skip connection D u_i
@@ -299,8 +299,8 @@ class ZigMaBlock(nn.Module):
     x + gate * mixer(modulate(LayerNorm(x))) is DiT's pre-LayerNorm residual, with the mixer in place of
     attention. The mixer reads the tokens in path order:
         (B, T*H*W, D) -> to_sequences -> (sequences, L, D) -> mixer -> from_sequences -> (B, T*H*W, D)
-    The gates start at zero, so the block is the identity until it trains. As in Mamba, there is no MLP. The
-    mixer's in_proj and out_proj (expand 2) play its part.
+    The gates start at zero, so the block is the identity until it trains. As in Mamba, there is no MLP: the
+    mixer's in_proj and out_proj, expand * D wide, play its part.
     """
 
     def __init__(self, dim: int, order: TokenOrder, d_state: int = 16, expand: int = 2, context_dim: int = 0):
@@ -414,7 +414,7 @@ class ZigMa(nn.Module):
             if context is None:
                 context = self.null_context.expand(batch, 1, -1)  # (B, 1, context_dim)
             elif drop is not None:
-                # A dropped row: S unmasked copies of the null token attend as the one null token does.
+                # A dropped row: S unmasked null tokens. Attending to equal values gives that value.
                 context = torch.where(drop[:, None, None], self.null_context, context)  # (B, S, context_dim)
                 context_mask = None if context_mask is None else context_mask | drop[:, None]  # (B, S)
         return y, context, context_mask
@@ -590,10 +590,9 @@ def hilbert_paths(height: int, width: int) -> torch.Tensor:
     """Eight generalized Hilbert curves over the grid, (8, H*W), in grid_paths' orientations: from each
     corner, the curve whose major side runs along the rows, then the one along the columns.
 
-    When one side is odd and the other even, no continuous curve runs along the odd side from one corner to
-    the next. Take a grid of 4 rows of 3 cells. There, the orientations along the rows use the curve along
-    the columns, read backwards. So they start at another corner, and only four of the eight differ. On a
-    square grid, as the model's are, all eight do.
+    When one side is odd and the other even, no continuous curve runs along the odd side from corner to
+    corner. Those orientations reuse the curve along the other side, read backwards, so on such grids only
+    four of the eight paths differ. On the model's square grids all eight do.
     """
     curves = {"rows": gilbert(0, 0, width, 0, 0, height), "columns": gilbert(0, 0, 0, height, width, 0)}
     # Continuous unless the major side is odd and the minor side even:
