@@ -10,8 +10,8 @@ Neighbours in the sequence are then neighbours in the image. For video, spatial 
 frame, temporal layers read each position through time, and volume layers read the clip as one path.
 
 Sections: 1. token orders, 2. the selective scan, 3. the Mamba mixer, 4. the ZigMa block, 5. the model,
-6. flow matching. Appendices: DiT's parts, the Hilbert baseline, the presets, the official code's differences,
-and `python zigma.py`, a demonstration. ZigMa's idea itself is the two lines so marked in ZigMaBlock.forward.
+6. flow matching. Appendices: DiT's parts and cross-attention, the Hilbert baseline, the presets, the official
+code's differences, and a demo (`python zigma.py`). The idea itself is two lines, marked in ZigMaBlock.forward.
 
 Shapes:
     B  batch             T  frames (1 for an image)     C  image (or latent) channels    P  patch size
@@ -50,12 +50,12 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 
 # 1. Token orders --------------------------------------------------------------------------------------------
 # The scan is causal: a token sees only the tokens read before it on its layer's path. So the layers take
-# turns over K paths, which differ in corner or direction. The model takes each layer's TokenOrder from
-# layer_orders, at the end of this section; the functions before it build the paths.
+# turns over K paths, which differ in start corner or axis (rows or columns). The model takes each layer's
+# TokenOrder from layer_orders, at the end of this section; the functions before it build the paths.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
 # Path k starts at CORNERS[k // 2], by rows for even k. Models trained with this file depend on this order.
-# With K = 1 or 2 all layers start top-left, so an image's top-left token sees no other token in them.
+# With K = 1 or 2 all layers start top-left, so an image's top-left token sees no other token in any layer.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
@@ -414,7 +414,7 @@ class ZigMa(nn.Module):
             if context is None:
                 context = self.null_context.expand(batch, 1, -1)  # (B, 1, context_dim)
             elif drop is not None:
-                # A dropped row: S unmasked null tokens. Attending to equal values gives that value.
+                # A dropped row: S unmasked copies of the null token, whose attention equals the one token's.
                 context = torch.where(drop[:, None, None], self.null_context, context)  # (B, S, context_dim)
                 context_mask = None if context_mask is None else context_mask | drop[:, None]  # (B, S)
         return y, context, context_mask
@@ -591,8 +591,9 @@ def hilbert_paths(height: int, width: int) -> torch.Tensor:
     corner, the curve whose major side runs along the rows, then the one along the columns.
 
     When one side is odd and the other even, no continuous curve runs along the odd side from corner to
-    corner. Those orientations reuse the curve along the other side, read backwards, so on such grids only
-    four of the eight paths differ. On the model's square grids all eight do.
+    corner. Those orientations reuse the other side's curve, read backwards, so they start at another corner
+    and may repeat another path: on 4 x 3, only four of the eight differ. On the model's square grids all
+    eight do.
     """
     curves = {"rows": gilbert(0, 0, width, 0, 0, height), "columns": gilbert(0, 0, 0, height, width, 0)}
     # Continuous unless the major side is odd and the minor side even:
