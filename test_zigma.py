@@ -1889,6 +1889,28 @@ def test_sigterm_saves_a_checkpoint_and_exits_like_ctrl_c(tmp_path):
     assert "Traceback" not in stderr
 
 
+def test_a_data_worker_killed_by_the_same_ctrl_c_saves_the_steps_taken(tmp_path, monkeypatch):
+    # Ctrl-C reaches the data-loading workers too: one that dies while the next batch loads cuts that step short,
+    # so the checkpoint must hold the steps before it, under their number, not the cut step's.
+    fetches = []
+    next_batch = plumbing.Batches.__next__
+
+    def dying_worker(batches):
+        fetches.append(None)
+        if len(fetches) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # train.py's handler notes it
+            raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Interrupt.")
+        return next_batch(batches)
+
+    monkeypatch.setattr(plumbing.Batches, "__next__", dying_worker)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=f"stopped by SIGINT at step 2; {re.escape(str(out / 'ckpt.pt'))} is kept as it was at step 2"):
+        train.main(["--out", str(out), "--steps", "10", *TINY_RUN, "--ckpt-every", "100", "--sample-every", "100"])
+    checkpoint = data.load_checkpoint(out / "ckpt.pt")
+    optimizer_steps = {int(state["step"]) for state in checkpoint["optimizer"]["state"].values()}
+    assert checkpoint["step"] == 2 and optimizer_steps == {2}, (checkpoint["step"], optimizer_steps)
+
+
 def test_a_closed_terminal_stops_training_with_a_checkpoint(tmp_path):
     # The terminal goes away: its pipe closes, so writes to stderr fail, and the session's SIGHUP follows.
     out = tmp_path / "out"

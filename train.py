@@ -193,8 +193,9 @@ def train(args, rank: int, world: int, device: torch.device):
           f"{plural(len(dataset), 'training clip' if args.frames else 'training image')}, on {device}"
           + (f", one of {world} processes" if world > 1 else "") + f", {precision_name(dtype)}, selective scan in {scan_name}")
 
-    def checkpoint_now(batch) -> str:
-        """Write the checkpoint, unless the weights have diverged (check_weights_are_sane). Returns what is kept."""
+    def checkpoint_now(batch, step: int) -> str:
+        """Write the checkpoint of the model after `step`, unless the weights have diverged (check_weights_are_sane).
+        Returns what is kept."""
         check_weights_are_sane(networks, networks["text"] if "text" in networks else pretrained, batch, recent_losses,
                                step, world, device, autocast, f"{saved}. Train with a lower --lr than {args.lr:g}",
                                args.time_sampling)
@@ -209,7 +210,7 @@ def train(args, rank: int, world: int, device: torch.device):
 
     preview_labels, preview_captions = preview_conditions(dataset, 16)
 
-    def save_preview():
+    def save_preview(step: int):
         noise = torch.randn(16, *config.input_shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
         y = preview_labels.to(device) if preview_labels is not None else None
         with autocast:
@@ -226,7 +227,7 @@ def train(args, rank: int, world: int, device: torch.device):
     recent = collections.deque([(time.perf_counter(), 0)], maxlen=21)  # (time, examples) after each of the last 20 steps
     threads = CPUThreads() if device.type == "cpu" else None  # the cores other processes leave free
     stop = StopRequest()  # Ctrl-C, SIGTERM and SIGHUP stop after the step under way, with a checkpoint
-    last_batch = None  # the batch of the last step, while that step is not in the checkpoint
+    done, last_batch = start, None  # the last step taken, and its batch while that step is not in the checkpoint
     try:
         for step in range(start + 1, args.steps + 1):
             # Noise, times, dropped conditions and (with --workers 0) flips come from a seed for each step and
@@ -254,6 +255,7 @@ def train(args, rank: int, world: int, device: torch.device):
             scaler.step(optimizer)
             scaler.update()
             update_ema(ema, networks, min(args.ema_decay, (1 + step) / (10 + step)))
+            done, last_batch = step, batch
 
             recent_losses.append(loss.item())  # this process's loss: one wait for the device a step
             recent.append((time.perf_counter(), recent[-1][1] + x.shape[0] * world))
@@ -268,11 +270,10 @@ def train(args, rank: int, world: int, device: torch.device):
                 if rank == 0:
                     log.scalars(step, {"loss": round(loss.item(), 5), "lr": lr, "grad_norm": round(grad_norm.item(), 5),
                                        "examples_per_s": round(speed, 2)})
-            last_batch = batch
             if step % args.ckpt_every == 0 or step == args.steps:  # first the checkpoint, then the preview
-                saved, last_batch = checkpoint_now(batch), None
+                saved, last_batch = checkpoint_now(batch, step), None
             if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-                save_preview()
+                save_preview(step)
             if stop.agreed(world, device):
                 break
     except RuntimeError:
@@ -284,10 +285,10 @@ def train(args, rank: int, world: int, device: torch.device):
         if log:
             log.close()
     if stop.name:
-        if last_batch is not None:  # a step since the last checkpoint
-            saved = checkpoint_now(last_batch)
-        raise UserError(f"stopped by {stop.name} at step {step}; {saved}: re-run the same command to resume")
-    print(f"done: step {step}, {ckpt_path}; draw samples from it with: python sample.py --ckpt {args.out}")
+        if last_batch is not None:  # a step since the last checkpoint (not one a dying data worker cut short)
+            saved = checkpoint_now(last_batch, done)
+        raise UserError(f"stopped by {stop.name} at step {done}; {saved}: re-run the same command to resume")
+    print(f"done: step {done}, {ckpt_path}; draw samples from it with: python sample.py --ckpt {args.out}")
 
 
 if __name__ == "__main__":
