@@ -473,9 +473,9 @@ def check_sampling_arguments(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--sample-steps must be {MAX_ODE_STEPS} or less, not {args.sample_steps}")
     if not 0 <= args.seed < 2 ** 63:
         raise UserError(f"--seed must be between 0 and 2^63 - 1, not {args.seed}")
-    if args.n > GRID_LIMIT and args.out_dir is None and args.npz is None:
+    if args.n > GRID_LIMIT and args.out_dir is None and args.npz is None and args.fid is None:  # FID uses them all
         raise UserError(f"--num-samples {args.n}: the grid holds the first {GRID_LIMIT} samples; pass --out-dir or --npz "
-                        f"to keep them all, or --num-samples {GRID_LIMIT} or fewer")
+                        f"to keep them all, --fid to measure them, or --num-samples {GRID_LIMIT} or fewer")
     if args.fid is not None and args.out_dir is not None and args.out_dir.resolve().is_relative_to(args.fid.resolve()):
         raise UserError(f"--out-dir {args.out_dir} is inside --fid {args.fid}: the samples would count as real images; "
                         f"pass an --out-dir outside it")

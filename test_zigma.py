@@ -1243,6 +1243,18 @@ def test_fid_is_the_frechet_distance_of_the_samples_to_the_folder(tmp_path, trai
     assert fid > 1, "the untrained model's samples are not the folder's images"
 
 
+def test_fid_alone_measures_more_samples_than_the_grid_holds(tmp_path, trained_run, monkeypatch, capsys):
+    # A user after a number need not write every sample: the grid keeps the first 256, and FID reads them all.
+    pytest.importorskip("torchmetrics")
+    monkeypatch.setattr(plumbing, "FID_FEATURES", SmallFeatures())
+    real = make_image_folder(tmp_path / "real")
+    sample_script.main(["--ckpt", str(trained_run), "--num-samples", "300", "--sample-steps", "1", "--batch-size", "100",
+                        "--out", str(tmp_path / "grid.png"), "--fid", str(real)])
+    printed = capsys.readouterr().out
+    assert re.search(r"FID \d+\.\d+: 300 samples against", printed), printed
+    assert (tmp_path / "grid.png").exists()
+
+
 def test_frechet_distance_of_gaussians_with_shared_axes():
     # Covariances Q diag(a) Q^T and Q diag(b) Q^T commute, and then FID's trace term is sum (sqrt(a) - sqrt(b))^2.
     generator = torch.Generator().manual_seed(0)
