@@ -2,7 +2,7 @@
 
     python sample.py                                                   # out/ckpt.pt -> samples.png
     python sample.py --ckpt out --num-samples 10000 --out-dir fid_samples --fid ./faces   # one PNG each, and FID
-    python sample.py --ckpt out --class smiling --cfg 3 --method dopri5   # or --prompt "a pink frowning face"
+    python sample.py --ckpt out --class smiling --cfg 3 --method dopri5   # a --class-cond run; --prompt: --captions
     torchrun --nproc_per_node 8 sample.py --ckpt out --num-samples 50000 --npz samples.npz   # ADM's FID suite
 
 A video checkpoint writes an animated grid GIF; a latent one is decoded with the VAE it names. Sample i's noise

@@ -7,7 +7,7 @@
     python train.py --data ./ffhq --image-size 256 --vae stabilityai/sd-vae-ft-ema --model ZigMa-B/2   # latents
     torchrun --standalone --nproc_per_node 8 train.py --data ./faces --model ZigMa-B/2 --batch-size 256
 
-Everything goes to --out (default out/): ckpt.pt, samples_STEP.png (from the EMA weights), log.jsonl and, with
+Everything goes to --out (default out/): ckpt.pt, samples_0000500.png (from the EMA weights), log.jsonl and, with
 --vae, latents.pt. Re-running a command resumes from OUT/ckpt.pt; a larger --steps trains on. Under torchrun
 each process trains on its share of every batch (DistributedDataParallel); the first writes the files.
 """
@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                           help="autocast: auto is bf16 on a GPU that has it, else fp16; float32 on a CPU (default: auto)")
     training.add_argument("--compile", action="store_true", help="torch.compile the model (on a CPU, the scan stays eager)")
     training.add_argument("--grad-checkpointing", action="store_true", help="less memory, about a third more time")
-    training.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
+    training.add_argument("--workers", type=int, default=2, help="data-loading processes; 0 also resumes flips exactly (default: 2)")
     progress = parser.add_argument_group("progress")
     progress.add_argument("--sample-every", type=int, default=500, help="save samples every N steps; 0: none (default: 500)")
     progress.add_argument("--sample-steps", type=int, default=50, help="Euler steps for those samples (default: 50)")
@@ -217,7 +217,7 @@ def train(args, rank: int, world: int, device: torch.device):
             context, context_mask = (ema["text"] if "text" in ema else pretrained)(preview_captions) if preview_captions else (None, None)
             samples = sample(ema["zigma"], noise, steps=args.sample_steps, y=y, context=context, context_mask=context_mask,
                              cfg_scale=args.sample_cfg)
-        if not torch.isfinite(samples).all():  # the weights are checked at each checkpoint, which came first
+        if not torch.isfinite(samples).all():  # a checkpoint due at this step came first, and checked the weights
             raise UserError(f"the samples of step {step} are NaN or infinite; {saved}")
         samples = vae.decode(samples) if vae else samples
         save_samples(samples, args.out / f"samples_{step:07d}.{'gif' if args.frames else 'png'}")
