@@ -11,7 +11,7 @@ frame, temporal layers read each position through time, and volume layers read t
 
 Sections: 1. token orders, 2. the selective scan, 3. the Mamba mixer, 4. the ZigMa block, 5. the model,
 6. flow matching. Appendices: DiT's parts and cross-attention, the Hilbert baseline, the presets, the official
-code's differences, and a demo (`python zigma.py`). The idea itself is two lines, marked in ZigMaBlock.forward.
+code's differences, and a demo (`python zigma.py`). The idea itself is two lines marked in ZigMaBlock.forward.
 
 Shapes:
     B  batch             T  frames (1 for an image)     C  image (or latent) channels    P  patch size
@@ -128,7 +128,7 @@ class TokenOrder(nn.Module):
 
     The axis decides the sequences. "space": each frame is a sequence of H*W tokens (an image is a clip of
     one frame). "time": each position is a sequence of T tokens. "volume": the clip is one sequence. `path`
-    permutes a sequence's L tokens. ZigMa rebuilds it and its inverse from the config, so neither is saved.
+    permutes a sequence's L tokens. ZigMa rebuilds the path and its inverse from the config: neither is saved.
     """
 
     def __init__(self, grid: tuple[int, int, int], axis: str, path: torch.Tensor):
@@ -300,7 +300,7 @@ class ZigMaBlock(nn.Module):
     attention. The mixer reads the tokens in path order:
         (B, T*H*W, D) -> to_sequences -> (sequences, L, D) -> mixer -> from_sequences -> (B, T*H*W, D)
     The gates start at zero, so the block is the identity until it trains. As in Mamba, there is no MLP: the
-    mixer's in_proj and out_proj, expand * D wide, play its part.
+    mixer's in_proj and out_proj, expand * D wide, play the MLP's part.
     """
 
     def __init__(self, dim: int, order: TokenOrder, d_state: int = 16, expand: int = 2, context_dim: int = 0):
@@ -379,7 +379,7 @@ class ZigMa(nn.Module):
         super().__init__()
         self.config = config
         dim, grid = config.dim, config.grid
-        # Each module initialises its own weights. The rest keep PyTorch's defaults.
+        # Each module initialises itself. In the mixer and cross-attention, the rest keep PyTorch's defaults.
         self.patch_embed = nn.Conv2d(config.in_channels, dim, config.patch_size, stride=config.patch_size)
         nn.init.xavier_uniform_(self.patch_embed.weight.view(dim, -1))  # like a linear layer, as DiT's
         nn.init.zeros_(self.patch_embed.bias)
@@ -453,7 +453,7 @@ class ZigMa(nn.Module):
 
 # 6. Flow matching: the loss and the sampler -----------------------------------------------------------------
 # SiT's linear interpolant between noise and data: the simplest stochastic interpolant (Albergo and
-# Vanden-Eijnden). Its velocity is data - noise. Its ODE carries noise to data.
+# Vanden-Eijnden). Along it the velocity is data - noise, and its ODE carries noise to data.
 
 TIME_SAMPLING = ("uniform", "logit-normal")
 
