@@ -22,8 +22,7 @@ Sections 2 and 3 use lowercase shapes, since A, B, C and D there name the SSM's 
     b  sequences (B*T, B*H*W or B)    l  tokens    d  model width    e = expand * d  inner width
     n  state size    r  rank of delta's projection
 
-Terms. A path is the order, as a permutation, in which a layer reads a sequence's tokens. "Scan" always
-means the selective scan, never a path. (The paper calls paths scans too.)
+Terms. A path is the order (a permutation) in which a layer reads a sequence's tokens; "scan" means the SSM's.
 
 Time. x_t = (1 - t) noise + t data. So t = 0 is noise and t = 1 is data, as in SiT's code (SiT's paper puts
 data at 0). The network predicts the velocity v = dx_t/dt = data - noise. Sampling integrates it from 0 to 1.
@@ -83,8 +82,9 @@ def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
          8  9 10 11             2  5 10 13             4  5  6  7            14  9  6  1
         15 14 13 12             3  4 11 12             3  2  1  0            15  8  7  0
 
-    Why K paths: of the 960 (token, neighbour) pairs of a 16 x 16 grid (each adjacent pair both ways), path 0
-    reads 255 back to back, neighbour then token. Paths 0 and 1 do for 496, all eight for all 960 (the demo).
+    Why K paths: the convolution's window and the state's decay favour the tokens read just before. Of the 960
+    (token, neighbour) pairs of a 16 x 16 grid, path 0 reads 255 back to back (neighbour, then token). Paths 0
+    and 1 together read 496, and all eight all 960 (`python zigma.py` counts them).
     """
     paths = []
     for from_corner in corner_grids(height, width):
@@ -379,7 +379,7 @@ class ZigMa(nn.Module):
         super().__init__()
         self.config = config
         dim, grid = config.dim, config.grid
-        # Each module initialises itself. In the mixer and cross-attention, the rest keep PyTorch's defaults.
+        # No global xavier init, unlike DiT: each module sets what it needs, other layers keep PyTorch's.
         self.patch_embed = nn.Conv2d(config.in_channels, dim, config.patch_size, stride=config.patch_size)
         nn.init.xavier_uniform_(self.patch_embed.weight.view(dim, -1))  # like a linear layer, as DiT's
         nn.init.zeros_(self.patch_embed.bias)
@@ -388,7 +388,7 @@ class ZigMa(nn.Module):
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
             # N(0, 1), as ADM's class embedding. At DiT's 0.02, a label would be small beside the timestep
-            # embedding, whose norm grows to about 20 within a few hundred steps (docs/official-code.md).
+            # embedding, whose norm grows to about 20 in a few hundred training steps (docs/official-code.md).
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
@@ -414,7 +414,7 @@ class ZigMa(nn.Module):
             if context is None:
                 context = self.null_context.expand(batch, 1, -1)  # (B, 1, context_dim)
             elif drop is not None:
-                # A dropped row: S unmasked copies of the null token, whose attention equals the one token's.
+                # A dropped row: S unmasked null tokens; attending to S equal tokens is attending to one.
                 context = torch.where(drop[:, None, None], self.null_context, context)  # (B, S, context_dim)
                 context_mask = None if context_mask is None else context_mask | drop[:, None]  # (B, S)
         return y, context, context_mask
@@ -465,8 +465,8 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
 
     By default t = sigmoid(a) with a ~ N(0, 1): SD3's logit-normal (arXiv 2403.03206). It favours the middle
     times, where the velocity is hardest to predict. In the small runs of docs/quality.md it sampled better
-    than the uniform t of SiT and the paper. For guidance, each example's label and context become the null
-    ones with probability drop_prob. noise (like x) and t (B,) are drawn unless given.
+    than the uniform t of SiT and the paper. For guidance, each example's label and context together become
+    the null ones with probability drop_prob. noise (like x) and t (B,) are drawn unless given.
     """
     assert time_sampling in TIME_SAMPLING, f"time_sampling is one of {TIME_SAMPLING}, not {time_sampling!r}"
     batch = x.shape[0]
@@ -592,8 +592,8 @@ def hilbert_paths(height: int, width: int) -> torch.Tensor:
 
     When one side is odd and the other even, no continuous curve runs along the odd side from corner to
     corner. Those orientations reuse the other side's curve, read backwards, so they start at another corner
-    and may repeat another path: on 4 x 3, only four of the eight differ. On the model's square grids all
-    eight do.
+    and may repeat another path: on 4 x 3 (H x W), only four of the eight differ. On the model's square grids
+    (side 2 or more) all eight do.
     """
     curves = {"rows": gilbert(0, 0, width, 0, 0, height), "columns": gilbert(0, 0, 0, height, width, 0)}
     # Continuous unless the major side is odd and the minor side even:
