@@ -230,9 +230,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     compiling would unroll, a step a token. The other plans trace whole, and unroll into about 3 * (chunks +
     chunk_len) steps, which the compiler fuses into a few kernels.
     """
-    block, chunk_len = scan_plan(u.shape[2], u.shape[0] * u.shape[1] * A.shape[1], u.device.type)
-    if torch.compiler.is_compiling() and block == chunk_len:
-        # The work is in a function of its own: disabling this one, which is being compiled, made a 3-step
-        # `train.py --compile` run take 72 s, not 16 s.
-        return torch.compiler.disable(_selective_scan)(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if torch.compiler.is_compiling():  # the plan is made again inside; eager calls need it only there
+        block, chunk_len = scan_plan(u.shape[2], u.shape[0] * u.shape[1] * A.shape[1], u.device.type)
+        if block == chunk_len:
+            # The work is in a function of its own: disabling this one, which is being compiled, made a 3-step
+            # `train.py --compile` run take 72 s, not 16 s.
+            return torch.compiler.disable(_selective_scan)(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return _selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
