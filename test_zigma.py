@@ -1923,6 +1923,22 @@ def test_a_data_worker_killed_by_the_same_ctrl_c_saves_the_steps_taken(tmp_path,
     assert checkpoint["step"] == 2 and optimizer_steps == {2}, (checkpoint["step"], optimizer_steps)
 
 
+def test_ctrl_c_to_the_whole_process_group_keeps_the_steps_taken_with_real_workers(tmp_path):
+    # The twin of the test above with real data-loading workers: a terminal's Ctrl-C reaches every process of the
+    # group, the workers included. Wherever it lands, the checkpoint's step is the number of steps taken.
+    out = tmp_path / "out"
+    run = subprocess.Popen([sys.executable, "train.py", "--out", str(out), "--steps", "100000", *TINY_RUN, "--workers", "2",
+                            "--ckpt-every", "100000", "--sample-every", "100000"], cwd=Path(__file__).parent,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_steps(out, 3, run)
+    os.killpg(run.pid, signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    checkpoint = data.load_checkpoint(out / "ckpt.pt")
+    optimizer_steps = {int(state["step"]) for state in checkpoint["optimizer"]["state"].values()}
+    assert run.returncode != 0 and checkpoint["step"] >= 3 and optimizer_steps == {checkpoint["step"]}, stderr[-2000:]
+    assert f"stopped by SIGINT at step {checkpoint['step']}" in stderr and "Traceback" not in stderr, stderr[-2000:]
+
+
 def test_a_closed_terminal_stops_training_with_a_checkpoint(tmp_path):
     # The terminal goes away: its pipe closes, so writes to stderr fail, and the session's SIGHUP follows.
     out = tmp_path / "out"
