@@ -45,7 +45,7 @@ for; --label-grids keeps the sample grids.
 Sample quality (--only quality, an hour or more): train.py trains each recipe (--recipes, each a string of train.py
 options) on --quality-data, in --quality-stages stages of --quality-minutes, or of --quality-steps (equal steps are
 equal time for recipes of one model, however busy the machine). After each stage --quality-samples samples from
-the EMA weights (25 Euler steps; cfg 4 with labels) are measured in the feature space of a small classifier
+the EMA weights (--quality-sample-steps Euler steps, 25; cfg 4 with labels) are measured in the feature space of a small classifier
 trained on real images: the Frechet distance of its 64 pooled features to those of held-out real images, as FID
 does with Inception's, its mean confidence, and with labels the share read as the class asked for. Real images
 against other real images, and blurred real images, give the scale. --keep-runs keeps each run, with a sample
@@ -596,7 +596,7 @@ def blurred(images: torch.Tensor) -> torch.Tensor:
     return gaussian_blur(images, kernel_size=5, sigma=1.0)
 
 
-def sample_images(run: Path, count: int, steps: int = 25) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sample_images(run: Path, count: int, steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """count samples (count, 3, 32, 32) in [-1, 1] from the EMA weights of run's checkpoint, and their labels (None for
     a model without classes): all classes in turn, guided at cfg 4."""
     from data import load_checkpoint, networks_from_checkpoint
@@ -639,7 +639,7 @@ def quality_table(args):
                 until = dict(steps=stage * args.quality_steps // args.quality_stages) if args.quality_steps else \
                     dict(minutes=args.quality_minutes / args.quality_stages)
                 minutes += train_for(root, [*data_options, "--out", str(run), *recipe.split()], **until)
-                drawn, labels = sample_images(run, args.quality_samples)
+                drawn, labels = sample_images(run, args.quality_samples, args.quality_sample_steps)
                 features, confidence = features_and_confidence(classifier, drawn)
                 step = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"]
                 right = "" if labels is None else f"{accuracy(classifier, drawn, labels):.0%}"
@@ -670,7 +670,7 @@ def train_for(root: Path, options: list[str], minutes: float | None = None, step
                                 "10000000", *options], stdout=subprocess.DEVNULL, stderr=said, text=True)
         start = end = None
         while run.poll() is None:
-            time.sleep(1)
+            time.sleep(0.2)
             lines = len((out / "log.jsonl").read_text().splitlines()) if (out / "log.jsonl").exists() else 0
             if start is None and lines > first:
                 start = time.monotonic()
@@ -741,7 +741,7 @@ def labels_table(args):
                         condition = ["--class", name] if kind == "labels" else ["--prompt", caption(name)]
                         run_child([sys.executable, str(root / "sample.py"), "--ckpt", str(run), *condition,
                                    "--num-samples", str(args.label_samples), "--cfg", str(cfg), "--seed", str(label),
-                                   "--out", str(out / "grid.png"), "--out-dir", str(out / "each"), "--device", "cpu"])
+                                   "--grid", str(out / "grid.png"), "--out-dir", str(out / "each"), "--device", "cpu"])
                         drawn = read_images(out / "each")
                         right += round(accuracy(classifier, drawn, torch.full((len(drawn),), label)) * len(drawn))
                         if args.label_grids:
@@ -946,7 +946,7 @@ def check_training(report: Report, device: torch.device, sizes: dict):
         report(f"- exit status {run.returncode}; its last line: `{output.strip().splitlines()[-1][-200:] if output.strip() else ''}`")
         if (out / "ckpt.pt").exists():
             drawn = subprocess.run([sys.executable, str(root / "sample.py"), "--ckpt", str(out), "--num-samples", "4", "--sample-steps", "10",
-                                    "--out", str(Path(folder) / "samples.png"), "--device", str(device)],
+                                    "--grid", str(Path(folder) / "samples.png"), "--device", str(device)],
                                    capture_output=True, text=True, timeout=max(deadline - time.perf_counter(), 10))
             said = (drawn.stdout if drawn.returncode == 0 else drawn.stderr).strip().splitlines()
             report(f"- sample.py from its checkpoint: exit status {drawn.returncode}, `{said[-1][-200:] if said else ''}`")
@@ -1001,7 +1001,7 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
         if min(getattr(args, name)) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be 1 or more, not {min(getattr(args, name))}")
     for name in ("batch_size", "steps", "depth", "dit_depth", "label_images", "label_samples", "classifier_steps",
-                 "quality_steps", "quality_stages", "quality_samples", "quality_images"):
+                 "quality_steps", "quality_stages", "quality_samples", "quality_sample_steps", "quality_images"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be 1 or more, not {getattr(args, name)}")
     if args.quality_steps is not None and args.quality_steps < args.quality_stages:
@@ -1098,6 +1098,7 @@ def main(argv=None):
                         "equal steps are equal time for recipes of one model, however busy the machine")
     parser.add_argument("--quality-stages", type=int, default=4, help="measurements across those minutes (default: 4)")
     parser.add_argument("--quality-samples", type=int, default=512, help="samples (and real images) per measurement")
+    parser.add_argument("--quality-sample-steps", type=int, default=25, help="Euler steps of those samples (default: 25)")
     parser.add_argument("--quality-images", type=int, default=10000, help="training images of the glyphs")
     parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)  # one case in this process, used internally
     parser.add_argument("--memory-pass", action="store_true", help=argparse.SUPPRESS)  # with --case scan: one pass, untimed

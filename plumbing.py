@@ -2,9 +2,10 @@
 mistake into one sentence before any work, and what keeps a run from losing work.
 
     1. training options   check_training_arguments, and the checks of a resumed run
-    2. processes          start_processes (torchrun), only_writer (the lock on --out), StopRequest (signals)
+    2. processes          start_processes (torchrun), on_first (work of the first process alone), only_writer (the
+                          lock on --out), StopRequest (signals)
     3. steps              Batches (endless, resumed mid-epoch), derived_seed, check_weights_are_sane, precision
-    4. run files          RunLog (log.jsonl and TensorBoard), numbered checkpoints
+    4. run files          RunLog (log.jsonl and TensorBoard), save_checkpoint (and the numbered ones)
     5. sampling           check_sampling_arguments, each sample's seed and condition, gathering, the adaptive solver
     6. FID                FID against a folder or saved statistics, which are cached
 """
@@ -32,7 +33,7 @@ from tqdm import tqdm
 
 from data import (IMAGE_EXTENSIONS, RENAMED_CONFIG_FIELDS, VAE, CaptionEncoder, ClipFolder, ImageFolder, MovingShapes,
                   SmileyFaces, Terminal, UserError, check_writable, checkpoint_config, image_transform, load_weights,
-                  make_grid, pick_device, read_text, warn, written_atomically)
+                  make_grid, pick_device, read_text, save_atomically, warn, written_atomically)
 from zigma import PRESETS, ZigMaConfig, flow_loss, guided_velocity
 
 MAX_IMAGE_SIZE = 8192  # pixels a side: 1024 x 1024 latent cells, far past the paper's largest model
@@ -57,9 +58,10 @@ def check_training_arguments(args: argparse.Namespace) -> argparse.Namespace:
     for name, most in (("image_size", MAX_IMAGE_SIZE), ("sample_steps", MAX_ODE_STEPS)):
         if getattr(args, name) > most:
             raise UserError(f"{option(name)} must be {most} or less, not {getattr(args, name)}")
-    args.model = args.model or default_model(args.image_size // (8 if args.vae else 1))
+    if args.vae is None:  # with --vae, train.py picks the default model once the VAE's factor is known
+        args.model = args.model or default_model(args.image_size)
     if args.lr is None:
-        args.lr = 1e-3 if args.model.startswith("ZigMa-Tiny/") else 1e-4
+        args.lr = 1e-3 if args.model is None or args.model.startswith("ZigMa-Tiny/") else 1e-4  # default: Tiny
     for name in ("lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "cond_drop", "sample_cfg"):
         if not math.isfinite(getattr(args, name)):
             raise UserError(f"{option(name)} must be a finite number, not {getattr(args, name)}")
@@ -74,9 +76,9 @@ def check_training_arguments(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"{option(name)} must be 0 or more, not {getattr(args, name)}")
     if not 0 <= args.seed < 2 ** 63:
         raise UserError(f"--seed must be between 0 and 2^63 - 1, not {args.seed}")
-    patch = PRESETS[args.model]["patch_size"]
-    if args.image_size % patch:
-        raise UserError(f"--image-size {args.image_size} is not a multiple of {args.model}'s patch size {patch}")
+    if args.model and args.image_size % PRESETS[args.model]["patch_size"]:  # with --vae: build_dataset
+        raise UserError(f"--image-size {args.image_size} is not a multiple of {args.model}'s patch size "
+                        f"{PRESETS[args.model]['patch_size']}")
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} is a file; name a folder")
     if args.data is not None and args.out.resolve().is_relative_to(args.data.resolve()):
@@ -88,6 +90,9 @@ def check_training_arguments(args: argparse.Namespace) -> argparse.Namespace:
                 raise UserError(f"{option(name)} applies to clips only: add --frames, or leave it out")
     if args.vae is not None and args.data is None:
         raise UserError("--vae needs --data: the built-in data is made for pixel space")
+    if args.flip is not None and args.data is None:
+        raise UserError(f"{'--flip' if args.flip else '--no-flip'} applies to --data: the built-in data is drawn "
+                        f"afresh, never flipped; leave it out")
     if args.text_encoder is not None and not args.captions:
         raise UserError("--text-encoder applies to captions only: add --captions, or leave it out")
     if args.frame_stride is not None and args.frame_stride < 1:
@@ -98,12 +103,13 @@ def check_training_arguments(args: argparse.Namespace) -> argparse.Namespace:
         tensorboard_writer(None)  # one sentence now where tensorboard is missing
     args.frame_stride, args.video_pattern = args.frame_stride or 1, args.video_pattern or "sst"
     args.text_encoder = args.text_encoder or "learned"
+    args.flip = args.flip is not False  # with --data, flips unless --no-flip
     return args
 
 
 def default_model(side: int) -> str:
     """The Tiny preset with the largest patch that leaves a grid of 8 x 8 tokens or more on an input of this side
-    (pixels, or latent cells: a VAE's factor is 8), else patch 2. At equal time on a CPU, Tiny/4's 8 x 8 grid at 32
+    (pixels, or latent cells), else patch 2. At equal time on a CPU, Tiny/4's 8 x 8 grid at 32
     px sampled as well as Tiny/2's 16 x 16 (docs/quality.md); a 4 x 4 grid leaves the zigzag little to order."""
     for patch in (8, 4, 2):
         if side % patch == 0 and side // patch >= 8:
@@ -233,28 +239,41 @@ def end_processes() -> None:
     dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def only_writer(out: Path, rank: int, world: int):
-    """Hold OUT/train.lock while training, so that a second run on the same --out is refused, not left to crash.
-    The first process takes it, and tells the others whether it could before any of them goes on."""
-    refusal, lock = None, None
+def on_first(work, rank: int, world: int):
+    """Run work() in the first process only; returns its result there, None in the others. A UserError that it
+    raises is raised in every process, so that they all stop together instead of waiting for the first."""
+    result, refusal = None, None
     if rank == 0:
         try:
-            check_writable(out, "--out")
-            lock = open(out / "train.lock", "w")
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            result = work()
         except UserError as error:
             refusal = str(error)
-        except BlockingIOError:
-            refusal = f"another train.py is writing to {out}; wait for it to finish, or pass another --out"
-        except OSError as error:
-            refusal = f"cannot open the lock file {out / 'train.lock'} ({error.strerror}); remove what is there"
     if world > 1:
         shared = [refusal]
         dist.broadcast_object_list(shared, src=0)
         refusal = shared[0]
     if refusal:
         raise UserError(refusal)
+    return result
+
+
+@contextlib.contextmanager
+def only_writer(out: Path, rank: int, world: int):
+    """Hold OUT/train.lock while training, so that a second run on the same --out is refused, not left to crash.
+    The first process takes it, and tells the others whether it could before any of them goes on."""
+
+    def take_lock():
+        check_writable(out, "--out")
+        try:
+            lock = open(out / "train.lock", "w")
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another train.py is writing to {out}; wait for it to finish, or pass another --out")
+        except OSError as error:
+            raise UserError(f"cannot open the lock file {out / 'train.lock'} ({error.strerror}); remove what is there")
+        return lock
+
+    lock = on_first(take_lock, rank, world)
     try:
         yield
     finally:
@@ -445,10 +464,13 @@ class RunLog:
             self.tensorboard.close()
 
 
-def keep_numbered(path: Path, step: int, keep: int) -> None:
-    """Keep the checkpoint just written as ckpt_STEP.pt too (a hard link: no more disk), and only the last `keep`
-    of those."""
-    numbered = path.with_name(f"{path.stem}_{step:07d}{path.suffix}")
+def save_checkpoint(checkpoint: dict, path: Path, keep: int) -> None:
+    """Write the checkpoint atomically. With keep > 0, also as ckpt_STEP.pt (a hard link: no more disk), keeping
+    only the last `keep` of those."""
+    save_atomically(checkpoint, path)
+    if not keep:
+        return
+    numbered = path.with_name(f"{path.stem}_{checkpoint['step']:07d}{path.suffix}")
     numbered.unlink(missing_ok=True)
     try:
         os.link(path, numbered)
@@ -463,6 +485,7 @@ def keep_numbered(path: Path, step: int, keep: int) -> None:
 #################################################################################
 
 GRID_LIMIT = 256  # samples in the grid image; --out-dir takes any number
+GUIDANCE_SCALE = 4.0  # classifier-free guidance of samples and previews by default, as DiT's and SiT's sample.py
 
 
 def check_sampling_arguments(args: argparse.Namespace) -> argparse.Namespace:
@@ -481,11 +504,15 @@ def check_sampling_arguments(args: argparse.Namespace) -> argparse.Namespace:
                         f"pass an --out-dir outside it")
     if args.fid is not None and args.n < 2:
         raise UserError(f"--fid needs 2 samples or more, and thousands to mean much, not --num-samples {args.n}")
-    if not 0 <= args.cfg < math.inf:
+    if args.cfg is not None and not 0 <= args.cfg < math.inf:
         raise UserError(f"--cfg must be 0 or more (1 is no guidance) and finite, not {args.cfg}")
-    for name in ("rtol", "atol"):
-        if not 0 < getattr(args, name) < 1:
-            raise UserError(f"{option(name)} must be between 0 and 1, not {getattr(args, name)}")
+    for name, default in (("rtol", 1e-3), ("atol", 1e-6)):
+        value = getattr(args, name)
+        if value is not None and args.method != "dopri5":
+            raise UserError(f"{option(name)} applies to --method dopri5 only: add it, or leave {option(name)} out")
+        if value is not None and not 0 < value < 1:
+            raise UserError(f"{option(name)} must be between 0 and 1, not {value}")
+        setattr(args, name, default if value is None else value)
     if args.method == "dopri5":
         try:
             import torchdiffeq  # noqa: F401
@@ -500,25 +527,26 @@ def check_sampling_arguments(args: argparse.Namespace) -> argparse.Namespace:
 
 def output_path(args, video: bool) -> Path:
     """The grid's file, checked before any sampling: an extension PIL writes, in a folder that exists or is made now."""
-    out = args.out or Path("samples.gif" if video else "samples.png")
+    grid = args.grid or Path("samples.gif" if video else "samples.png")
     allowed = [".gif"] if video else sorted(IMAGE_EXTENSIONS - {".gif"})
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; name a file in it, or use --out-dir for one file per sample")
-    if out.suffix.lower() not in allowed:
-        raise UserError(f"--out {out}: write {'clips' if video else 'images'} to a file ending in {', '.join(allowed)}")
-    check_writable(out.parent, "--out's folder")
+    if grid.is_dir():
+        raise UserError(f"--grid {grid} is a folder; name a file in it, or use --out-dir for one file per sample")
+    if grid.suffix.lower() not in allowed:
+        raise UserError(f"--grid {grid}: write {'clips' if video else 'images'} to a file ending in {', '.join(allowed)}")
+    check_writable(grid.parent, "--grid's folder")
     if args.out_dir is not None:
         check_writable(args.out_dir, "--out-dir")
     if args.npz is not None:
         if video:
             raise UserError(f"{args.ckpt} is a video model; --npz is for images")
         check_writable(args.npz.parent, "--npz's folder")
-    return out
+    return grid
 
 
 class Conditions:
     """What each sample is drawn for: the class of --class (by name or index), else every class in turn; the
-    captions of --prompt and --prompts, in turn; or nothing, for an unconditional model."""
+    captions of --prompt and --prompts, in turn; or nothing, for an unconditional model. And the guidance scale:
+    --cfg, else GUIDANCE_SCALE where there is a class or caption to guide towards."""
 
     def __init__(self, args, conditioning: dict):
         class_names, self.label, self.prompts = conditioning["class_names"], None, None
@@ -550,10 +578,12 @@ class Conditions:
                 if not CaptionEncoder.words(prompt):
                     warn(f"the prompt {prompt!r} has no words; it samples the empty caption")
         self.prompts = prompts or None
-        if args.cfg != 1 and not self.classes and not self.prompts:
+        guided = bool(self.classes or self.prompts)
+        if args.cfg not in (None, 1) and not guided:
             raise UserError("--cfg guides towards a prompt: add --prompt, or leave out --cfg" if captioned else
                             f"{args.ckpt} was trained without classes or captions, so --cfg has nothing to guide "
                             f"towards; leave it out")
+        self.cfg_scale = args.cfg if args.cfg is not None else GUIDANCE_SCALE if guided else 1.0
         if captioned and not self.prompts:
             print(f"{args.ckpt} was trained on captions; without --prompt its samples are not conditioned on one")
 

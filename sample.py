@@ -3,11 +3,11 @@
     python sample.py                                                   # out/ckpt.pt -> samples.png
     python sample.py --ckpt out --num-samples 10000 --out-dir fid_samples --fid ./faces   # one PNG each, and FID
     python sample.py --ckpt out --class smiling --cfg 3 --method dopri5   # a --class-cond run; --prompt: --captions
-    torchrun --nproc_per_node 8 sample.py --ckpt out --num-samples 50000 --npz samples.npz   # ADM's FID suite
+    torchrun --nproc_per_node 8 sample.py --ckpt out --num-samples 50000 --batch-size 512 --npz samples.npz
 
 A video checkpoint writes an animated grid GIF; a latent one is decoded with the VAE it names. Sample i's noise
 comes from (--seed, i), so any number of processes draws the same samples: under torchrun each draws its share
-of every round of batches, and the first writes the files.
+of every batch, and the first writes the files.
 """
 
 import signal
@@ -44,20 +44,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sample-steps", "--steps", type=int, default=50, help="ODE steps; --steps is the older name (default: 50)")
     parser.add_argument("--method", default="euler", choices=["euler", "heun", "dopri5"],
                         help="ODE solver; dopri5 picks its own steps (pip install torchdiffeq) (default: euler)")
-    parser.add_argument("--rtol", type=float, default=1e-3, help="with --method dopri5: relative tolerance (default: 1e-3)")
-    parser.add_argument("--atol", type=float, default=1e-6, help="with --method dopri5: absolute tolerance (default: 1e-6)")
-    parser.add_argument("--out", type=Path, help="a grid of the first 256 (default: samples.png, or samples.gif for video)")
+    parser.add_argument("--rtol", type=float, help="with --method dopri5: relative tolerance (default: 1e-3)")
+    parser.add_argument("--atol", type=float, help="with --method dopri5: absolute tolerance (default: 1e-6)")
+    parser.add_argument("--grid", "--out", type=Path, help="file of a grid of the first 256; --out is the older name (default: samples.png, .gif for video)")
     parser.add_argument("--out-dir", type=Path, help="also write every sample as its own PNG (GIF for video) here")
     parser.add_argument("--npz", type=Path, help="also every sample, as ADM's FID suite reads them (arr_0, uint8 NHWC)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples (default: 0)")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast, as train.py's (default: auto)")
-    parser.add_argument("--batch-size", type=int, default=64, help="samples per model call, in each process (default: 64)")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples a batch, across all processes under torchrun (default: 64)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--class", dest="class_", help="class name or index for every sample (default: all classes in turn)")
     parser.add_argument("--prompt", action="append", help="a caption to sample (repeatable; samples cycle through them)")
     parser.add_argument("--prompts", type=Path, help="a file of captions, one per line")
-    parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale; 1 = none (default: 1)")
+    parser.add_argument("--cfg", type=float, help="classifier-free guidance scale, 1 = none (default: 4 with a class or prompt, else 1)")
     parser.add_argument("--fid", type=Path, metavar="REAL", help="FID against this folder of images, or a .npz of mu and "
                         "sigma; a folder's statistics are cached in ~/.cache/zigma/fid (needs torchmetrics, torch-fidelity)")
     parser.add_argument("--vae", metavar="NAME_OR_PATH", help="decode with this VAE, where the checkpoint's has moved")
@@ -71,10 +71,11 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")  # the first process speaks for all
     checkpoint = load_checkpoint(args.ckpt)
     video = checkpoint["config"]["frames"] > 0
-    out = output_path(args, video)
+    grid_path = output_path(args, video)
     if args.fid is not None and video:
         raise UserError(f"{args.ckpt} is a video model; --fid is for images")
-    conditions = Conditions(args, checkpoint["conditioning"])  # each sample's class or caption
+    conditions = Conditions(args, checkpoint["conditioning"])  # each sample's class or caption, and the --cfg scale
+    cfg = conditions.cfg_scale
     vae = vae_for(args, checkpoint, device)  # decodes a latent model's samples
     networks = networks_from_checkpoint(checkpoint, args.ckpt, "model" if args.no_ema else "ema").to(device).eval()
     model = networks["zigma"]
@@ -83,33 +84,34 @@ def main(argv=None):
     fid = FID(args.fid, device) if args.fid is not None and rank == 0 else None
     dtype = autocast_dtype(args.precision, device)
     steps = "adaptive dopri5 steps" if args.method == "dopri5" else f"{args.sample_steps} {args.method} steps"
-    print(f"{args.ckpt}: step {checkpoint['step']}, {args.n} samples, {steps}, cfg {args.cfg}, on {device}"
+    print(f"{args.ckpt}: step {checkpoint['step']}, {args.n} samples, {steps}, cfg {cfg:g}, on {device}"
           + (f" in {world} processes" if world > 1 else "") + f", {precision_name(dtype)}")
 
-    rounds = range(0, args.n, args.batch_size * world)  # each process takes args.batch_size samples of each round
-    progress = tqdm(total=len(rounds) * (1 if args.method == "dopri5" else args.sample_steps), unit="step",
+    batches = range(0, args.n, args.batch_size)  # the first sample of each batch
+    share = -(-args.batch_size // world)  # each process's samples of a batch (the last processes' may be fewer)
+    progress = tqdm(total=len(batches) * (1 if args.method == "dopri5" else args.sample_steps), unit="step",
                     disable=rank > 0, file=Terminal())
     counted = CountedCalls(model, progress, 2 if args.method == "heun" else 1)
     grid, arrays, calls = [], [], 0
-    for first in rounds:
-        start = min(first + rank * args.batch_size, args.n)
-        indices = range(start, min(start + args.batch_size, args.n))  # this process's samples of the round
-        samples = torch.empty(0)  # where the last round leaves this process none
+    for first in batches:
+        start = min(first + rank * share, args.n)
+        indices = range(start, min(start + share, first + args.batch_size, args.n))  # this process's share
+        samples = torch.empty(0)  # where a batch leaves this process none
         if indices:
             noise = sample_noise(args.seed, indices, model.config.input_shape, device)
             y, captions = conditions.labels(indices, device), conditions.captions(indices)
             with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 context, context_mask = encode(captions) if captions else (None, None)
                 if args.method == "dopri5":
-                    samples, used = sample_adaptive(model, noise, y, context, context_mask, args.cfg, args.rtol, args.atol)
+                    samples, used = sample_adaptive(model, noise, y, context, context_mask, cfg, args.rtol, args.atol)
                     calls += used
                     progress.update()
                 else:
                     samples = sample(counted, noise, steps=args.sample_steps, y=y, context=context,
-                                     context_mask=context_mask, cfg_scale=args.cfg, method=args.method)
+                                     context_mask=context_mask, cfg_scale=cfg, method=args.method)
             if not torch.isfinite(samples).all():  # nothing is written from them
                 raise UserError(f"samples {start} to {indices.stop - 1} are NaN or infinite: {args.ckpt} comes from a "
-                                f"run that diverged" + (f", or --cfg {args.cfg:g} is too strong" if args.cfg > 1 else ""))
+                                f"run that diverged" + (f", or --cfg {cfg:g} is too strong" if cfg > 1 else ""))
             samples = (vae.decode(samples) if vae else samples).float().cpu()  # (B, 3, H, W), or (B, T, 3, H, W)
         samples = gather(samples, world)  # every process's, on the first
         if rank > 0:
@@ -124,13 +126,13 @@ def main(argv=None):
     progress.close()
     if rank > 0:
         return
-    save_samples(torch.cat(grid), out)
+    save_samples(torch.cat(grid), grid_path)
     if args.npz:
         write_npz(args.npz, arr_0=np.concatenate(arrays))
-    print(f"wrote {out}" + (f" and {args.n} files in {args.out_dir}" if args.out_dir else "")
+    print(f"wrote {grid_path}" + (f" and {args.n} files in {args.out_dir}" if args.out_dir else "")
           + (f" and {args.npz}" if args.npz else ""))
     if args.method == "dopri5":
-        print(f"dopri5 took {calls / len(rounds):.0f} model calls a batch (rtol {args.rtol:g}, atol {args.atol:g})")
+        print(f"dopri5 took {calls / len(batches):.0f} model calls a batch (rtol {args.rtol:g}, atol {args.atol:g})")
     if fid:
         value = fid.compute()
         print(f"FID {value:.2f}: {args.n} samples against {fid.used} {args.fid}, at {fid.size} x {fid.size} px (FID "

@@ -858,6 +858,7 @@ import io  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -931,7 +932,7 @@ def test_train_resume_and_sample_end_to_end(tmp_path):
     assert (out / "samples_0000002.png").exists() and (out / "samples_0000004.png").exists()
     assert len((out / "log.jsonl").read_text().splitlines()) >= 1
     sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "3", "--steps", "2", "--batch-size", "2",
-                        "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "each")])
+                        "--grid", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "each")])
     assert Image.open(tmp_path / "grid.png").size[0] > 8
     assert sorted(p.name for p in (tmp_path / "each").iterdir()) == ["000000.png", "000001.png", "000002.png"]
     assert Image.open(tmp_path / "each" / "000002.png").size == (8, 8)
@@ -942,7 +943,7 @@ def test_sampling_is_reproducible_with_a_seed(tmp_path):
     train.main(["--out", str(out), "--steps", "1", *TINY_RUN])
     grids = []
     for name in ("a.png", "b.png"):
-        sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--steps", "2", "--seed", "7", "--out", str(tmp_path / name)])
+        sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--steps", "2", "--seed", "7", "--grid", str(tmp_path / name)])
         grids.append((tmp_path / name).read_bytes())
     assert grids[0] == grids[1]
 
@@ -971,10 +972,10 @@ def test_bad_data_folder_is_a_clear_error(tmp_path, files, message):
     (["--image-size", "64"], "ZigMa-Tiny/8"),  # 8 x 8
     (["--image-size", "48"], "ZigMa-Tiny/4"),  # 12 x 12: patch 8 does not divide 48
     (["--image-size", "8"], "ZigMa-Tiny/2"),  # 4 x 4: no patch leaves 8 x 8
-    (["--image-size", "256", "--vae", "v", "--data", "d"], "ZigMa-Tiny/4"),  # 32 x 32 latent cells: 8 x 8
     (["--image-size", "64", "--model", "ZigMa-S/2"], "ZigMa-S/2"),  # asked for
 ])
 def test_the_default_model_leaves_a_grid_of_8_by_8_tokens_where_it_can(options, model):
+    # With --vae, train.py picks it once the VAE's factor is known (test_the_default_model_for_latents_...).
     assert train.parse_args(options).model == model
 
 
@@ -1040,6 +1041,8 @@ def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):
     (["--video-scan", "st"], "--video-pattern applies to clips only: add --frames"),
     (["--frame-stride", "2"], "--frame-stride applies to clips only: add --frames"),
     (["--text-encoder", "bert"], "--text-encoder applies to captions only: add --captions"),
+    (["--no-flip"], "--no-flip applies to --data: the built-in data is drawn afresh, never flipped"),
+    (["--flip"], "--flip applies to --data"),
     (["--device", "gpu"], "gpu is not a device name; use cuda, mps or cpu"),
     (["--sample-cfg", "-1"], "--sample-cfg must be 0 or more"),
 ])
@@ -1185,11 +1188,14 @@ def test_bad_sampling_options_are_refused_before_sampling(tmp_path, trained_run,
         raise AssertionError("sample.py sampled before checking its options")
     monkeypatch.setattr(sample_script, "sample", no_sampling)
     for options, message in [
-        (["--out", str(tmp_path / "grid.mp4")], "ending in .bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp"),
-        (["--out", str(tmp_path / "grid")], "ending in"),
-        (["--out", str(tmp_path)], "is a folder"),
+        (["--grid", str(tmp_path / "grid.mp4")], "ending in .bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp"),
+        (["--grid", str(tmp_path / "grid")], "ending in"),
+        (["--grid", str(tmp_path)], "--grid {} is a folder".format(tmp_path)),
+        (["--out", str(tmp_path)], "--grid {} is a folder".format(tmp_path)),  # the older name of --grid
         (["--cfg", "-1"], "--cfg must be 0 or more"),
         (["--n", "0"], "must be 1 or more"),
+        (["--rtol", "1e-4"], "--rtol applies to --method dopri5 only: add it, or leave --rtol out"),
+        (["--method", "heun", "--atol", "1e-4"], "--atol applies to --method dopri5 only"),
     ]:
         with pytest.raises(UserError, match=re.escape(message)):
             sample_script.main(["--ckpt", str(trained_run / "ckpt.pt"), *options])
@@ -1197,7 +1203,7 @@ def test_bad_sampling_options_are_refused_before_sampling(tmp_path, trained_run,
 
 def test_sampling_writes_into_new_folders_and_takes_a_run_folder(tmp_path, trained_run):
     grid = tmp_path / "new" / "deeper" / "grid.png"
-    sample_script.main(["--ckpt", str(trained_run), "--n", "2", "--steps", "1", "--out", str(grid)])
+    sample_script.main(["--ckpt", str(trained_run), "--n", "2", "--steps", "1", "--grid", str(grid)])
     assert Image.open(grid).size[0] > 8
 
 
@@ -1226,7 +1232,7 @@ def test_fid_is_the_frechet_distance_of_the_samples_to_the_folder(tmp_path, trai
     real = make_image_folder(tmp_path / "real")
     for i in range(12):
         Image.fromarray((torch.rand(12, 10, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy()).save(real / f"{i}.png")
-    sample_script.main(["--ckpt", str(trained_run), "--n", "16", "--steps", "2", "--out", str(tmp_path / "grid.png"),
+    sample_script.main(["--ckpt", str(trained_run), "--n", "16", "--steps", "2", "--grid", str(tmp_path / "grid.png"),
                         "--out-dir", str(tmp_path / "samples"), "--fid", str(real)])
     fid = fid_printed(capsys)
     # The same distance from the written PNGs and the folder's images as train.py reads them (8 x 8), by bench.py's
@@ -1249,7 +1255,7 @@ def test_fid_alone_measures_more_samples_than_the_grid_holds(tmp_path, trained_r
     monkeypatch.setattr(plumbing, "FID_FEATURES", SmallFeatures())
     real = make_image_folder(tmp_path / "real")
     sample_script.main(["--ckpt", str(trained_run), "--num-samples", "300", "--sample-steps", "1", "--batch-size", "100",
-                        "--out", str(tmp_path / "grid.png"), "--fid", str(real)])
+                        "--grid", str(tmp_path / "grid.png"), "--fid", str(real)])
     printed = capsys.readouterr().out
     assert re.search(r"FID \d+\.\d+: 300 samples against", printed), printed
     assert (tmp_path / "grid.png").exists()
@@ -1294,15 +1300,22 @@ def test_fid_without_a_network_is_one_sentence(tmp_path, trained_run, monkeypatc
     monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no weights from an earlier download
     with pytest.raises(UserError, match="the Inception weights could not be fetched .*need the network then"):
-        sample_script.main(["--ckpt", str(trained_run), "--out", str(tmp_path / "grid.png"), "--fid",
+        sample_script.main(["--ckpt", str(trained_run), "--grid", str(tmp_path / "grid.png"), "--fid",
                             str(make_image_folder(tmp_path / "real"))])
     assert not (tmp_path / "grid.png").exists()
 
 
-def test_guidance_without_a_condition_is_refused(tmp_path):
+def test_guidance_is_4_by_default_with_a_class_and_refused_without_one(tmp_path, trained_run, monkeypatch):
+    # As train.py's previews and DiT's and SiT's sample.py: guided at 4 unless --cfg says otherwise.
     train.main(["--out", str(tmp_path / "plain"), "--steps", "1", *TINY_RUN])
     with pytest.raises(UserError, match="trained without classes or captions, so --cfg has nothing to guide towards"):
         sample_script.main(["--ckpt", str(tmp_path / "plain"), "--cfg", "4"])
+    scales = []
+    monkeypatch.setattr(sample_script, "sample", lambda model, noise, **options: scales.append(options["cfg_scale"]) or noise)
+    for ckpt, options in ((tmp_path / "plain", []), (trained_run, []), (trained_run, ["--class", "1"]),
+                          (trained_run, ["--cfg", "1"]), (trained_run, ["--cfg", "2.5"])):
+        sample_script.main(["--ckpt", str(ckpt), "--n", "1", "--grid", str(tmp_path / "s.png"), *options])
+    assert scales == [1, 4, 4, 1, 2.5], "no condition: 1; a class: 4, or --cfg"
 
 
 def test_caption_sampling_says_what_it_does_without_prompts_and_names_unknown_words(tmp_path, capsys):
@@ -1375,7 +1388,7 @@ def test_video_train_resume_and_sample_end_to_end(tmp_path):
     checkpoint = data.load_checkpoint(out / "ckpt.pt")
     assert checkpoint["step"] == 3 and checkpoint["config"]["frames"] == 3 and checkpoint["config"]["video_pattern"] == "st"
     assert (out / "samples_0000002.gif").exists()
-    sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--steps", "2", "--out", str(tmp_path / "grid.gif"),
+    sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--steps", "2", "--grid", str(tmp_path / "grid.gif"),
                         "--out-dir", str(tmp_path / "each")])
     with Image.open(tmp_path / "grid.gif") as grid:
         assert grid.n_frames == 3
@@ -1408,7 +1421,7 @@ def test_class_conditional_run_keeps_class_names_and_samples_by_name(tmp_path):
     assert checkpoint["config"]["num_classes"] == 2
     for chosen in ("dogs", "0", None):
         sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--steps", "2", "--cfg", "3",
-                            "--out", str(tmp_path / "s.png"), *(["--class", chosen] if chosen else [])])
+                            "--grid", str(tmp_path / "s.png"), *(["--class", chosen] if chosen else [])])
     with pytest.raises(UserError, match="unknown class 'birds'; the classes are cats, dogs"):
         sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--class", "birds"])
     with pytest.raises(UserError, match="trained without captions"):
@@ -1434,7 +1447,7 @@ def test_captioned_run_keeps_its_vocabulary_and_samples_prompts(tmp_path, capsys
     assert networks["text"].vocabulary == vocabulary, "the encoder is rebuilt with the saved vocabulary"
     (tmp_path / "prompts.txt").write_text("a photo of dogs\n\na photo of unseen words\n")
     sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "3", "--steps", "2", "--cfg", "2", "--prompt", "cats",
-                        "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "s.png")])
+                        "--prompts", str(tmp_path / "prompts.txt"), "--grid", str(tmp_path / "s.png")])
     assert (tmp_path / "s.png").exists()
 
 
@@ -1514,7 +1527,7 @@ def test_captioned_run_with_a_pretrained_encoder(tmp_path):
     assert checkpoint["conditioning"]["text_encoder"] == str(bert) and checkpoint["config"]["context_dim"] == 24
     assert not any(key.startswith("text.") for key in checkpoint["model"]), "frozen weights stay out of the checkpoint"
     sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--steps", "2", "--prompt", "a photo of dogs",
-                        "--out", str(tmp_path / "s.png")])
+                        "--grid", str(tmp_path / "s.png")])
     assert (tmp_path / "s.png").exists()
 
 
@@ -1557,12 +1570,25 @@ def test_latent_training_resume_and_sampling_end_to_end(tmp_path, capsys):
     assert cache.stat().st_mtime_ns == encoded_at and "encoding" not in capsys.readouterr().err
     assert data.load_checkpoint(out / "ckpt.pt")["step"] == 4
     sample_script.main(["--ckpt", str(out), "--n", "3", "--steps", "2", "--class", "cats", "--cfg", "2",
-                        "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "each")])
+                        "--grid", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "each")])
     assert [Image.open(p).size for p in sorted((tmp_path / "each").iterdir())] == [(8, 8)] * 3, "decoded to pixels"
     moved = tmp_path / "moved-vae"
     Path(vae).rename(moved)
-    sample_script.main(["--ckpt", str(out), "--n", "1", "--steps", "1", "--vae", str(moved), "--out", str(tmp_path / "m.png")])
+    sample_script.main(["--ckpt", str(out), "--n", "1", "--steps", "1", "--vae", str(moved), "--grid", str(tmp_path / "m.png")])
     assert Image.open(tmp_path / "m.png").size == (8, 8)
+
+
+def test_the_default_model_for_latents_follows_the_vaes_own_factor(tmp_path):
+    # The tiny VAE halves each side: 64 px images are 32 x 32 latents, which Tiny/4 reads as 8 x 8 tokens. (Assuming
+    # Stable Diffusion's factor of 8 would give 8 x 8 latents, and Tiny/2's 4 x 4 tokens.)
+    vae, folder, out = make_tiny_vae(tmp_path / "vae"), make_image_folder(tmp_path / "data"), tmp_path / "out"
+    arguments = ["--data", str(folder), "--out", str(out), "--vae", str(vae), "--image-size", "64", "--batch-size", "2",
+                 "--workers", "0", "--sample-every", "0"]
+    train.main([*arguments, "--steps", "1"])
+    checkpoint = data.load_checkpoint(out / "ckpt.pt")
+    assert checkpoint["args"]["model"] == "ZigMa-Tiny/4" and ZigMaConfig(**checkpoint["config"]).grid == (1, 8, 8)
+    train.main([*arguments, "--steps", "2"])  # the same default again: the run resumes
+    assert data.load_checkpoint(out / "ckpt.pt")["step"] == 2
 
 
 def test_latent_video_is_encoded_and_decoded_frame_by_frame(tmp_path):
@@ -1571,7 +1597,7 @@ def test_latent_video_is_encoded_and_decoded_frame_by_frame(tmp_path):
     train.main(["--data", str(folder), "--out", str(out), "--vae", vae, "--frames", "3", "--video-scan", "st",
                 "--steps", "2", *TINY_RUN])
     assert data.load_checkpoint(out / "ckpt.pt")["config"]["in_channels"] == 4
-    sample_script.main(["--ckpt", str(out), "--n", "2", "--steps", "2", "--out", str(tmp_path / "grid.gif"),
+    sample_script.main(["--ckpt", str(out), "--n", "2", "--steps", "2", "--grid", str(tmp_path / "grid.gif"),
                         "--out-dir", str(tmp_path / "each")])
     with Image.open(tmp_path / "each" / "000001.gif") as clip:
         assert clip.n_frames == 3 and clip.size == (8, 8)
@@ -1700,11 +1726,12 @@ def test_torchrun_encodes_the_latent_cache_once(tmp_path):
     assert torch.allclose(cache["mean"].float(), alone.mean.float(), rtol=1e-2, atol=1e-3), "the folder's order, not the shares'"
 
 
-def test_batch_that_does_not_split_across_processes_is_refused(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-               "--device", "cpu", "--out", str(tmp_path), "--batch-size", "3"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).parent)
-    assert result.returncode != 0 and "--batch-size 3 does not split evenly across 2 processes" in result.stderr
+def test_batch_that_does_not_split_across_processes_is_refused(tmp_path, monkeypatch):
+    # As torchrun starts 2 processes: refused before the process group is made (the test of a busy --out runs torchrun).
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="--batch-size 3 does not split evenly across 2 processes"):
+        train.main(["--device", "cpu", "--out", str(tmp_path / "out"), "--batch-size", "3"])
+    assert not torch.distributed.is_initialized() and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------------------- bench.py
@@ -1779,7 +1806,7 @@ def test_quality_table_measures_every_stage_and_keeps_the_runs(tmp_path):
     recipe = "--batch-size 2 --class-cond --sample-steps 1"
     runs = tmp_path / "runs"
     finished = run_script("bench.py", "--only", "quality", "--quality-steps", "4", "--quality-stages", "2",
-                          "--quality-samples", "16", "--classifier-steps", "5", "--keep-runs", str(runs),
+                          "--quality-samples", "16", "--quality-sample-steps", "2", "--classifier-steps", "5", "--keep-runs", str(runs),
                           "--recipes", recipe, recipe)
     assert finished.returncode == 0, finished.stderr[-2000:]
     rows = [line.split(" | ") for line in finished.stdout.splitlines() if line.startswith(f"| {recipe} |")]
@@ -1860,7 +1887,7 @@ def test_a_diverged_checkpoint_is_refused_by_sample_py(tmp_path, trained_run):
     checkpoint["ema"]["zigma.pos_embed"] = torch.full_like(checkpoint["ema"]["zigma.pos_embed"], float("nan"))
     torch.save(checkpoint, tmp_path / "nan.pt")
     with pytest.raises(UserError, match="NaN or infinite weights .*zigma.pos_embed first.*diverged"):
-        sample_script.main(["--ckpt", str(tmp_path / "nan.pt"), "--out", str(tmp_path / "s.png"), "--n", "1"])
+        sample_script.main(["--ckpt", str(tmp_path / "nan.pt"), "--grid", str(tmp_path / "s.png"), "--n", "1"])
 
 
 def test_a_stopped_and_resumed_run_gives_the_losses_of_one_that_never_stopped(tmp_path):
@@ -2023,7 +2050,7 @@ def test_sample_py_on_a_full_disk_leaves_no_empty_image(tmp_path, trained_run, m
 
     monkeypatch.setattr(data, "save_image", full_disk)
     with pytest.raises(UserError, match="could not write .*s.png: No space left on device"):
-        sample_script.main(["--ckpt", str(trained_run), "--out", str(tmp_path / "s.png"), "--n", "1", "--steps", "1"])
+        sample_script.main(["--ckpt", str(trained_run), "--grid", str(tmp_path / "s.png"), "--n", "1", "--steps", "1"])
     assert not any(p.suffix == ".png" for p in tmp_path.iterdir()), "no PNG, empty or not, is left behind"
 
 
@@ -2039,8 +2066,8 @@ def test_an_unwritable_out_is_refused_before_any_work(tmp_path, trained_run, mon
     read_only(monkeypatch)
     with pytest.raises(UserError, match="--out .* cannot be written: Permission denied"):
         train.main(["--out", str(tmp_path / "out"), *TINY_RUN])
-    with pytest.raises(UserError, match="--out's folder .* cannot be written: Permission denied"):
-        sample_script.main(["--ckpt", str(trained_run), "--out", str(tmp_path / "s.png"), "--n", "1"])
+    with pytest.raises(UserError, match="--grid's folder .* cannot be written: Permission denied"):
+        sample_script.main(["--ckpt", str(trained_run), "--grid", str(tmp_path / "s.png"), "--n", "1"])
 
 
 def test_a_truncated_latent_cache_is_encoded_again(tmp_path, capsys):
@@ -2062,7 +2089,7 @@ def test_text_that_is_not_utf8_is_one_sentence_naming_the_file(tmp_path, trained
         data.ImageFolder(folder, 8, captions=True)
     (tmp_path / "prompts.txt").write_bytes("café".encode("latin-1"))
     with pytest.raises(UserError, match="prompts.txt is not UTF-8 text"):
-        sample_script.main(["--ckpt", str(trained_run), "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "s.png")])
+        sample_script.main(["--ckpt", str(trained_run), "--prompts", str(tmp_path / "prompts.txt"), "--grid", str(tmp_path / "s.png")])
 
 
 def test_more_sampling_mistakes_are_one_sentence(tmp_path, trained_run, monkeypatch):
@@ -2123,7 +2150,7 @@ def test_a_moved_vae_names_the_flag_to_pass(tmp_path):
     train.main(["--out", str(tmp_path / "out"), "--data", str(folder), "--vae", str(vae), "--steps", "1", *TINY_RUN])
     shutil.move(vae, tmp_path / "moved")
     with pytest.raises(UserError, match=r"neither a folder .*; .*ckpt.pt was trained with it: where it has moved, pass --vae PATH"):
-        sample_script.main(["--ckpt", str(tmp_path / "out"), "--out", str(tmp_path / "s.png"), "--n", "1"])
+        sample_script.main(["--ckpt", str(tmp_path / "out"), "--grid", str(tmp_path / "s.png"), "--n", "1"])
 
 
 def test_a_resumed_run_logs_each_step_once(tmp_path):
@@ -2162,7 +2189,7 @@ def test_data_that_teaches_little_is_said(tmp_path, capsys):
 
 def test_ctrl_c_while_sampling_is_one_sentence(trained_run, tmp_path):
     # SIGINT as a terminal has it: a shell's background job (nohup ... &) starts with it ignored, and Python keeps that.
-    run = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(trained_run), "--out", str(tmp_path / "s.png"),
+    run = subprocess.Popen([sys.executable, "sample.py", "--ckpt", str(trained_run), "--grid", str(tmp_path / "s.png"),
                             "--steps", "10000"], cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -2207,7 +2234,7 @@ def test_a_real_full_disk_is_one_sentence_and_leaves_no_temporary_file(small_dis
     assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "train.lock"], "no partial checkpoint is left"
     (small_disk / "filler").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 512))  # what is left: 512 bytes
     with pytest.raises(UserError, match=r"could not write .*s\.png: No space left on device"):
-        sample_script.main(["--ckpt", str(trained_run), "--out", str(small_disk / "s.png"), "--n", "64", "--steps", "1"])
+        sample_script.main(["--ckpt", str(trained_run), "--grid", str(small_disk / "s.png"), "--n", "64", "--steps", "1"])
     assert not list(small_disk.glob("*.png")) and not list(small_disk.glob(".*.tmp")), "no image, whole or partial"
 
 
@@ -2219,8 +2246,8 @@ def test_a_read_only_disk_is_refused_before_any_work(tmp_path, trained_run):
     try:
         with pytest.raises(UserError, match="--out .* cannot be written: Read-only file system"):
             train.main(["--out", str(disk / "out"), *TINY_RUN])
-        with pytest.raises(UserError, match="--out's folder .* cannot be written: Read-only file system"):
-            sample_script.main(["--ckpt", str(trained_run), "--out", str(disk / "s.png"), "--n", "1"])
+        with pytest.raises(UserError, match="--grid's folder .* cannot be written: Read-only file system"):
+            sample_script.main(["--ckpt", str(trained_run), "--grid", str(disk / "s.png"), "--n", "1"])
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=True)
 
@@ -2252,7 +2279,7 @@ def test_samples_that_are_not_finite_write_nothing(tmp_path, trained_run):
     checkpoint["ema"]["zigma.final_layer.linear.weight"] = torch.full_like(checkpoint["ema"]["zigma.final_layer.linear.weight"], 3e38)
     torch.save(checkpoint, tmp_path / "overflows.pt")  # finite weights whose velocities are not
     with pytest.raises(UserError, match="samples 0 to 3 are NaN or infinite: .*overflows.pt comes from a run that diverged"):
-        sample_script.main(["--ckpt", str(tmp_path / "overflows.pt"), "--out", str(tmp_path / "s.png"), "--n", "4", "--steps", "2"])
+        sample_script.main(["--ckpt", str(tmp_path / "overflows.pt"), "--grid", str(tmp_path / "s.png"), "--n", "4", "--steps", "2"])
     assert not (tmp_path / "s.png").exists()
 
 
@@ -2336,7 +2363,7 @@ def test_a_broken_log_line_does_not_block_a_resume_and_a_fresh_run_starts_a_new_
 def test_closed_stderr_is_a_closed_terminal(tmp_path):
     out = tmp_path / "out"
     closed = subprocess.run(["bash", "-c", f"{sys.executable} train.py --out {out} --steps 2 {' '.join(TINY_RUN)} 2>&- && "
-                             f"{sys.executable} sample.py --ckpt {out} --out {tmp_path / 's.png'} --n 2 --steps 1 2>&-"],
+                             f"{sys.executable} sample.py --ckpt {out} --grid {tmp_path / 's.png'} --n 2 --steps 1 2>&-"],
                             cwd=Path(__file__).parent, capture_output=True, text=True)
     assert closed.returncode == 0, closed.stdout
     assert data.load_checkpoint(out / "ckpt.pt")["step"] == 2 and (tmp_path / "s.png").exists()
@@ -2349,7 +2376,7 @@ def test_checkpoints_with_parts_missing_are_named_in_one_sentence(tmp_path, caps
     released = {k: v for k, v in checkpoint.items() if k != "optimizer"}
     released["conditioning"] = {}
     torch.save(released, out / "ckpt.pt")  # stripped for release
-    sample_script.main(["--ckpt", str(out), "--out", str(tmp_path / "s.png"), "--n", "1", "--steps", "1"])
+    sample_script.main(["--ckpt", str(out), "--grid", str(tmp_path / "s.png"), "--n", "1", "--steps", "1"])
     train.main(["--out", str(out), "--steps", "2", *TINY_RUN])
     assert "holds no optimizer state; AdamW's moments start afresh" in capsys.readouterr().err
     resumed = data.load_checkpoint(out / "ckpt.pt")
@@ -2361,7 +2388,7 @@ def test_checkpoints_with_parts_missing_are_named_in_one_sentence(tmp_path, caps
         change(broken["ema"])
         torch.save(broken, tmp_path / "broken.pt")
         with pytest.raises(UserError, match="broken.pt does not match the model its config describes: " + message):
-            sample_script.main(["--ckpt", str(tmp_path / "broken.pt"), "--out", str(tmp_path / "s.png")])
+            sample_script.main(["--ckpt", str(tmp_path / "broken.pt"), "--grid", str(tmp_path / "s.png")])
         shutil.copy(tmp_path / "broken.pt", out / "ckpt.pt")
         with pytest.raises(UserError, match="ckpt.pt does not match the model its config describes: " + message):
             train.main(["--out", str(out), "--steps", "3", *TINY_RUN])
@@ -2418,6 +2445,41 @@ def test_a_busy_out_stops_every_torchrun_process(tmp_path):
         train.main(["--out", str(out), *TINY_RUN])
 
 
+NAN_PREVIEW = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import train
+train.sample = lambda model, noise, **options: torch.full_like(noise, float("nan"))  # as a run that diverged draws
+try:
+    train.main(sys.argv[2:])
+except train.UserError as error:
+    sys.exit(f"train.py: {error}")
+"""
+
+
+def test_a_nan_preview_stops_every_process_by_itself(tmp_path):
+    # The first process draws the preview alone; the others must stop with it, each in one sentence or none. The two
+    # processes are started as torchrun starts them, but without torchrun, which would kill the second once the first
+    # has stopped: before, the second waited for the first at the end of the step until the group broke, and raised.
+    (tmp_path / "nan_preview.py").write_text(NAN_PREVIEW)
+    out = tmp_path / "out"
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    group = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    processes = [subprocess.Popen([sys.executable, str(tmp_path / "nan_preview.py"), str(Path(__file__).parent), "--device",
+                                   "cpu", "--out", str(out), "--steps", "4", *TINY_RUN], cwd=Path(__file__).parent, text=True,
+                                  env=dict(group, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE) for rank in (0, 1)]
+    said = [process.communicate(timeout=120)[1] for process in processes]
+    assert [process.returncode for process in processes] == [1, 1], said
+    assert said[0].strip().splitlines()[-1] == (f"train.py: the samples of step 2 are NaN or infinite; {out / 'ckpt.pt'} is "
+                                                f"kept as it was at step 2"), said[0][-2000:]
+    assert "Traceback" not in said[0] + said[1] and "Error" not in said[1], said[1][-2000:]
+    assert not (out / "samples_0000002.png").exists() and data.load_checkpoint(out / "ckpt.pt")["step"] == 2
+
+
 def test_temporary_files_are_hidden_and_links_are_written_through(tmp_path):
     seen = []
     data.written_atomically(tmp_path / "000230.png", lambda temporary: seen.append(temporary) or temporary.write_bytes(b"x"))
@@ -2444,7 +2506,7 @@ def test_float_images_and_decompression_bombs(tmp_path, monkeypatch, capsys):
 def test_nonsense_guidance_is_refused(tmp_path, trained_run):
     for cfg in ("inf", "nan"):
         with pytest.raises(UserError, match=rf"--cfg must be 0 or more \(1 is no guidance\) and finite, not {cfg}"):
-            sample_script.main(["--ckpt", str(trained_run), "--out", str(tmp_path / "s.png"), "--class", "0", "--cfg", cfg])
+            sample_script.main(["--ckpt", str(trained_run), "--grid", str(tmp_path / "s.png"), "--class", "0", "--cfg", cfg])
 
 
 @pytest.mark.parametrize("script", ["train.py", "sample.py"])
@@ -2466,7 +2528,7 @@ def test_outputs_inside_the_data_they_learn_from_are_refused(tmp_path, trained_r
     with pytest.raises(UserError, match="--out .* is inside --data .*: its sample grids would become training images"):
         train.main(["--data", str(folder), "--out", str(folder / "out"), *TINY_RUN])
     with pytest.raises(UserError, match="--out-dir .* is inside --fid .*: the samples would count as real images"):
-        sample_script.main(["--ckpt", str(trained_run), "--out", str(tmp_path / "s.png"), "--fid", str(folder),
+        sample_script.main(["--ckpt", str(trained_run), "--grid", str(tmp_path / "s.png"), "--fid", str(folder),
                             "--out-dir", str(folder / "a" / "samples")])
     assert not (folder / "out").exists() and not (folder / "a" / "samples").exists()
 
@@ -2494,10 +2556,11 @@ def test_no_flip_never_shows_a_mirrored_image_and_a_changed_setting_is_said(tmp_
 
 
 def test_sampling_under_torchrun_draws_the_samples_of_one_process(tmp_path, trained_run):
-    options = ["--ckpt", str(trained_run), "--num-samples", "5", "--batch-size", "2", "--sample-steps", "2", "--device", "cpu"]
-    torchrun("sample.py", *options, "--out", str(tmp_path / "two.png"), "--out-dir", str(tmp_path / "two"),
+    # Batches of 3 across 2 processes: 2 samples and 1 of the first batch, 2 and none of the second.
+    options = ["--ckpt", str(trained_run), "--num-samples", "5", "--batch-size", "3", "--sample-steps", "2", "--device", "cpu"]
+    torchrun("sample.py", *options, "--grid", str(tmp_path / "two.png"), "--out-dir", str(tmp_path / "two"),
              "--npz", str(tmp_path / "two.npz"))
-    sample_script.main([*options, "--out", str(tmp_path / "one.png"), "--npz", str(tmp_path / "one.npz")])
+    sample_script.main([*options, "--grid", str(tmp_path / "one.png"), "--npz", str(tmp_path / "one.npz")])
     with np.load(tmp_path / "two.npz") as two, np.load(tmp_path / "one.npz") as one:
         assert list(two) == ["arr_0"] and two["arr_0"].dtype == np.uint8 and two["arr_0"].shape == (5, 8, 8, 3)
         difference = np.abs(two["arr_0"].astype(int) - one["arr_0"].astype(int))

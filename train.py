@@ -34,10 +34,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import (VAE, ArgumentParser, CaptionEncoder, CPUThreads, Latents, Terminal, UserError, build_networks,
-                  load_checkpoint, load_pretrained_text_encoder, plural, save_atomically, save_samples)
-from plumbing import (PRECISIONS, Batches, RunLog, StopRequest, autocast_dtype, build_dataset, check_resumed_options,
-                      check_training_arguments, check_weights_are_sane, keep_numbered, only_writer, precision_name,
-                      derived_seed, end_processes, preview_conditions, resume, saved_arguments, start_processes)
+                  load_checkpoint, load_pretrained_text_encoder, plural, save_samples)
+from plumbing import (GUIDANCE_SCALE, PRECISIONS, Batches, RunLog, StopRequest, autocast_dtype, build_dataset, check_resumed_options,
+                      check_training_arguments, check_weights_are_sane, default_model, on_first, only_writer, precision_name,
+                      derived_seed, end_processes, preview_conditions, resume, save_checkpoint, saved_arguments, start_processes)
 from zigma import PATH_FAMILIES, PRESETS, TIME_SAMPLING, flow_loss, fused_selective_scan, preset_config, sample
 
 if QUIET_START:
@@ -78,8 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                           help="examples per step, across all processes under torchrun: each takes its share (default: 32)")
     training.add_argument("--lr", type=float, help="AdamW's, after the warm-up (default: 1e-3 for Tiny, 1e-4 for larger)")
     training.add_argument("--warmup", type=int, default=200, help="raise the learning rate linearly over this many first steps (default: 200)")
-    training.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
-                          help="random left-right flips, as DiT's; --no-flip for text, digits, maps")
+    training.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                          help="with --data: random left-right flips, as DiT's (the default); --no-flip for text, digits, maps")
     training.add_argument("--time-sampling", default="logit-normal", choices=TIME_SAMPLING,
                           help="how t is drawn: logit-normal, more of it mid-path, or uniform on [0, 1] (default: logit-normal)")
     training.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
@@ -95,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     progress = parser.add_argument_group("progress")
     progress.add_argument("--sample-every", type=int, default=500, help="save samples every N steps; 0: none (default: 500)")
     progress.add_argument("--sample-steps", type=int, default=50, help="Euler steps for those samples (default: 50)")
-    progress.add_argument("--sample-cfg", type=float, default=4.0, help="their guidance scale, with conditions (default: 4)")
+    progress.add_argument("--sample-cfg", type=float, default=GUIDANCE_SCALE, help="their guidance scale, with conditions (default: 4)")
     progress.add_argument("--ckpt-every", type=int, default=500, help="save the checkpoint every this many steps (default: 500)")
     progress.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
                           help="also keep the last N checkpoints as ckpt_STEP.pt (default: 0)")
@@ -136,6 +136,9 @@ def train(args, rank: int, world: int, device: torch.device):
     if rank > 0:
         sys.stdout = open(os.devnull, "w")  # the first process speaks for all
     torch.manual_seed(args.seed)  # the same initial weights in every process
+    vae = VAE(args.vae, device) if args.vae else None  # frozen, kept out of the checkpoint; only its name is saved
+    if vae and args.model is None:
+        args.model = default_model(args.image_size // vae.factor)  # for the side of the latents
     ckpt_path = args.out / "ckpt.pt"
     checkpoint = load_checkpoint(ckpt_path) if ckpt_path.exists() else None  # resume
     if checkpoint is not None:
@@ -145,7 +148,6 @@ def train(args, rank: int, world: int, device: torch.device):
             return
 
     # Data: a folder, or the built-in faces or shapes; with --vae, their latents, encoded once
-    vae = VAE(args.vae, device) if args.vae else None  # frozen, kept out of the checkpoint; only its name is saved
     dataset = build_dataset(args, vae)
     if vae:
         dataset = Latents(dataset, vae, args.image_size, args.out / "latents.pt", device, rank, world)
@@ -199,13 +201,10 @@ def train(args, rank: int, world: int, device: torch.device):
         check_weights_are_sane(networks, networks["text"] if "text" in networks else pretrained, batch, recent_losses,
                                step, world, device, autocast, f"{saved}. Train with a lower --lr than {args.lr:g}",
                                args.time_sampling)
-        if rank == 0:
-            save_atomically({"model": networks.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                             "step": step, "data_position": batches.position, "config": asdict(config),
-                             "conditioning": conditioning, "vae": args.vae, "args": saved_arguments(args),
-                             "recent_loss": sum(recent_losses) / len(recent_losses)}, ckpt_path)
-            if args.keep_checkpoints:
-                keep_numbered(ckpt_path, step, args.keep_checkpoints)
+        state = {"model": networks.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "data_position": batches.position, "config": asdict(config), "conditioning": conditioning, "vae": args.vae,
+                 "args": saved_arguments(args), "recent_loss": sum(recent_losses) / len(recent_losses)}
+        on_first(lambda: save_checkpoint(state, ckpt_path, args.keep_checkpoints), rank, world)  # a full disk stops them all
         return f"{ckpt_path} is kept as it was at step {step}"
 
     preview_labels, preview_captions = preview_conditions(dataset, 16)
@@ -272,8 +271,8 @@ def train(args, rank: int, world: int, device: torch.device):
                                        "examples_per_s": round(speed, 2)})
             if step % args.ckpt_every == 0 or step == args.steps:  # first the checkpoint, then the preview
                 saved, last_batch = checkpoint_now(batch, step), None
-            if rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.steps):
-                save_preview(step)
+            if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
+                on_first(lambda: save_preview(step), rank, world)  # the first process draws; NaN samples stop them all
             if stop.agreed(world, device):
                 break
     except RuntimeError:
