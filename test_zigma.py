@@ -117,7 +117,7 @@ def test_scan_round_trip_restores_token_order(axis, order_length):
     x = torch.randn(2, 36, 5)
     sequences = scan.to_sequences(x)
     assert sequences.shape[1] == order_length
-    assert torch.equal(scan.from_sequences(sequences, batch=2), x)
+    assert torch.equal(scan.from_sequences(sequences), x)
 
 
 def test_scan_sequences_follow_the_path():

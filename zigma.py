@@ -2,7 +2,8 @@
 
 Paper: "ZigMa: A DiT-style Zigzag Mamba Diffusion Model", Hu et al., ECCV 2024 (arXiv 2403.13802).
 It builds on Mamba (arXiv 2312.00752), DiT (arXiv 2212.09748), SiT (arXiv 2401.08740) and stochastic
-interpolants (Albergo and Vanden-Eijnden, arXiv 2209.15571).
+interpolants (Albergo and Vanden-Eijnden, arXiv 2209.15571). Pointers into the ZigMa paper name its parts
+(its zigzag scans, its block), since its section and figure numbers differ between its arXiv versions.
 
 Mamba reads a 1D sequence, so the order of the patch tokens matters. Before each Mamba layer, ZigMa reorders
 the tokens along one of eight continuous zigzag paths over the token grid. After the layer, it puts them back.
@@ -22,7 +23,8 @@ Sections 2 and 3 use lowercase shapes, since A, B, C and D there name the SSM's 
     b  sequences (B*T, B*H*W or B)    l  tokens    d  model width    e = expand * d  inner width
     n  state size    r  rank of delta's projection
 
-Terms. A path is the order (a permutation) in which a layer reads a sequence's tokens; "scan" means the SSM's.
+Terms. The paper calls the token orders scans ("zigzag scan"). Here they are paths: a path is the order (a
+permutation) in which a layer reads a sequence's tokens. "Scan" means only the SSM's selective scan.
 
 Time. x_t = (1 - t) noise + t data. So t = 0 is noise and t = 1 is data, as in SiT's code (SiT's paper puts
 data at 0). The network predicts the velocity v = dx_t/dt = data - noise. Sampling integrates it from 0 to 1.
@@ -47,26 +49,25 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
     fast_scan = None
 
 
-# 1. Token orders --------------------------------------------------------------------------------------------
+# 1. Token orders: the paper's zigzag scans ------------------------------------------------------------------
 # The scan is causal: a token sees only the tokens read before it on its layer's path. So the layers take
 # turns over K paths, which differ in start corner or axis (rows or columns). The model takes each layer's
 # TokenOrder from layer_orders, at the end of this section; the functions before it build the paths.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# Path k starts at CORNERS[k // 2], by rows for even k. Models trained with this file depend on this order.
-# With K = 1 or 2 all layers start top-left, so an image's top-left token sees no other token in any layer.
+# Path k starts at CORNERS[k // 2], by rows for even k (trained checkpoints depend on this order). With K = 1
+# or 2 all layers start top-left, so an image's top-left token sees no other token in any layer.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
-def corner_grids(height: int, width: int) -> list[torch.Tensor]:
+def from_each_corner(height: int, width: int) -> list[torch.Tensor]:
     """The grid's row-major token indices, (H, W), flipped to put each corner in turn at [0, 0]."""
-    # On the CPU, even under a "meta" default device: TokenOrder calls .tolist() on the paths.
-    indices = torch.arange(height * width, device="cpu").view(height, width)  # (H, W)
-    grids = []
+    indices = torch.arange(height * width, device="cpu").view(height, width)  # (H, W); CPU even under "meta"
+    flipped = []
     for flip_rows, flip_cols in CORNERS:
         from_corner = indices.flip(0) if flip_rows else indices
-        grids.append(from_corner.flip(1) if flip_cols else from_corner)  # (H, W), the corner now at [0, 0]
-    return grids
+        flipped.append(from_corner.flip(1) if flip_cols else from_corner)  # (H, W), the corner now at [0, 0]
+    return flipped
 
 
 def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
@@ -82,12 +83,12 @@ def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
          8  9 10 11             2  5 10 13             4  5  6  7            14  9  6  1
         15 14 13 12             3  4 11 12             3  2  1  0            15  8  7  0
 
-    Why K paths: the convolution's window and the state's decay favour the tokens read just before. Of the 960
-    (token, neighbour) pairs of a 16 x 16 grid, path 0 reads 255 back to back (neighbour, then token). Paths 0
-    and 1 together read 496, and all eight all 960 (`python zigma.py` counts them).
+    Why K paths: the convolution's window and the state's decay favour the tokens read just before. A 16 x 16
+    grid has 480 pairs of neighbours, 960 (neighbour, token) pairs counting both orders. Path 0 reads 255 of
+    those back to back, paths 0 and 1 together 496, and all eight all 960 (`python zigma.py` counts them).
     """
     paths = []
-    for from_corner in corner_grids(height, width):
+    for from_corner in from_each_corner(height, width):
         for lines in (from_corner, from_corner.t()):  # read row by row, then column by column
             lines = lines.clone()  # else the write below would change from_corner
             if snake:
@@ -146,15 +147,15 @@ class TokenOrder(nn.Module):
         elif self.axis == "time":
             x = rearrange(x, "b (frames hw) d -> (b hw) frames d", frames=self.grid[0])  # (B*H*W, T, D)
         # "volume": the clip is already one sequence, (B, T*H*W, D)
-        return x[:, self.path]  # (sequences, L, D) in path order, with B*T, B*H*W or B sequences
+        return x[:, self.path]  # (sequences, L, D), in path order
 
-    def from_sequences(self, x: torch.Tensor, batch: int) -> torch.Tensor:
-        x = x[:, self.inverse]  # (sequences, L, D) back in the grid's (frame, row, column) order
+    def from_sequences(self, x: torch.Tensor) -> torch.Tensor:  # (sequences, L, D)
+        x = x[:, self.inverse]  # (sequences, L, D), back in the grid's (frame, row, column) order
         if self.axis == "space":
-            x = rearrange(x, "(b frames) hw d -> b (frames hw) d", b=batch)  # (B, T*H*W, D)
+            x = rearrange(x, "(b frames) hw d -> b (frames hw) d", frames=self.grid[0])
         elif self.axis == "time":
-            x = rearrange(x, "(b hw) frames d -> b (frames hw) d", b=batch)  # (B, T*H*W, D)
-        return x
+            x = rearrange(x, "(b hw) frames d -> b (frames hw) d", hw=math.prod(self.grid[1:]))
+        return x  # (B, T*H*W, D)
 
 
 def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths: int,
@@ -171,7 +172,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
     """
     frames, height, width = grid
     paths_2d = family_paths(family, height, width)[:num_paths]  # (K, H*W)
-    snake = family != "sweep"  # a sweep reads every frame the same way, as it reads every line
+    snake = family != "sweep"  # odd frames backwards, each starting where the last ended; a sweep never turns
     count = {"s": 0, "t": 0, "v": 0}  # the layers of each kind so far
     orders = []
     for layer in range(depth):
@@ -201,12 +202,13 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
 # file use delta B instead. The two agree to first order in delta.
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The selective scan, one token at a time. test_zigma.py compares the fast scans to this definition.
-    Computes in float32 (float64 for float64 inputs) with autocast off. Returns u's dtype."""
+    """The selective scan, one token at a time: the definition that test_zigma.py compares the fast scans to.
+    Computes in float32 (float64 for float64 inputs) with autocast off, and returns u's dtype."""
     dtype = u.dtype
     compute_dtype = torch.promote_types(dtype, torch.float32)
     with torch.autocast(u.device.type, enabled=False):  # else the einsum would run in bf16 under autocast
         u, delta, A, B, C = (x.to(compute_dtype) for x in (u, delta, A, B, C))
+        D, z, delta_bias = (None if x is None else x.to(compute_dtype) for x in (D, z, delta_bias))
         if delta_bias is not None:
             delta = delta + delta_bias[:, None]
         if delta_softplus:
@@ -226,10 +228,9 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
-    """The scan the layers run, by the fastest exact implementation at hand: mamba-ssm's CUDA kernel if it is
-    installed (for float32, fp16 or bf16 inputs, with A, D and delta_bias in float32), else fast_scan.py's
-    scan, else the reference."""
-    precision = torch.promote_types(A.dtype, torch.float32)  # float32 even after model.half() (or float64)
+    """The scan the layers run, by the fastest exact implementation at hand: mamba-ssm's CUDA kernel where it
+    is installed, else fast_scan.py's scan, else the reference."""
+    precision = torch.promote_types(A.dtype, torch.float32)  # float32 after model.half(); float64 stays so
     A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
     kernel_ok = u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
     if fused_selective_scan is not None and kernel_ok:
@@ -275,8 +276,8 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, l, d)
         length = x.shape[1]
-        x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each
-        u = F.silu(self.conv1d(x.transpose(1, 2))[..., :length])  # (b, e, l), causal: the first l outputs
+        x_inner, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each: the branch to scan, and the gate
+        u = F.silu(self.conv1d(x_inner.transpose(1, 2))[..., :length])  # (b, e, l), causal: the first l
         # delta (b, l, r), B and C (b, l, n)
         delta, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
         delta = delta @ self.dt_proj.weight.t()  # (b, l, e), no bias yet: the scan adds it, as in mamba-ssm
@@ -286,7 +287,7 @@ class MambaMixer(nn.Module):
         return self.out_proj(y.transpose(1, 2))  # (b, e, l) -> (b, l, d)
 
 
-# 4. ZigMa block ---------------------------------------------------------------------------------------------
+# 4. ZigMa block: the paper's Zigzag Mamba block ------------------------------------------------------------
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]  # (B, T*H*W, D)
@@ -313,7 +314,7 @@ class ZigMaBlock(nn.Module):
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             # Heads of width 64, or one head where 64 does not divide dim.
             self.cross_attention = CrossAttention(dim, context_dim, heads=dim // 64 if dim % 64 == 0 else 1)
-        self.branches = 2 if context_dim else 1  # each with its shift, scale and gate
+        self.branches = 2 if context_dim else 1  # the mixer, and cross-attention: each its shift, scale, gate
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * self.branches * dim))
         nn.init.zeros_(self.adaLN_modulation[-1].weight)  # adaLN-Zero: the gates start at zero
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
@@ -325,7 +326,7 @@ class ZigMaBlock(nn.Module):
         shift, scale, gate = modulation[:3]
         # ZigMa's idea: the mixer reads the tokens in the layer's path order.
         sequences = self.order.to_sequences(modulate(self.norm1(x), shift, scale))  # (sequences, L, D)
-        mixed = self.order.from_sequences(self.mixer(sequences), batch=x.shape[0])  # (B, T*H*W, D)
+        mixed = self.order.from_sequences(self.mixer(sequences))  # (B, T*H*W, D)
         x = x + gate[:, None] * mixed
         if self.cross_attention is not None:
             assert context is not None, "this block has cross-attention: pass context tokens"
@@ -373,7 +374,7 @@ class ZigMaConfig:
 
 
 class ZigMa(nn.Module):
-    """As the official ZigMa: patchify, add positions, ZigMaBlocks (each in its token order), unpatchify."""
+    """The official ZigMa's outline: patchify, add positions, ZigMaBlocks (each in its order), unpatchify."""
 
     def __init__(self, config: ZigMaConfig):
         super().__init__()
@@ -387,8 +388,8 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding. At DiT's 0.02, a label would be small beside the timestep
-            # embedding, whose norm grows to about 20 in a few hundred training steps (docs/official-code.md).
+            # N(0, 1), as ADM's class embedding: at DiT's 0.02, a label would be small beside the timestep
+            # embedding, whose norm grows to about 20 in a few hundred steps (docs/official-code.md).
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
@@ -463,10 +464,10 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
               time_sampling: str = "logit-normal") -> torch.Tensor:
     """SiT's velocity loss for data x, on the interpolant x_t = (1 - t) noise + t x, with one t per example.
 
-    By default t = sigmoid(a) with a ~ N(0, 1): SD3's logit-normal (arXiv 2403.03206). It favours the middle
-    times, where the velocity is hardest to predict. In the small runs of docs/quality.md it sampled better
-    than the uniform t of SiT and the paper. For guidance, each example's label and context together become
-    the null ones with probability drop_prob. noise (like x) and t (B,) are drawn unless given.
+    SiT and the paper draw t uniformly (time_sampling="uniform"). The default is SD3's logit-normal t =
+    sigmoid(a), a ~ N(0, 1) (arXiv 2403.03206), which favours the middle times: in the small runs of
+    docs/quality.md it sampled better. For guidance, each example's label and context together become the
+    null ones with probability drop_prob. noise (like x) and t (B,) are drawn unless given.
     """
     assert time_sampling in TIME_SAMPLING, f"time_sampling is one of {TIME_SAMPLING}, not {time_sampling!r}"
     batch = x.shape[0]
@@ -500,11 +501,8 @@ def guided_velocity(model: ZigMa, x_t, t, y=None, context=None, context_mask=Non
 @torch.no_grad()
 def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=None, context_mask=None,
            cfg_scale: float = 1.0, method: str = "euler") -> torch.Tensor:
-    """Integrate dx/dt = v(x, t) from noise at t = 0 to data at t = 1, in `steps` equal steps.
-
-    Euler makes one model call per step. Its error shrinks with the step size. Heun averages the slopes at
-    both ends of a step. It makes two calls per step, and its error shrinks with the step size squared.
-    """
+    """Integrate dx/dt = v(x, t) from noise at t = 0 to data at t = 1, in `steps` equal steps: by Euler (one
+    model call a step) or by Heun (two: the mean of the slopes at both ends of the step)."""
     assert method in ("euler", "heun"), f"method must be 'euler' or 'heun', not {method!r}"
     x_t = noise
     times = torch.linspace(0, 1, steps + 1, device=noise.device)
@@ -590,18 +588,16 @@ def hilbert_paths(height: int, width: int) -> torch.Tensor:
     """Eight generalized Hilbert curves over the grid, (8, H*W), in grid_paths' orientations: from each
     corner, the curve whose major side runs along the rows, then the one along the columns.
 
-    When one side is odd and the other even, no continuous curve runs along the odd side from corner to
-    corner. Those orientations reuse the other side's curve, read backwards, so they start at another corner
-    and may repeat another path: on 4 x 3 (H x W), only four of the eight differ. On the model's square grids
-    (side 2 or more) all eight do.
+    No continuous curve runs from corner to corner along an odd side when the other side is even. There the
+    orientation reuses the other side's curve, read backwards (from another corner). On the model's square
+    grids all eight curves differ.
     """
     curves = {"rows": gilbert(0, 0, width, 0, 0, height), "columns": gilbert(0, 0, 0, height, width, 0)}
-    # Continuous unless the major side is odd and the minor side even:
-    continuous = {"rows": width % 2 == 0 or height % 2 == 1, "columns": height % 2 == 0 or width % 2 == 1}
+    odd_by_even = {"rows": width % 2 == 1 and height % 2 == 0, "columns": height % 2 == 1 and width % 2 == 0}
     paths = []
-    for from_corner in corner_grids(height, width):
+    for from_corner in from_each_corner(height, width):
         for axis, other in (("rows", "columns"), ("columns", "rows")):
-            cells = curves[axis] if continuous[axis] else curves[other][::-1]  # (column, row) pairs
+            cells = curves[other][::-1] if odd_by_even[axis] else curves[axis]  # (column, row) pairs
             columns, rows = zip(*cells)
             paths.append(from_corner[list(rows), list(columns)])  # (H*W,)
     return torch.stack(paths)  # (8, H*W)
@@ -636,7 +632,7 @@ def gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> list[tuple[in
     # Else three parts in a U, as in Hilbert's curve. With the major side along the top, left to right, and
     # the minor side down the left, the parts cover:
     #     1 1 3 3     1: the top-left block, from (x, y), down the minor side's first half
-    #     1 1 3 3     2: the bottom half, across the whole major side
+    #     1 1 3 3     2: the bottom part, across the whole major side
     #     2 2 2 2     3: the top-right block, back up, to the major side's far end
     #     2 2 2 2
     # The third part starts at the last cell of the major side, in the last line of the minor side's first
@@ -694,8 +690,10 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
 #   positions start at zeros, and out_proj is rescaled by 1/sqrt(depth). Here: c is the timestep and the
 #   label, labels start at N(0, 1) (the reason is given there), positions at N(0, 0.02), and out_proj keeps
 #   PyTorch's initialisation.
-# - FinalLayer. Official: not modulated by the condition. Here: modulated, as DiT's.
-# - PRESETS. Official: zigma_s_2 is 368 wide. Here: ZigMa-S is DiT-S's 384. B and L match.
+# - FinalLayer. Official: after a last add and norm (norm_f), and not modulated by the condition. Here: DiT's,
+#   modulated.
+# - PRESETS. Official: zigma_s_2 is 368 wide, and M (768 x 48) and H (1536 x 48) follow L, with no XL. Here:
+#   ZigMa-S is DiT-S's 384, and XL has DiT-XL's width. B and L match.
 # - flow_loss. Official: t is uniform (SiT's transport). Here: logit-normal by default.
 # - guided_velocity. Official: ZigMa.forward_with_cfg raises NotImplementedError. Here: guidance works.
 # - sample. Official: SiT's SDE sampler too (transport/). Here: the ODE's only.
