@@ -330,21 +330,25 @@ def test_selective_scan_refuses_a_second_derivative():
         grad_u.sum().backward()
 
 
+@pytest.mark.parametrize("scan", [selective_scan, selective_scan_reference])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_selective_scan_accepts_half_precision(dtype, device):
+def test_selective_scan_accepts_half_precision(dtype, scan, device):
     inputs = scan_inputs(length=40, dtype=torch.float32, device=device)
     low = {name: x.detach().to(dtype).requires_grad_() for name, x in inputs.items()}
-    y = selective_scan(**low, delta_softplus=True)
+    y = scan(**low, delta_softplus=True)
     assert y.dtype == dtype
     y.sum().backward()
     for name, x in low.items():
         assert x.grad.dtype == dtype and torch.isfinite(x.grad).all(), f"the gradient of {name} in {x.grad.dtype}"
-    # The state stays in float32, as in mamba-ssm's kernel: y is the float32 scan of the same inputs, rounded once to
-    # the 16-bit type (half a unit in the last place, eps / 2). A 16-bit state would be off by many units after 40 tokens.
+    # The state (and the gate's silu) stays in float32, as in mamba-ssm's kernel: y is the float32 scan of the same
+    # inputs, rounded once to the 16-bit type (half a unit in the last place, eps / 2). A 16-bit state would be off by
+    # many units after 40 tokens.
     y_ref = selective_scan_reference(**{name: x.detach().float() for name, x in low.items()}, delta_softplus=True)
     eps = torch.finfo(dtype).eps
     assert torch.allclose(y.float(), y_ref, rtol=eps, atol=eps * 1e-3 * y_ref.abs().max().item()), \
         f"off by up to {((y.float() - y_ref).abs() / y_ref.abs()).max():.1e} of the value, more than a 16-bit rounding"
+    if scan is selective_scan_reference:  # the same operations as y_ref's, all in float32
+        assert torch.equal(y, y_ref.to(dtype)), "the reference rounds once, at the end"
 
 
 def kernel_contract(u, delta, A, B, C, D, z, delta_bias):
