@@ -44,7 +44,7 @@ try:
 except Exception:  # mamba-ssm 2.x raises more than ImportError where its CUDA extension is missing
     fused_selective_scan = None
 try:
-    import fast_scan  # the fast exact selective scan, beside this file
+    import fast_scan  # the same scan in chunks of tokens, in fewer operations and less memory (fast_scan.py)
 except ImportError:  # zigma.py on its own: the layers run selective_scan_reference
     fast_scan = None
 
@@ -55,8 +55,8 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 # TokenOrder from layer_orders, at the end of this section; the functions before it build the paths.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# Path k starts at CORNERS[k // 2], by rows for even k (trained checkpoints depend on this order). With K = 1
-# or 2 all layers start top-left, so an image's top-left token sees no other token in any layer.
+# Path k starts at CORNERS[k // 2], by rows for even k (this file's checkpoints depend on the order). With
+# K = 1 or 2 all layers start top-left, so an image's top-left token sees no other token in any layer.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
@@ -172,7 +172,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
     """
     frames, height, width = grid
     paths_2d = family_paths(family, height, width)[:num_paths]  # (K, H*W)
-    snake = family != "sweep"  # odd frames backwards, each starting where the last ended; a sweep never turns
+    snake = family != "sweep"  # reverse odd frames, so that the path stays continuous; a sweep does not
     count = {"s": 0, "t": 0, "v": 0}  # the layers of each kind so far
     orders = []
     for layer in range(depth):
@@ -230,7 +230,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
     """The scan the layers run, by the fastest exact implementation at hand: mamba-ssm's CUDA kernel where it
     is installed, else fast_scan.py's scan, else the reference."""
-    precision = torch.promote_types(A.dtype, torch.float32)  # float32 after model.half(); float64 stays so
+    precision = torch.promote_types(A.dtype, torch.float32)  # at least float32, even in a model.half()
     A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
     kernel_ok = u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
     if fused_selective_scan is not None and kernel_ok:
@@ -388,8 +388,8 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding: at DiT's 0.02, a label would be small beside the timestep
-            # embedding, whose norm grows to about 20 in a few hundred steps (docs/official-code.md).
+            # N(0, 1), as ADM's class embedding. From DiT's 0.02 a label stayed about 1% of c, and 2000 steps
+            # on faces in four moods learned none of them (docs/official-code.md).
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
@@ -674,8 +674,12 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
 #   Mamba.forward permutes the tokens with them (its zigzagN branch). Its corners come top-left, top-right,
 #   bottom-left, bottom-right. Here: any grid, and the corners of CORNERS. At K = 1, 2 and 8 both orders pick
 #   the same set of paths, but at K = 8 the spatial layers j with j mod 8 from 2 to 7 read other ones.
-# - hilbert_paths. Official: utils/utils_gilbert.py's paths jump between cells that are not neighbours.
-#   Here: continuous on the model's grids.
+# - family_paths. Official: its Sweep-2 baseline (config sweep2_b1_pe2, scan_type v2) reads the raster
+#   forwards and backwards in every layer, with a second conv1d, x_proj, dt_proj, A and D (Vim's bidirectional
+#   Mamba).
+#   Here: one sweep path a layer, the layers taking turns over K, as over the zigzags.
+# - hilbert_paths. Official: utils/utils_zigzag.py's hilbert_path gives paths that jump between cells that are
+#   not neighbours. Here: continuous on the model's grids.
 # - layer_orders. Official: spatial and temporal layers only (its config 3d_zigzag8sst). Here: volume layers
 #   too.
 # - selective_scan. Official: a vendored, patched mamba-ssm, which must be built. Here: mamba-ssm is optional
@@ -690,8 +694,11 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
 #   positions start at zeros, and out_proj is rescaled by 1/sqrt(depth). Here: c is the timestep and the
 #   label, labels start at N(0, 1) (the reason is given there), positions at N(0, 0.02), and out_proj keeps
 #   PyTorch's initialisation.
-# - FinalLayer. Official: after a last add and norm (norm_f), and not modulated by the condition. Here: DiT's,
-#   modulated.
+# - FinalLayer. Official: after a last add and norm (norm_f), not modulated by the condition, and its linear
+#   layer keeps PyTorch's initialisation. Here: DiT's, modulated, with its output zeroed.
+# - CrossAttention. Official: the text is first projected to D (its y_embedder), q, k and v have no biases,
+#   and there is no mask, so padding is attended to. Here: keys and values from the text's own width, biases,
+#   and padding masked.
 # - PRESETS. Official: zigma_s_2 is 368 wide, and M (768 x 48) and H (1536 x 48) follow L, with no XL. Here:
 #   ZigMa-S is DiT-S's 384, and XL has DiT-XL's width. B and L match.
 # - flow_loss. Official: t is uniform (SiT's transport). Here: logit-normal by default.
