@@ -705,6 +705,18 @@ def test_guidance_at_scale_one_runs_one_pass():
     assert recorder.drops == [None, None], "nothing dropped"
 
 
+def test_flow_loss_draws_t_uniformly_unless_asked_for_logit_normal():
+    # Uniform t puts 10% of the times below 0.1; logit-normal, sigmoid of N(0, 1), puts 1.4% there (a < -2.2).
+    times = []
+    velocity = lambda x_t, t, *conditions: times.append(t) or torch.zeros_like(x_t)  # noqa: E731
+    torch.manual_seed(0)
+    for time_sampling in ("uniform", "logit-normal"):
+        flow_loss(velocity, torch.zeros(20000, 1, 1, 1), time_sampling=time_sampling)
+    flow_loss(velocity, torch.zeros(20000, 1, 1, 1))  # the default
+    below = [(t < 0.1).float().mean().item() for t in times]
+    assert abs(below[0] - 0.1) < 0.01 and abs(below[1] - 0.014) < 0.005 and abs(below[2] - 0.1) < 0.01, below
+
+
 def test_labels_are_dropped_in_training_and_not_in_sampling():
     recorder = Recorder(ZigMa(tiny_config(num_classes=3)))
     y = torch.randint(0, 3, (2000,))

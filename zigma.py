@@ -461,13 +461,13 @@ TIME_SAMPLING = ("uniform", "logit-normal")
 
 def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=None, drop_prob: float = 0.1,
               noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
-              time_sampling: str = "logit-normal") -> torch.Tensor:
+              time_sampling: str = "uniform") -> torch.Tensor:
     """SiT's velocity loss for data x, on the interpolant x_t = (1 - t) noise + t x, with one t per example.
 
-    SiT and the paper draw t uniformly (time_sampling="uniform"). The default is SD3's logit-normal t =
-    sigmoid(a), a ~ N(0, 1) (arXiv 2403.03206), which favours the middle times: in the small runs of
-    docs/quality.md it sampled better. For guidance, each example's label and context together become the
-    null ones with probability drop_prob. noise (like x) and t (B,) are drawn unless given.
+    t is uniform on [0, 1], as in SiT and the paper. time_sampling="logit-normal" draws SD3's t = sigmoid(a),
+    a ~ N(0, 1) (arXiv 2403.03206), which favours the middle times: train.py's default, since it sampled
+    better in the small runs of docs/quality.md. For guidance, each example's label and context together
+    become the null ones with probability drop_prob. noise (like x) and t (B,) are drawn unless given.
     """
     assert time_sampling in TIME_SAMPLING, f"time_sampling is one of {TIME_SAMPLING}, not {time_sampling!r}"
     batch = x.shape[0]
@@ -701,7 +701,8 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
 #   and padding masked.
 # - PRESETS. Official: zigma_s_2 is 368 wide, and M (768 x 48) and H (1536 x 48) follow L, with no XL. Here:
 #   ZigMa-S is DiT-S's 384, and XL has DiT-XL's width. B and L match.
-# - flow_loss. Official: t is uniform (SiT's transport). Here: logit-normal by default.
+# - flow_loss. Official: t is uniform (SiT's transport), as flow_loss's default. Here: train.py draws it
+#   logit-normal by default (--time-sampling).
 # - guided_velocity. Official: ZigMa.forward_with_cfg raises NotImplementedError. Here: guidance works.
 # - sample. Official: SiT's SDE sampler too (transport/). Here: the ODE's only.
 
