@@ -2461,6 +2461,26 @@ def test_a_busy_out_stops_every_torchrun_process(tmp_path):
         train.main(["--out", str(out), *TINY_RUN])
 
 
+def two_processes(script: Path, *args: str) -> list[str]:
+    """Run `script` in two processes of a group, started as torchrun starts them but without torchrun (which would
+    kill the second once the first has stopped); returns what each wrote to stderr once both have ended."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    group = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    processes = [subprocess.Popen([sys.executable, str(script), str(Path(__file__).parent), *args], cwd=Path(__file__).parent,
+                                  env=dict(group, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    try:
+        said = [process.communicate(timeout=120)[1] for process in processes]
+    finally:  # a process that hangs is killed, not left behind
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [1, 1], said
+    assert "Traceback" not in said[0] + said[1] and "Error" not in said[1], said
+    return said
+
+
 NAN_PREVIEW = """
 import sys
 import torch
@@ -2475,25 +2495,51 @@ except train.UserError as error:
 
 
 def test_a_nan_preview_stops_every_process_by_itself(tmp_path):
-    # The first process draws the preview alone; the others must stop with it, each in one sentence or none. The two
-    # processes are started as torchrun starts them, but without torchrun, which would kill the second once the first
-    # has stopped: before, the second waited for the first at the end of the step until the group broke, and raised.
+    # The first process draws the preview alone; the other must stop with it. Before, the second waited for the first
+    # at the end of the step until the group broke, and raised.
     (tmp_path / "nan_preview.py").write_text(NAN_PREVIEW)
     out = tmp_path / "out"
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    group = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1")
-    processes = [subprocess.Popen([sys.executable, str(tmp_path / "nan_preview.py"), str(Path(__file__).parent), "--device",
-                                   "cpu", "--out", str(out), "--steps", "4", *TINY_RUN], cwd=Path(__file__).parent, text=True,
-                                  env=dict(group, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE) for rank in (0, 1)]
-    said = [process.communicate(timeout=120)[1] for process in processes]
-    assert [process.returncode for process in processes] == [1, 1], said
+    said = two_processes(tmp_path / "nan_preview.py", "--device", "cpu", "--out", str(out), "--steps", "4", *TINY_RUN)
     assert said[0].strip().splitlines()[-1] == (f"train.py: the samples of step 2 are NaN or infinite; {out / 'ckpt.pt'} is "
                                                 f"kept as it was at step 2"), said[0][-2000:]
-    assert "Traceback" not in said[0] + said[1] and "Error" not in said[1], said[1][-2000:]
     assert not (out / "samples_0000002.png").exists() and data.load_checkpoint(out / "ckpt.pt")["step"] == 2
+
+
+WORKER_DIES_IN_THE_SECOND_PROCESS = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import plumbing, train
+fetches, next_batch = [], plumbing.Batches.__next__
+
+def dying_worker(batches):  # Ctrl-C kills a data-loading worker as the third batch loads
+    fetches.append(None)
+    if len(fetches) == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+        raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Interrupt.")
+    return next_batch(batches)
+
+if os.environ["RANK"] == "1":  # the first process has its batch, and would go on to the step
+    plumbing.Batches.__next__ = dying_worker
+try:
+    train.main(sys.argv[2:])
+except train.UserError as error:
+    sys.exit(f"train.py: {error}")
+"""
+
+
+def test_a_worker_killed_in_one_process_stops_every_process_after_the_same_step(tmp_path):
+    # Before, the second process went on to save a checkpoint while the first took a step: their collectives crossed.
+    (tmp_path / "dying_worker.py").write_text(WORKER_DIES_IN_THE_SECOND_PROCESS)
+    out = tmp_path / "out"
+    said = two_processes(tmp_path / "dying_worker.py", "--device", "cpu", "--out", str(out), "--steps", "10", *TINY_RUN,
+                         "--ckpt-every", "100", "--sample-every", "100")
+    assert said[0].strip().splitlines()[-1] == (f"train.py: stopped by a signal to another process at step 2; "
+                                                f"{out / 'ckpt.pt'} is kept as it was at step 2: re-run the same command "
+                                                f"to resume"), said[0][-2000:]
+    checkpoint = data.load_checkpoint(out / "ckpt.pt")
+    optimizer_steps = {int(state["step"]) for state in checkpoint["optimizer"]["state"].values()}
+    assert checkpoint["step"] == 2 and optimizer_steps == {2}, (checkpoint["step"], optimizer_steps)
+    assert tuple(checkpoint["data_position"]) == (0, 8), "2 steps of 4 examples, not the batch fetched after them"
 
 
 def test_temporary_files_are_hidden_and_links_are_written_through(tmp_path):

@@ -74,8 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     conditioning.add_argument("--cond-drop", type=float, default=0.1, help="probability of dropping the label or caption, for guidance (default: 0.1)")
     training = parser.add_argument_group("training")
     training.add_argument("--steps", type=int, default=2000, help="total optimizer steps; a larger value resumes a run (default: 2000)")
-    training.add_argument("--batch-size", type=int, default=32,
-                          help="examples per step, across all processes under torchrun: each takes its share (default: 32)")
+    training.add_argument("--batch-size", type=int, default=32, help="examples a step, across all processes under torchrun (default: 32)")
     training.add_argument("--lr", type=float, help="AdamW's, after the warm-up (default: 1e-3 for Tiny, 1e-4 for larger)")
     training.add_argument("--warmup", type=int, default=200, help="raise the learning rate linearly over this many first steps (default: 200)")
     training.add_argument("--flip", action=argparse.BooleanOptionalAction,
@@ -97,8 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     progress.add_argument("--sample-steps", type=int, default=50, help="Euler steps for those samples (default: 50)")
     progress.add_argument("--sample-cfg", type=float, default=GUIDANCE_SCALE, help="their guidance scale, with conditions (default: 4)")
     progress.add_argument("--ckpt-every", type=int, default=500, help="save the checkpoint every this many steps (default: 500)")
-    progress.add_argument("--keep-checkpoints", type=int, default=0, metavar="N",
-                          help="also keep the last N checkpoints as ckpt_STEP.pt (default: 0)")
+    progress.add_argument("--keep-checkpoints", type=int, default=0, metavar="N", help="also keep the last N as ckpt_STEP.pt (default: 0)")
     progress.add_argument("--log-every", type=int, default=10, help="log loss, lr and gradient norm every N (default: 10)")
     progress.add_argument("--tensorboard", action="store_true", help="also to OUT/tensorboard, with the sample grids")
     return check_training_arguments(parser.parse_args(argv))
@@ -186,7 +184,7 @@ def train(args, rank: int, world: int, device: torch.device):
     model.grad_checkpointing = args.grad_checkpointing
     # With several processes, DistributedDataParallel averages the gradients of the model and of the built-in
     # caption encoder, so that every process takes the same step and keeps the same weights and EMA.
-    parallel = (lambda module: DistributedDataParallel(module)) if world > 1 else (lambda module: module)  # noqa: E731
+    parallel = DistributedDataParallel if world > 1 else (lambda module: module)
     train_model = parallel(model)
     train_model = torch.compile(train_model) if args.compile else train_model
     encode = parallel(networks["text"]) if "text" in networks else pretrained
@@ -195,14 +193,13 @@ def train(args, rank: int, world: int, device: torch.device):
           f"{plural(len(dataset), 'training clip' if args.frames else 'training image')}, on {device}"
           + (f", one of {world} processes" if world > 1 else "") + f", {precision_name(dtype)}, selective scan in {scan_name}")
 
-    def checkpoint_now(batch, step: int) -> str:
-        """Write the checkpoint of the model after `step`, unless the weights have diverged (check_weights_are_sane).
-        Returns what is kept."""
+    def checkpoint_now(batch, step: int, position: tuple[int, int]) -> str:
+        """Write the checkpoint of step `step`, unless the weights have diverged on its batch; returns what is kept."""
         check_weights_are_sane(networks, networks["text"] if "text" in networks else pretrained, batch, recent_losses,
                                step, world, device, autocast, f"{saved}. Train with a lower --lr than {args.lr:g}",
                                args.time_sampling)
         state = {"model": networks.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "data_position": batches.position, "config": asdict(config), "conditioning": conditioning, "vae": args.vae,
+                 "data_position": position, "config": asdict(config), "conditioning": conditioning, "vae": args.vae,
                  "args": saved_arguments(args), "recent_loss": sum(recent_losses) / len(recent_losses)}
         on_first(lambda: save_checkpoint(state, ckpt_path, args.keep_checkpoints), rank, world)  # a full disk stops them all
         return f"{ckpt_path} is kept as it was at step {step}"
@@ -226,13 +223,21 @@ def train(args, rank: int, world: int, device: torch.device):
     recent = collections.deque([(time.perf_counter(), 0)], maxlen=21)  # (time, examples) after each of the last 20 steps
     threads = CPUThreads() if device.type == "cpu" else None  # the cores other processes leave free
     stop = StopRequest()  # Ctrl-C, SIGTERM and SIGHUP stop after the step under way, with a checkpoint
-    done, last_batch = start, None  # the last step taken, and its batch while that step is not in the checkpoint
+    # The last step taken, its batch until a checkpoint holds that step, and where the data stood after it
+    done, last_batch, position, stopped = start, None, batches.position, False
     try:
         for step in range(start + 1, args.steps + 1):
             # Noise, times, dropped conditions and (with --workers 0) flips come from a seed for each step and
             # process: a resumed run draws what the run that never stopped drew.
             torch.manual_seed(derived_seed(args.seed, rank, step - 1))
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except RuntimeError:
+                if not stop.name:  # a data-loading worker stopped by the same Ctrl-C is no error of its own
+                    raise
+            stopped = stop.agreed(world, device)  # before the step, so that every process stops after the same one
+            if stopped:
+                break
             if threads:
                 threads.update()
             x = batch["x"].to(device, non_blocking=True)
@@ -254,7 +259,7 @@ def train(args, rank: int, world: int, device: torch.device):
             scaler.step(optimizer)
             scaler.update()
             update_ema(ema, networks, min(args.ema_decay, (1 + step) / (10 + step)))
-            done, last_batch = step, batch
+            done, last_batch, position = step, batch, batches.position
 
             recent_losses.append(loss.item())  # this process's loss: one wait for the device a step
             recent.append((time.perf_counter(), recent[-1][1] + x.shape[0] * world))
@@ -270,23 +275,19 @@ def train(args, rank: int, world: int, device: torch.device):
                     log.scalars(step, {"loss": round(loss.item(), 5), "lr": lr, "grad_norm": round(grad_norm.item(), 5),
                                        "examples_per_s": round(speed, 2)})
             if step % args.ckpt_every == 0 or step == args.steps:  # first the checkpoint, then the preview
-                saved, last_batch = checkpoint_now(batch, step), None
+                saved, last_batch = checkpoint_now(batch, step, position), None
             if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
                 on_first(lambda: save_preview(step), rank, world)  # the first process draws; NaN samples stop them all
-            if stop.agreed(world, device):
-                break
-    except RuntimeError:
-        if not stop.name:  # a data-loading worker stopped by the same Ctrl-C is no error of its own
-            raise
     finally:
         stop.restore()
         progress.close()
         if log:
             log.close()
-    if stop.name:
-        if last_batch is not None:  # a step since the last checkpoint (not one a dying data worker cut short)
-            saved = checkpoint_now(last_batch, done)
-        raise UserError(f"stopped by {stop.name} at step {done}; {saved}: re-run the same command to resume")
+    if stopped:
+        if last_batch is not None:  # a step since the last checkpoint
+            saved = checkpoint_now(last_batch, done, position)
+        raise UserError(f"stopped by {stop.name or 'a signal to another process'} at step {done}; {saved}: re-run the same "
+                        f"command to resume")
     print(f"done: step {done}, {ckpt_path}; draw samples from it with: python sample.py --ckpt {args.out}")
 
 
