@@ -526,7 +526,8 @@ def check_sampling_arguments(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def output_path(args, video: bool) -> Path:
-    """The grid's file, checked before any sampling: an extension PIL writes, in a folder that exists or is made now."""
+    """The grid's file, checked before any sampling with the other outputs: an extension PIL writes, in a folder that
+    exists or is made now."""
     grid = args.grid or Path("samples.gif" if video else "samples.png")
     allowed = [".gif"] if video else sorted(IMAGE_EXTENSIONS - {".gif"})
     if grid.is_dir():
@@ -536,9 +537,10 @@ def output_path(args, video: bool) -> Path:
     check_writable(grid.parent, "--grid's folder")
     if args.out_dir is not None:
         check_writable(args.out_dir, "--out-dir")
+    for name in ("npz", "fid"):
+        if getattr(args, name) is not None and video:
+            raise UserError(f"{args.ckpt} is a video model; --{name} is for images")
     if args.npz is not None:
-        if video:
-            raise UserError(f"{args.ckpt} is a video model; --npz is for images")
         check_writable(args.npz.parent, "--npz's folder")
     return grid
 

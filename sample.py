@@ -3,7 +3,7 @@
     python sample.py                                                   # out/ckpt.pt -> samples.png
     python sample.py --ckpt out --num-samples 10000 --out-dir fid_samples --fid ./faces   # one PNG each, and FID
     python sample.py --ckpt out --class smiling --cfg 3 --method dopri5   # a --class-cond run; --prompt: --captions
-    torchrun --nproc_per_node 8 sample.py --ckpt out --num-samples 50000 --batch-size 512 --npz samples.npz
+    torchrun --standalone --nproc_per_node 8 sample.py --ckpt out --num-samples 50000 --batch-size 512 --npz samples.npz
 
 A video checkpoint writes an animated grid GIF; a latent one is decoded with the VAE it names. Sample i's noise
 comes from (--seed, i), so any number of processes draws the same samples: under torchrun each draws its share
@@ -18,6 +18,7 @@ if QUIET_START:
     signal.signal(signal.SIGINT, lambda *_: sys.exit("sample.py: interrupted while starting; nothing was written"))
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, default=Path("out/ckpt.pt"), help="checkpoint from train.py, or its --out folder (default: out/ckpt.pt)")
     parser.add_argument("--num-samples", "--n", dest="n", type=int, default=64, help="how many; --n is the older name, "
-                        "which torchrun takes for its own (default: 64)")
+                        "which torchrun refuses as an abbreviation of its own options (default: 64)")
     parser.add_argument("--sample-steps", "--steps", type=int, default=50, help="ODE steps; --steps is the older name (default: 50)")
     parser.add_argument("--method", default="euler", choices=["euler", "heun", "dopri5"],
                         help="ODE solver; dopri5 picks its own steps (pip install torchdiffeq) (default: euler)")
@@ -60,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale, 1 = none (default: 4 with a class or prompt, else 1)")
     parser.add_argument("--fid", type=Path, metavar="REAL", help="FID against this folder of images, or a .npz of mu and "
                         "sigma; a folder's statistics are cached in ~/.cache/zigma/fid (needs torchmetrics, torch-fidelity)")
-    parser.add_argument("--vae", metavar="NAME_OR_PATH", help="decode with this VAE, where the checkpoint's has moved")
+    parser.add_argument("--vae", metavar="NAME_OR_PATH", help="decode with this VAE instead of the one the checkpoint names (moved)")
     return check_sampling_arguments(parser.parse_args(argv))
 
 
@@ -72,8 +73,6 @@ def main(argv=None):
     checkpoint = load_checkpoint(args.ckpt)
     video = checkpoint["config"]["frames"] > 0
     grid_path = output_path(args, video)
-    if args.fid is not None and video:
-        raise UserError(f"{args.ckpt} is a video model; --fid is for images")
     conditions = Conditions(args, checkpoint["conditioning"])  # each sample's class or caption, and the --cfg scale
     cfg = conditions.cfg_scale
     vae = vae_for(args, checkpoint, device)  # decodes a latent model's samples
@@ -88,7 +87,7 @@ def main(argv=None):
           + (f" in {world} processes" if world > 1 else "") + f", {precision_name(dtype)}")
 
     batches = range(0, args.n, args.batch_size)  # the first sample of each batch
-    share = -(-args.batch_size // world)  # each process's samples of a batch (the last processes' may be fewer)
+    share = math.ceil(args.batch_size / world)  # each process's samples of a batch (the last processes' may be fewer)
     progress = tqdm(total=len(batches) * (1 if args.method == "dopri5" else args.sample_steps), unit="step",
                     disable=rank > 0, file=Terminal())
     counted = CountedCalls(model, progress, 2 if args.method == "heun" else 1)
@@ -124,6 +123,7 @@ def main(argv=None):
             arrays.append(to_bytes(samples).permute(0, 2, 3, 1).numpy())  # (B, H, W, 3)
         grid.append(samples[:max(0, GRID_LIMIT - first)])
     progress.close()
+    end_processes()  # all is drawn: the first process writes and measures alone, with no other waiting on it
     if rank > 0:
         return
     save_samples(torch.cat(grid), grid_path)

@@ -2461,9 +2461,10 @@ def test_a_busy_out_stops_every_torchrun_process(tmp_path):
         train.main(["--out", str(out), *TINY_RUN])
 
 
-def two_processes(script: Path, *args: str) -> list[str]:
+def two_processes(script: Path, *args: str, exit_status: int = 1) -> list[str]:
     """Run `script` in two processes of a group, started as torchrun starts them but without torchrun (which would
-    kill the second once the first has stopped); returns what each wrote to stderr once both have ended."""
+    kill the second once the first has stopped); returns what each wrote to stderr once both have ended with
+    `exit_status`."""
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
@@ -2476,7 +2477,7 @@ def two_processes(script: Path, *args: str) -> list[str]:
     finally:  # a process that hangs is killed, not left behind
         for process in processes:
             process.kill()
-    assert [process.returncode for process in processes] == [1, 1], said
+    assert [process.returncode for process in processes] == [exit_status] * 2, said
     assert "Traceback" not in said[0] + said[1] and "Error" not in said[1], said
     return said
 
@@ -2503,6 +2504,39 @@ def test_a_nan_preview_stops_every_process_by_itself(tmp_path):
     assert said[0].strip().splitlines()[-1] == (f"train.py: the samples of step 2 are NaN or infinite; {out / 'ckpt.pt'} is "
                                                 f"kept as it was at step 2"), said[0][-2000:]
     assert not (out / "samples_0000002.png").exists() and data.load_checkpoint(out / "ckpt.pt")["step"] == 2
+
+
+FID_PROBE = """
+import sys
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import sample
+
+class GroupProbe:  # FID's stand-in, which notes whether the process group is still there when FID is computed
+    used, size = "the images in", 8
+
+    def __init__(self, source, device):
+        pass
+
+    def add_samples(self, samples):
+        pass
+
+    def compute(self):
+        print(f"the process group at FID: {dist.is_initialized()}", file=sys.stderr)
+        return 0.0
+
+sample.FID = GroupProbe
+sample.main(sys.argv[2:])
+"""
+
+
+def test_fid_is_computed_after_every_process_has_left_the_group(tmp_path, trained_run):
+    # The real images' statistics can take the first process longer than the group's timeout: before, the others
+    # waited on it in the group, and a timeout would stop the run before it printed FID.
+    (tmp_path / "fid_probe.py").write_text(FID_PROBE)
+    said = two_processes(tmp_path / "fid_probe.py", "--ckpt", str(trained_run), "--num-samples", "4", "--sample-steps", "1",
+                         "--device", "cpu", "--grid", str(tmp_path / "s.png"), "--fid", str(tmp_path), exit_status=0)
+    assert "the process group at FID: False" in said[0] and "the process group" not in said[1], said
 
 
 WORKER_DIES_IN_THE_SECOND_PROCESS = """
