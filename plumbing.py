@@ -39,6 +39,7 @@ from zigma import PRESETS, ZigMaConfig, flow_loss, guided_velocity
 MAX_IMAGE_SIZE = 8192  # pixels a side: 1024 x 1024 latent cells, far past the paper's largest model
 MAX_ODE_STEPS = 10_000  # sample quality stops changing long before
 PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
+GUIDANCE_SCALE = 4.0  # classifier-free guidance of samples and previews by default, as DiT's and SiT's sample.py
 
 
 #################################################################################
@@ -52,6 +53,16 @@ def option(name: str) -> str:
 def check_training_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """One sentence for an option out of range, or one that does nothing without another; then the defaults that
     depend on others."""
+    conditioned = args.class_cond or args.captions
+    for name in ("cond_drop", "sample_cfg"):
+        if getattr(args, name) is not None and not conditioned:
+            raise UserError(f"{option(name)} applies to --class-cond and --captions: add one, or leave it out")
+    for name in ("sample_steps", "sample_cfg"):
+        if getattr(args, name) is not None and args.sample_every == 0:
+            raise UserError(f"{option(name)} applies to the sample grids, which --sample-every 0 turns off; leave one out")
+    defaults = dict(image_size=256 if args.vae else 32, cond_drop=0.1, sample_steps=50, sample_cfg=GUIDANCE_SCALE)
+    for name, default in defaults.items():
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
     for name in ("image_size", "steps", "batch_size", "sample_steps", "ckpt_every", "log_every"):
         if getattr(args, name) < 1:
             raise UserError(f"{option(name)} must be 1 or more, not {getattr(args, name)}")
@@ -65,13 +76,12 @@ def check_training_arguments(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "cond_drop", "sample_cfg"):
         if not math.isfinite(getattr(args, name)):
             raise UserError(f"{option(name)} must be a finite number, not {getattr(args, name)}")
-    for name in ("lr", "grad_clip"):
-        if not getattr(args, name) > 0:
-            raise UserError(f"{option(name)} must be positive, not {getattr(args, name)}")
+    if not args.lr > 0:
+        raise UserError(f"--lr must be positive, not {args.lr}")
     for name in ("cond_drop", "ema_decay"):
         if not 0 <= getattr(args, name) <= 1:
             raise UserError(f"{option(name)} must be between 0 and 1, not {getattr(args, name)}")
-    for name in ("weight_decay", "workers", "frames", "sample_cfg", "warmup", "sample_every", "keep_checkpoints"):
+    for name in ("weight_decay", "grad_clip", "workers", "frames", "sample_cfg", "warmup", "sample_every", "keep_checkpoints"):
         if getattr(args, name) < 0:
             raise UserError(f"{option(name)} must be 0 or more, not {getattr(args, name)}")
     if not 0 <= args.seed < 2 ** 63:
@@ -485,7 +495,6 @@ def save_checkpoint(checkpoint: dict, path: Path, keep: int) -> None:
 #################################################################################
 
 GRID_LIMIT = 256  # samples in the grid image; --out-dir takes any number
-GUIDANCE_SCALE = 4.0  # classifier-free guidance of samples and previews by default, as DiT's and SiT's sample.py
 
 
 def check_sampling_arguments(args: argparse.Namespace) -> argparse.Namespace:

@@ -1046,12 +1046,16 @@ def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):
     (["--lr", "nan"], "--lr must be a finite number, not nan"),
     (["--lr", "inf"], "--lr must be a finite number, not inf"),
     (["--weight-decay", "nan"], "--weight-decay must be a finite number, not nan"),
-    (["--sample-cfg", "nan"], "--sample-cfg must be a finite number, not nan"),
+    (["--class-cond", "--sample-cfg", "nan"], "--sample-cfg must be a finite number, not nan"),
     (["--grad-clip", "inf"], "--grad-clip must be a finite number, not inf"),
     (["--image-size", "10000000"], "--image-size must be 8192 or less, not 10000000"),
     (["--sample-steps", str(10 ** 11)], "--sample-steps must be 10000 or less, not 100000000000"),
-    (["--cond-drop", "1.5"], "--cond-drop must be between 0 and 1"),
-    (["--cond-drop", "-0.1"], "--cond-drop must be between 0 and 1"),
+    (["--captions", "--cond-drop", "1.5"], "--cond-drop must be between 0 and 1"),
+    (["--class-cond", "--cond-drop", "-0.1"], "--cond-drop must be between 0 and 1"),
+    (["--cond-drop", "0.2"], "--cond-drop applies to --class-cond and --captions: add one, or leave it out"),
+    (["--sample-cfg", "2"], "--sample-cfg applies to --class-cond and --captions"),
+    (["--sample-every", "0", "--sample-steps", "20"], "--sample-steps applies to the sample grids, which --sample-every 0 turns off"),
+    (["--grad-clip", "-1"], "--grad-clip must be 0 or more"),
     (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
     (["--scan-paths", "3"], "invalid choice: 3"),
     (["--video-scan", "st"], "--video-pattern applies to clips only: add --frames"),
@@ -1060,7 +1064,7 @@ def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):
     (["--no-flip"], "--no-flip applies to --data: the built-in data is drawn afresh, never flipped"),
     (["--flip"], "--flip applies to --data"),
     (["--device", "gpu"], "gpu is not a device name; use cuda, mps or cpu"),
-    (["--sample-cfg", "-1"], "--sample-cfg must be 0 or more"),
+    (["--class-cond", "--sample-cfg", "-1"], "--sample-cfg must be 0 or more"),
 ])
 def test_bad_training_options_are_one_sentence_before_any_work(tmp_path, options, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -2716,9 +2720,23 @@ def test_sample_py_solves_with_dopri5_and_counts_ode_steps(tmp_path, trained_run
         sample_script.main([*run, "--method", "dopri5"])
 
 
+def test_grad_clip_0_turns_clipping_off(tmp_path):
+    for name, clip in (("off", "0"), ("loose", "1e9"), ("tight", "1e-6")):
+        train.main(["--out", str(tmp_path / name), "--steps", "2", *TINY_RUN, "--grad-clip", clip])
+    weights = {name: data.load_checkpoint(tmp_path / name / "ckpt.pt")["model"] for name in ("off", "loose", "tight")}
+    assert all(torch.equal(weights["off"][name], weights["loose"][name]) for name in weights["off"]), "as if never clipped"
+    assert not all(torch.equal(weights["off"][name], weights["tight"][name]) for name in weights["off"]), "clipping acts"
+
+
+def test_latent_runs_default_to_256_px_and_pixel_runs_to_32():
+    assert train.parse_args(["--vae", "v", "--data", "d"]).image_size == 256 and train.parse_args([]).image_size == 32
+
+
 def test_numbered_checkpoints_logged_lr_and_gradient_norm_and_no_preview(tmp_path):
     out = tmp_path / "out"
-    train.main(["--out", str(out), "--steps", "6", *TINY_RUN, "--keep-checkpoints", "2", "--sample-every", "0",
+    cut = TINY_RUN.index("--sample-steps")
+    tiny_run = TINY_RUN[:cut] + TINY_RUN[cut + 2:]  # no grids: no ODE steps for them
+    train.main(["--out", str(out), "--steps", "6", *tiny_run, "--keep-checkpoints", "2", "--sample-every", "0",
                 "--warmup", "4"])
     assert sorted(p.name for p in out.glob("ckpt*.pt")) == ["ckpt.pt", "ckpt_0000004.pt", "ckpt_0000006.pt"]
     assert data.load_checkpoint(out / "ckpt_0000004.pt")["step"] == 4 and not list(out.glob("samples_*"))

@@ -2,7 +2,7 @@
 
     python train.py                                      # built-in smiley faces; a tiny model, fine on a CPU
     python train.py --data ./faces --image-size 64 --model ZigMa-S/2 --steps 200000   # re-run to resume
-    python train.py --frames 8                           # built-in moving shapes: video, the factorized scan
+    python train.py --frames 8                           # built-in clips of a moving ball: video, the factorized scan
     python train.py --data ./pets --class-cond           # labels: subfolders' names; --captions: NAME.txt files
     python train.py --data ./ffhq --image-size 256 --vae stabilityai/sd-vae-ft-ema --model ZigMa-B/2   # latents
     torchrun --standalone --nproc_per_node 8 train.py --data ./faces --model ZigMa-B/2 --batch-size 256
@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from data import (VAE, ArgumentParser, CaptionEncoder, CPUThreads, Latents, Terminal, UserError, build_networks,
                   load_checkpoint, load_pretrained_text_encoder, plural, save_samples)
-from plumbing import (GUIDANCE_SCALE, PRECISIONS, Batches, RunLog, StopRequest, autocast_dtype, build_dataset, check_resumed_options,
+from plumbing import (PRECISIONS, Batches, RunLog, StopRequest, autocast_dtype, build_dataset, check_resumed_options,
                       check_training_arguments, check_weights_are_sane, default_model, on_first, only_writer, precision_name,
                       derived_seed, end_processes, preview_conditions, resume, save_checkpoint, saved_arguments, start_processes)
 from zigma import PATH_FAMILIES, PRESETS, TIME_SAMPLING, flow_loss, fused_selective_scan, preset_config, sample
@@ -54,8 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="folder of images (or clips), searched recursively; default: built-in synthetic data")
     parser.add_argument("--out", type=Path, default=Path("out"), help="where checkpoint, samples and log go (default: out)")
-    parser.add_argument("--model", choices=sorted(PRESETS), help="preset (default: the ZigMa-Tiny with 8 x 8 tokens or more)")
-    parser.add_argument("--image-size", type=int, default=32, help="images are resized and cropped to this side (default: 32)")
+    parser.add_argument("--model", choices=sorted(PRESETS), help="preset (default: Tiny, with the largest patch that leaves 8 x 8 tokens)")
+    parser.add_argument("--image-size", type=int, help="images are resized and cropped to this side (default: 32, 256 with --vae)")
     parser.add_argument("--path-family", "--paths", "--scan", default="zigzag", choices=PATH_FAMILIES,
                         help="the token orders; --paths and --scan are older names (default: zigzag, the paper's)")
     parser.add_argument("--num-paths", "--scan-paths", type=int, default=8, choices=[1, 2, 8],
@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     conditioning.add_argument("--class-cond", action="store_true", help="condition on classes: the first-level subfolders of --data")
     conditioning.add_argument("--captions", action="store_true", help="condition on captions: NAME.txt beside each image NAME.png")
     conditioning.add_argument("--text-encoder", help="with --captions: 'learned' (built in) or a transformers model name or path, frozen (default: learned)")
-    conditioning.add_argument("--cond-drop", type=float, default=0.1, help="probability of dropping the label or caption, for guidance (default: 0.1)")
+    conditioning.add_argument("--cond-drop", type=float, help="probability of dropping the label or caption, for guidance (default: 0.1)")
     training = parser.add_argument_group("training")
     training.add_argument("--steps", type=int, default=2000, help="total optimizer steps; a larger value resumes a run (default: 2000)")
     training.add_argument("--batch-size", type=int, default=32, help="examples a step, across all processes under torchrun (default: 32)")
@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.add_argument("--time-sampling", default="logit-normal", choices=TIME_SAMPLING,
                           help="how t is drawn: logit-normal, more of it mid-path, or uniform on [0, 1] (default: logit-normal)")
     training.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    training.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (default: 1)")
+    training.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this; 0: no clipping (default: 1)")
     training.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay, warmed up as min(decay, (1+step)/(10+step)) (default: 0.999)")
     training.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     training.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
@@ -93,8 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.add_argument("--workers", type=int, default=2, help="data-loading processes; 0 also resumes flips exactly (default: 2)")
     progress = parser.add_argument_group("progress")
     progress.add_argument("--sample-every", type=int, default=500, help="save samples every N steps; 0: none (default: 500)")
-    progress.add_argument("--sample-steps", type=int, default=50, help="Euler steps for those samples (default: 50)")
-    progress.add_argument("--sample-cfg", type=float, default=GUIDANCE_SCALE, help="their guidance scale, with conditions (default: 4)")
+    progress.add_argument("--sample-steps", type=int, help="Euler steps for those samples (default: 50)")
+    progress.add_argument("--sample-cfg", type=float, help="their guidance scale, with --class-cond or --captions (default: 4)")
     progress.add_argument("--ckpt-every", type=int, default=500, help="save the checkpoint every this many steps (default: 500)")
     progress.add_argument("--keep-checkpoints", type=int, default=0, metavar="N", help="also keep the last N as ckpt_STEP.pt (default: 0)")
     progress.add_argument("--log-every", type=int, default=10, help="log loss, lr and gradient norm every N (default: 10)")
@@ -252,7 +252,7 @@ def train(args, rank: int, world: int, device: torch.device):
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(networks.parameters(), args.grad_clip)  # clip before the step
+            grad_norm = nn.utils.clip_grad_norm_(networks.parameters(), args.grad_clip or float("inf"))  # before the step
             if not torch.isfinite(grad_norm) and not scaler.is_enabled():  # fp16's scaler skips such a step itself
                 raise UserError(f"training diverged at step {step}: the loss was {loss.item():.4g} and the gradient "
                                 f"norm {grad_norm.item():.4g}; {saved}. Train with a lower --lr than {args.lr:g}")
