@@ -213,7 +213,7 @@ def train(args, rank: int, world: int, device: torch.device):
             context, context_mask = (ema["text"] if "text" in ema else pretrained)(preview_captions) if preview_captions else (None, None)
             samples = sample(ema["zigma"], noise, steps=args.sample_steps, y=y, context=context, context_mask=context_mask,
                              cfg_scale=args.sample_cfg)
-        if not torch.isfinite(samples).all():  # a checkpoint due at this step came first, and checked the weights
+        if not torch.isfinite(samples).all():  # a checkpoint of this step, if due, is written first, its weights checked
             raise UserError(f"the samples of step {step} are NaN or infinite; {saved}")
         samples = vae.decode(samples) if vae else samples
         save_samples(samples, args.out / f"samples_{step:07d}.{'gif' if args.frames else 'png'}")
