@@ -46,7 +46,11 @@ class UserError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad argument is a UserError (one sentence) rather than the whole usage text."""
+    """argparse, but a bad argument is a UserError (one sentence) rather than the whole usage text, and an option
+    is taken only by its whole name (train.py --ckpt would otherwise be --ckpt-every)."""
+
+    def __init__(self, **options):
+        super().__init__(allow_abbrev=False, **options)
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")

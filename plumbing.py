@@ -71,8 +71,9 @@ def check_training_arguments(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"{option(name)} must be {most} or less, not {getattr(args, name)}")
     if args.vae is None:  # with --vae, train.py picks the default model once the VAE's factor is known
         args.model = args.model or default_model(args.image_size)
-    if args.lr is None:
-        args.lr = 1e-3 if args.model is None or args.model.startswith("ZigMa-Tiny/") else 1e-4  # default: Tiny
+    tiny = args.model is None or args.model.startswith("ZigMa-Tiny/")  # the default model is a Tiny one
+    args.lr = args.lr if args.lr is not None else 1e-3 if tiny else 1e-4  # larger: the official ZigMa's
+    args.ema_decay = args.ema_decay if args.ema_decay is not None else 0.999 if tiny else 0.9999  # larger: DiT's
     for name in ("lr", "warmup", "weight_decay", "grad_clip", "ema_decay", "cond_drop", "sample_cfg"):
         if not math.isfinite(getattr(args, name)):
             raise UserError(f"{option(name)} must be a finite number, not {getattr(args, name)}")
@@ -153,8 +154,8 @@ def build_dataset(args, vae=None):
 MODEL_OPTIONS = ["model", "image_size", "vae", "path_family", "num_paths", "frames", "video_pattern", "class_cond", "captions",
                  "text_encoder"]
 # Options that may change when a run resumes: they take effect, and a line says so.
-TRAINING_OPTIONS = ["data", "batch_size", "lr", "warmup", "time_sampling", "weight_decay", "grad_clip", "ema_decay",
-                    "cond_drop", "flip", "precision"]
+TRAINING_OPTIONS = ["data", "seed", "frame_stride", "batch_size", "lr", "warmup", "time_sampling", "weight_decay",
+                    "grad_clip", "ema_decay", "cond_drop", "flip", "precision"]
 
 
 def as_option(name: str, value) -> str:
@@ -499,6 +500,9 @@ GRID_LIMIT = 256  # samples in the grid image; --out-dir takes any number
 
 def check_sampling_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """One sentence for an option out of range or without what it needs, before the checkpoint is read."""
+    if args.sample_steps is not None and args.method == "dopri5":
+        raise UserError("--sample-steps applies to --method euler and heun: dopri5 picks its own steps; leave it out")
+    args.sample_steps = 50 if args.sample_steps is None else args.sample_steps
     if args.n < 1 or args.sample_steps < 1 or args.batch_size < 1:
         raise UserError("--num-samples, --sample-steps and --batch-size must be 1 or more")
     if args.sample_steps > MAX_ODE_STEPS:

@@ -42,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ckpt", type=Path, default=Path("out/ckpt.pt"), help="checkpoint from train.py, or its --out folder (default: out/ckpt.pt)")
     parser.add_argument("--num-samples", "--n", dest="n", type=int, default=64, help="how many; --n is the older name, "
                         "which torchrun refuses as an abbreviation of its own options (default: 64)")
-    parser.add_argument("--sample-steps", "--steps", type=int, default=50, help="ODE steps; --steps is the older name (default: 50)")
+    parser.add_argument("--sample-steps", "--steps", type=int, help="ODE steps of euler or heun; --steps is the older name (default: 50)")
     parser.add_argument("--method", default="euler", choices=["euler", "heun", "dopri5"],
                         help="ODE solver; dopri5 picks its own steps (pip install torchdiffeq) (default: euler)")
     parser.add_argument("--rtol", type=float, help="with --method dopri5: relative tolerance (default: 1e-3)")

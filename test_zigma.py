@@ -1000,6 +1000,11 @@ def test_the_default_learning_rate_is_the_tiny_models_or_the_official_one(option
     assert train.parse_args(options).lr == lr
 
 
+@pytest.mark.parametrize("options, decay", [([], 0.999), (["--model", "ZigMa-B/2"], 0.9999), (["--ema-decay", "0.99"], 0.99)])
+def test_the_default_ema_decay_is_the_tiny_models_or_dits(options, decay):
+    assert train.parse_args(options).ema_decay == decay
+
+
 def test_image_size_must_be_a_multiple_of_the_patch(tmp_path):
     with pytest.raises(UserError, match="not a multiple"):
         train.main(["--out", str(tmp_path), "--model", "ZigMa-Tiny/4", "--image-size", "10"])
@@ -1056,6 +1061,7 @@ def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):
     (["--sample-cfg", "2"], "--sample-cfg applies to --class-cond and --captions"),
     (["--sample-every", "0", "--sample-steps", "20"], "--sample-steps applies to the sample grids, which --sample-every 0 turns off"),
     (["--grad-clip", "-1"], "--grad-clip must be 0 or more"),
+    (["--ckpt", "5"], "unrecognized arguments: --ckpt 5"),  # not an abbreviation of --ckpt-every
     (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
     (["--scan-paths", "3"], "invalid choice: 3"),
     (["--video-scan", "st"], "--video-pattern applies to clips only: add --frames"),
@@ -1117,9 +1123,10 @@ def test_resuming_with_a_new_learning_rate_uses_it_and_says_so(tmp_path, trained
     out, folder = tmp_path / "out", make_class_folder(tmp_path / "data")
     shutil.copytree(trained_run, out)
     train.main(["--out", str(out), "--steps", "2", *TINY_RUN, "--class-cond", "--lr", "0.0003", "--warmup", "0",
-                "--weight-decay", "0.1"])
+                "--weight-decay", "0.1", "--seed", "3"])
     printed = capsys.readouterr().out
     assert "resuming with --lr 0.0003 (the checkpoint was trained with --lr 0.001)" in printed
+    assert "resuming with --seed 3 (the checkpoint was trained with --seed 0)" in printed
     assert "resuming with --weight-decay 0.1 (the checkpoint was trained with --weight-decay 0.0)" in printed
     checkpoint = data.load_checkpoint(out / "ckpt.pt")
     assert [group["lr"] for group in checkpoint["optimizer"]["param_groups"]] == [0.0003, 0.0003]  # no warm-up left
@@ -1216,6 +1223,7 @@ def test_bad_sampling_options_are_refused_before_sampling(tmp_path, trained_run,
         (["--n", "0"], "must be 1 or more"),
         (["--rtol", "1e-4"], "--rtol applies to --method dopri5 only: add it, or leave --rtol out"),
         (["--method", "heun", "--atol", "1e-4"], "--atol applies to --method dopri5 only"),
+        (["--method", "dopri5", "--sample-steps", "20"], "--sample-steps applies to --method euler and heun"),
     ]:
         with pytest.raises(UserError, match=re.escape(message)):
             sample_script.main(["--ckpt", str(trained_run / "ckpt.pt"), *options])

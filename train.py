@@ -1,11 +1,11 @@
 """Train ZigMa with flow matching on a folder of images or clips, or on built-in synthetic data.
 
     python train.py                                      # built-in smiley faces; a tiny model, fine on a CPU
-    python train.py --data ./faces --image-size 64 --model ZigMa-S/2 --steps 200000   # re-run to resume
-    python train.py --frames 8                           # built-in clips of a moving ball: video, the factorized scan
-    python train.py --data ./pets --class-cond           # labels: subfolders' names; --captions: NAME.txt files
-    python train.py --data ./ffhq --image-size 256 --vae stabilityai/sd-vae-ft-ema --model ZigMa-B/2   # latents
-    torchrun --standalone --nproc_per_node 8 train.py --data ./faces --model ZigMa-B/2 --batch-size 256
+    python train.py --data ./faces --image-size 64 --model ZigMa-S/2 --steps 200000 --out out-faces   # re-run: resumes
+    python train.py --frames 8 --out out-video           # built-in clips of a moving ball: video, the factorized scan
+    python train.py --data ./pets --class-cond --out out-pets   # labels: subfolders' names; --captions: NAME.txt files
+    python train.py --data ./ffhq --vae stabilityai/sd-vae-ft-ema --model ZigMa-B/2 --out out-ffhq   # 256 px latents
+    torchrun --standalone --nproc_per_node 8 train.py --data ./faces --model ZigMa-B/2 --batch-size 256 --out out-ddp
 
 Everything goes to --out (default out/): ckpt.pt, samples_0000500.png (from the EMA weights), log.jsonl and, with
 --vae, latents.pt. Re-running a command resumes from OUT/ckpt.pt; a larger --steps trains on. Under torchrun
@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--path-family", "--paths", "--scan", default="zigzag", choices=PATH_FAMILIES,
                         help="the token orders; --paths and --scan are older names (default: zigzag, the paper's)")
     parser.add_argument("--num-paths", "--scan-paths", type=int, default=8, choices=[1, 2, 8],
-                        help="K: layer i reads path i mod K; --scan-paths is the older name (default: 8)")
+                        help="K: the j-th spatial layer reads path j mod K; --scan-paths is the older name (default: 8)")
     parser.add_argument("--vae", metavar="NAME_OR_PATH", help="train in this diffusers AutoencoderKL's latent space "
                         "(a hub name or a folder); --data is encoded once into OUT/latents.pt")
     video = parser.add_argument_group("video")
@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                           help="how t is drawn: logit-normal, more of it mid-path, or uniform on [0, 1] (default: logit-normal)")
     training.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     training.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this; 0: no clipping (default: 1)")
-    training.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay, warmed up as min(decay, (1+step)/(10+step)) (default: 0.999)")
+    training.add_argument("--ema-decay", type=float, help="EMA decay, warmed up as min(decay, (1+step)/(10+step)) (default: 0.999 Tiny, 0.9999 larger)")
     training.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     training.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
     training.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -97,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     progress.add_argument("--sample-cfg", type=float, help="their guidance scale, with --class-cond or --captions (default: 4)")
     progress.add_argument("--ckpt-every", type=int, default=500, help="save the checkpoint every this many steps (default: 500)")
     progress.add_argument("--keep-checkpoints", type=int, default=0, metavar="N", help="also keep the last N as ckpt_STEP.pt (default: 0)")
-    progress.add_argument("--log-every", type=int, default=10, help="log loss, lr and gradient norm every N (default: 10)")
+    progress.add_argument("--log-every", type=int, default=10, help="log that step's loss, lr and gradient norm every N (default: 10)")
     progress.add_argument("--tensorboard", action="store_true", help="also to OUT/tensorboard, with the sample grids")
     return check_training_arguments(parser.parse_args(argv))
 

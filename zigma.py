@@ -8,7 +8,7 @@ interpolants (Albergo and Vanden-Eijnden, arXiv 2209.15571). Pointers into the Z
 Mamba reads a 1D sequence, so the order of the patch tokens matters. Before each Mamba layer, ZigMa reorders
 the tokens along one of eight continuous zigzag paths over the token grid. After the layer, it puts them back.
 Neighbours in the sequence are then neighbours in the image. For video, spatial layers zigzag within each
-frame, temporal layers read each position through time, and volume layers read the clip as one path.
+frame and temporal layers read each position through time; volume layers, this file's own, read a whole clip.
 
 Sections: 1. token orders, 2. the selective scan, 3. the Mamba mixer, 4. the ZigMa block, 5. the model,
 6. flow matching. Appendices: DiT's parts and cross-attention, the Hilbert baseline, the presets, the official
@@ -55,8 +55,9 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 # TokenOrder from layer_orders, at the end of this section; the functions before it build the paths.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# Path k starts at CORNERS[k // 2], by rows for even k (this file's checkpoints depend on the order). With
-# K = 1 or 2 all layers start top-left, so an image's top-left token sees no other token in any layer.
+# Path k starts at CORNERS[k // 2], by rows for even k. The official order differs (see the appendix); models
+# trained with this one depend on it. With K = 1 or 2 all layers start top-left, so an image's top-left token
+# sees no other token in any layer.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
@@ -106,7 +107,8 @@ PATH_FAMILIES = ("zigzag", "sweep", "hilbert")  # the names ZigMaConfig.path_fam
 
 
 def family_paths(family: str, height: int, width: int) -> torch.Tensor:
-    """The eight 2D paths of a family, (8, H*W). The paper's baselines are sweeps and Hilbert curves."""
+    """The eight 2D paths of a family, (8, H*W): zigzags, or the baselines, raster sweeps and Hilbert curves,
+    read one path a layer as the zigzags are (the official Sweep-2 differs: see the appendix)."""
     if family == "hilbert":
         return hilbert_paths(height, width)
     return grid_paths(height, width, snake=family == "zigzag")
