@@ -2494,17 +2494,20 @@ def two_processes(script: Path, *args: str, exit_status: int = 1) -> list[str]:
     return said
 
 
+RUN_TRAIN_PY = """
+try:
+    train.main(sys.argv[2:])
+except train.UserError as error:
+    sys.exit(f"train.py: {error}")
+"""  # the end of the scripts below, which change train.py's world first
+
 NAN_PREVIEW = """
 import sys
 import torch
 sys.path.insert(0, sys.argv[1])
 import train
 train.sample = lambda model, noise, **options: torch.full_like(noise, float("nan"))  # as a run that diverged draws
-try:
-    train.main(sys.argv[2:])
-except train.UserError as error:
-    sys.exit(f"train.py: {error}")
-"""
+""" + RUN_TRAIN_PY
 
 
 def test_a_nan_preview_stops_every_process_by_itself(tmp_path):
@@ -2566,11 +2569,7 @@ def dying_worker(batches):  # Ctrl-C kills a data-loading worker as the third ba
 
 if os.environ["RANK"] == "1":  # the first process has its batch, and would go on to the step
     plumbing.Batches.__next__ = dying_worker
-try:
-    train.main(sys.argv[2:])
-except train.UserError as error:
-    sys.exit(f"train.py: {error}")
-"""
+""" + RUN_TRAIN_PY
 
 
 def test_a_worker_killed_in_one_process_stops_every_process_after_the_same_step(tmp_path):
