@@ -44,12 +44,12 @@ for; --label-grids keeps the sample grids.
 
 Sample quality (--only quality, an hour or more): train.py trains each recipe (--recipes, each a string of train.py
 options) on --quality-data, in --quality-stages stages of --quality-minutes, or of --quality-steps (equal steps are
-equal time for recipes of one model, however busy the machine). After each stage --quality-samples samples from
-the EMA weights (--quality-sample-steps Euler steps, 25; cfg 4 with labels) are measured in the feature space of a small classifier
-trained on real images: the Frechet distance of its 64 pooled features to those of held-out real images, as FID
-does with Inception's, its mean confidence, and with labels the share read as the class asked for. Real images
-against other real images, and blurred real images, give the scale. --keep-runs keeps each run, with a sample
-grid at each stage when stages are counted in steps.
+equal time for recipes of one model, however busy the machine). After each stage --quality-samples samples from the
+EMA weights (--quality-sample-steps Euler steps, 25; cfg 4 with labels) are measured in the feature space of a small
+classifier trained on real images: the Frechet distance of its 64 pooled features to those of held-out real images,
+as FID does with Inception's, its mean confidence, and with labels the share read as the class asked for. Real images
+against other real images, and blurred real images, give the scale. --keep-runs keeps each run, with a sample grid at
+each stage when stages are counted in steps.
 
     python bench.py --only quality --quality-steps 1000 --quality-samples 256 --recipes "" "--lr 1e-3"
 """

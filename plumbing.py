@@ -120,8 +120,8 @@ def check_training_arguments(args: argparse.Namespace) -> argparse.Namespace:
 
 def default_model(side: int) -> str:
     """The Tiny preset with the largest patch that leaves a grid of 8 x 8 tokens or more on an input of this side
-    (pixels, or latent cells), else patch 2. At equal time on a CPU, Tiny/4's 8 x 8 grid at 32
-    px sampled as well as Tiny/2's 16 x 16 (docs/quality.md); a 4 x 4 grid leaves the zigzag little to order."""
+    (pixels, or latent cells), else patch 2. At equal time on a CPU, Tiny/4's 8 x 8 grid at 32 px sampled as well
+    as Tiny/2's 16 x 16 (docs/quality.md); a 4 x 4 grid leaves the zigzag little to order."""
     for patch in (8, 4, 2):
         if side % patch == 0 and side // patch >= 8:
             return f"ZigMa-Tiny/{patch}"

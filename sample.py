@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cfg", type=float, help="classifier-free guidance scale, 1 = none (default: 4 with a class or prompt, else 1)")
     parser.add_argument("--fid", type=Path, metavar="REAL", help="FID against this folder of images, or a .npz of mu and "
                         "sigma; a folder's statistics are cached in ~/.cache/zigma/fid (needs torchmetrics, torch-fidelity)")
-    parser.add_argument("--vae", metavar="NAME_OR_PATH", help="decode with this VAE instead of the one the checkpoint names (moved)")
+    parser.add_argument("--vae", metavar="NAME_OR_PATH", help="decode with this VAE, where the one the checkpoint names has moved")
     return check_sampling_arguments(parser.parse_args(argv))
 
 
