@@ -11,6 +11,7 @@ import data
 import zigma
 import fast_scan
 from fast_scan import selective_scan
+from hilbert import hilbert_paths
 from zigma import (TokenOrder, ZigMa, ZigMaBlock, ZigMaConfig, flow_loss, guided_velocity, layer_orders, sample,
                    selective_scan_reference, volume_path, zigzag_paths)
 
@@ -64,7 +65,7 @@ def test_zigzag_paths_start_at_four_corners_in_both_directions():
 
 def test_hilbert_paths_start_at_four_corners_in_both_directions_on_square_grids():
     for n in (2, 4, 5, 8):
-        paths = zigma.hilbert_paths(n, n)
+        paths = hilbert_paths(n, n)
         assert len({tuple(p.tolist()) for p in paths}) == 8, f"the eight orientations on {n}x{n} must differ"
         assert [p[0].item() for p in paths[::2]] == [0, n * n - 1, n - 1, (n - 1) * n], "corners in grid_paths' order"
         top_left, top_right, bottom_left, bottom_right = 0, n - 1, (n - 1) * n, n * n - 1
@@ -73,15 +74,15 @@ def test_hilbert_paths_start_at_four_corners_in_both_directions_on_square_grids(
             "each ends at the next corner along the rows, then along the columns"
     # 4 rows of 3: no continuous curve runs along the rows from corner to corner, so those orientations reuse
     # the columns' curves backwards, and only four of the eight differ (as the docstring says).
-    assert len({tuple(p.tolist()) for p in zigma.hilbert_paths(4, 3)}) == 4
+    assert len({tuple(p.tolist()) for p in hilbert_paths(4, 3)}) == 4
     # The classic curve on 4 x 4: the quadrants top-left, bottom-left, bottom-right, top-right, ending top-right.
-    assert zigma.hilbert_paths(4, 4)[0].tolist() == [0, 1, 5, 4, 8, 12, 13, 9, 10, 14, 15, 11, 7, 6, 2, 3]
+    assert hilbert_paths(4, 4)[0].tolist() == [0, 1, 5, 4, 8, 12, 13, 9, 10, 14, 15, 11, 7, 6, 2, 3]
 
 
 def test_a_hilbert_model_reads_orientation_i_mod_k():
     model = ZigMa(tiny_config(path_family="hilbert", depth=4, num_paths=2))
     orders = [block.order.path for block in model.blocks]
-    paths = zigma.hilbert_paths(4, 4)
+    paths = hilbert_paths(4, 4)
     assert all(torch.equal(order, paths[i % 2]) for i, order in enumerate(orders))
     clips = layer_orders((3, 4, 4), depth=2, family="hilbert", num_paths=8, pattern="v")
     path = clips[0].path.tolist()

@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.add_argument("--flip", action=argparse.BooleanOptionalAction,
                           help="with --data: random left-right flips, as DiT's (the default); --no-flip for text, digits, maps")
     training.add_argument("--time-sampling", default="logit-normal", choices=TIME_SAMPLING,
-                          help="how t is drawn: logit-normal, more of it mid-path, or uniform on [0, 1] (default: logit-normal)")
+                          help="how t is drawn: logit-normal, more of it mid-path, or uniform on [0, 1] as the official code (default: logit-normal)")
     training.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     training.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this; 0: no clipping (default: 1)")
     training.add_argument("--ema-decay", type=float, help="EMA decay, warmed up as min(decay, (1+step)/(10+step)) (default: 0.999 Tiny, 0.9999 larger)")

@@ -11,8 +11,10 @@ Neighbours in the sequence are then neighbours in the image. For video, spatial 
 frame and temporal layers read each position through time; volume layers, this file's own, read a whole clip.
 
 Sections: 1. token orders, 2. the selective scan, 3. the Mamba mixer, 4. the ZigMa block, 5. the model,
-6. flow matching. Appendices: DiT's parts and cross-attention, the Hilbert baseline, the presets, the official
-code's differences, and a demo (`python zigma.py`). The idea itself is two lines marked in ZigMaBlock.forward.
+6. flow matching. Appendices: the scan the layers run, DiT's parts, the presets, a demo (`python zigma.py`).
+The idea itself is two lines marked in ZigMaBlock.forward. The Hilbert baseline is in hilbert.py. Lines that
+start "# Official:" say where the official code (github.com/CompVis/zigma) differs; a first reading can skip
+them (docs/official-code.md explains each).
 
 Shapes:
     B  batch             T  frames (1 for an image)     C  image (or latent) channels    P  patch size
@@ -55,9 +57,10 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 # TokenOrder from layer_orders, at the end of this section; the functions before it build the paths.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# Path k starts at CORNERS[k // 2], by rows for even k. The official order differs (see the appendix); models
-# trained with this one depend on it. With K = 1 or 2 all layers start top-left, so an image's top-left token
-# sees no other token in any layer.
+# Path k starts at CORNERS[k // 2], by rows for even k; models trained with this order depend on it. With
+# K = 1 or 2 all layers start top-left, so an image's top-left token sees no other token in any layer.
+# Official: utils/utils_zigzag.py orders the corners top-left, top-right, bottom-left, bottom-right, on square
+# grids only. At K = 8 its spatial layers j with j mod 8 from 2 to 7 read other paths than these.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
@@ -108,8 +111,11 @@ PATH_FAMILIES = ("zigzag", "sweep", "hilbert")  # the names ZigMaConfig.path_fam
 
 def family_paths(family: str, height: int, width: int) -> torch.Tensor:
     """The eight 2D paths of a family, (8, H*W): zigzags, or the baselines, raster sweeps and Hilbert curves,
-    read one path a layer as the zigzags are (the official Sweep-2 differs: see the appendix)."""
-    if family == "hilbert":
+    read one path a layer as the zigzags are."""
+    # Official: Sweep-2 (scan_type v2) reads the raster forwards and backwards in every layer, with a second
+    # conv1d, x_proj, dt_proj, A and D (Vim's bidirectional Mamba).
+    if family == "hilbert":  # the paper's baseline, in a file of its own
+        from hilbert import hilbert_paths
         return hilbert_paths(height, width)
     return grid_paths(height, width, snake=family == "zigzag")
 
@@ -126,6 +132,7 @@ def volume_path(path: torch.Tensor, frames: int, snake: bool) -> torch.Tensor:
     return torch.cat(parts)  # (T*H*W,)
 
 
+# Official: mamba_simple.py's Mamba.forward permutes the tokens inside the layer (its zigzagN branch).
 class TokenOrder(nn.Module):
     """One layer's token order: how the tokens of a (T, H, W) grid form Mamba sequences, and their path.
 
@@ -187,6 +194,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
             path = torch.arange(frames, device="cpu")
             orders.append(TokenOrder(grid, "time", path.flip(0) if j % 2 else path))
         else:
+            # Official: no volume layers; its video config (3d_zigzag8sst) has spatial and temporal ones.
             path = volume_path(paths_2d[(j // 2) % num_paths], frames, snake)
             orders.append(TokenOrder(grid, "volume", path.flip(0) if j % 2 else path))
     return orders
@@ -204,7 +212,8 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
 # file use delta B instead. The two agree to first order in delta.
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The selective scan, one token at a time: the definition that test_zigma.py compares the fast scans to.
+    """The selective scan, one token at a time: its definition. The layers run it by a faster, exact
+    implementation (selective_scan, in the first appendix), which test_zigma.py compares to this one.
     Computes in float32 (float64 for float64 inputs) with autocast off, and returns u's dtype."""
     dtype = u.dtype
     compute_dtype = torch.promote_types(dtype, torch.float32)
@@ -227,23 +236,6 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         if z is not None:
             y = y * F.silu(z)
     return y.to(dtype)
-
-
-def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
-    """The scan the layers run, by the fastest exact implementation at hand: mamba-ssm's CUDA kernel where it
-    is installed, else fast_scan.py's scan, else the reference."""
-    precision = torch.promote_types(A.dtype, torch.float32)  # at least float32, even in a model.half()
-    A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
-    kernel_ok = u.is_cuda and u.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    if fused_selective_scan is not None and kernel_ok:
-        scan = fused_selective_scan
-    elif fast_scan is not None:
-        scan = fast_scan.selective_scan
-    else:  # zigma.py on its own
-        scan = selective_scan_reference
-        if torch.compiler.is_compiling():  # compiling would unroll the loop over the tokens: run it eager
-            scan = torch.compiler.disable(scan)
-    return scan(u, delta, A, B, C, D, z, delta_bias=delta_bias, delta_softplus=delta_softplus)  # (b, e, l)
 
 
 # 3. Mamba mixer ---------------------------------------------------------------------------------------------
@@ -315,6 +307,7 @@ class ZigMaBlock(nn.Module):
         if context_dim:
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             # Heads of width 64, or one head where 64 does not divide dim.
+            # Official: 8 heads of 64 at any width.
             self.cross_attention = CrossAttention(dim, context_dim, heads=dim // 64 if dim % 64 == 0 else 1)
         self.branches = 2 if context_dim else 1  # the mixer, and cross-attention: each its shift, scale, gate
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * self.branches * dim))
@@ -330,6 +323,8 @@ class ZigMaBlock(nn.Module):
         sequences = self.order.to_sequences(modulate(self.norm1(x), shift, scale))  # (sequences, L, D)
         mixed = self.order.from_sequences(self.mixer(sequences))  # (B, T*H*W, D)
         x = x + gate[:, None] * mixed
+        # Official (model_zigma.py Block.forward): RMSNorm(r) + gate * mixer(modulate(RMSNorm(r))) for the
+        # stream r, with drop-path. Each layer adds its normalised input back: none is the identity at first.
         if self.cross_attention is not None:
             assert context is not None, "this block has cross-attention: pass context tokens"
             shift, scale, gate = modulation[3:]  # the cross-attention branch's own
@@ -383,6 +378,7 @@ class ZigMa(nn.Module):
         self.config = config
         dim, grid = config.dim, config.grid
         # No global xavier init, unlike DiT: each module sets what it needs, other layers keep PyTorch's.
+        # Official: Mamba's _init_weights, which also divides out_proj by sqrt(depth).
         self.patch_embed = nn.Conv2d(config.in_channels, dim, config.patch_size, stride=config.patch_size)
         nn.init.xavier_uniform_(self.patch_embed.weight.view(dim, -1))  # like a linear layer, as DiT's
         nn.init.zeros_(self.patch_embed.bias)
@@ -392,11 +388,13 @@ class ZigMa(nn.Module):
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
             # N(0, 1), as ADM's class embedding. From DiT's 0.02 a label stayed about 1% of c, and 2000 steps
             # on faces in four moods learned none of them (docs/official-code.md).
+            # Official: N(0, 0.02), as DiT's.
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
             self.null_context = nn.Parameter(torch.randn(1, 1, config.context_dim) * 0.02)
         # A learned position per token, in one table for images and clips. DiT uses a fixed 2D sin-cos table.
+        # Official: the table starts at zeros.
         self.pos_embed = nn.Parameter(torch.randn(1, math.prod(grid), dim) * 0.02)
         pattern = config.video_pattern if config.frames else "s"
         orders = layer_orders(grid, config.depth, config.path_family, config.num_paths, pattern)
@@ -442,6 +440,7 @@ class ZigMa(nn.Module):
         c = self.t_embedder(t)  # (B, D)
         if y is not None:
             c = c + self.y_embedder(y)  # (B, D)
+        # Official: the text's mean is added to c too. Here text enters by cross-attention only.
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, c, context, context_mask, use_reentrant=False)
@@ -457,7 +456,6 @@ class ZigMa(nn.Module):
 # 6. Flow matching: the loss and the sampler -----------------------------------------------------------------
 # SiT's linear interpolant between noise and data: the simplest stochastic interpolant (Albergo and
 # Vanden-Eijnden). Along it the velocity is data - noise, and its ODE carries noise to data.
-
 TIME_SAMPLING = ("uniform", "logit-normal")
 
 
@@ -489,6 +487,7 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
 def guided_velocity(model: ZigMa, x_t, t, y=None, context=None, context_mask=None, cfg_scale: float = 1.0):
     """The velocity at (x_t, t). With a label or context and cfg_scale != 1, it is classifier-free guided (Ho
     and Salimans, arXiv 2207.12598), both passes in one batch: v = v_null + cfg_scale * (v_cond - v_null)."""
+    # Official: ZigMa.forward_with_cfg raises NotImplementedError.
     if y is None and context is None:
         return model(x_t, t)
     if cfg_scale == 1:  # no guidance, v = v_cond, one pass
@@ -505,6 +504,7 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
            cfg_scale: float = 1.0, method: str = "euler") -> torch.Tensor:
     """Integrate dx/dt = v(x, t) from noise at t = 0 to data at t = 1, in `steps` equal steps: by Euler (one
     model call a step) or by Heun (two: the mean of the slopes at both ends of the step)."""
+    # Official: SiT's SDE sampler too (its transport/). Here the ODE's only.
     assert method in ("euler", "heun"), f"method must be 'euler' or 'heun', not {method!r}"
     x_t = noise
     times = torch.linspace(0, 1, steps + 1, device=noise.device)
@@ -518,6 +518,24 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
             v = (v + v_next) / 2
         x_t = x_t + step_size * v
     return x_t
+
+
+# Appendix: the scan the layers run -------------------------------------------------------------------------
+
+def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
+    """The scan the layers run: the function above, by the fastest exact implementation at hand."""
+    # Official: a vendored, patched mamba-ssm, which must be built. Here mamba-ssm is optional and unpatched.
+    precision = torch.promote_types(A.dtype, torch.float32)  # at least float32, even in a model.half()
+    A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
+    if fused_selective_scan is not None and u.is_cuda and u.dtype != torch.float64:
+        scan = fused_selective_scan  # mamba-ssm's CUDA kernel
+    elif fast_scan is not None:
+        scan = fast_scan.selective_scan  # fast_scan.py's: by chunks of tokens, in few operations
+    elif torch.compiler.is_compiling():  # zigma.py on its own, compiled: run its loop eager, not unrolled
+        scan = torch.compiler.disable(selective_scan_reference)
+    else:  # zigma.py on its own
+        scan = selective_scan_reference
+    return scan(u, delta, A, B, C, D, z, delta_bias=delta_bias, delta_softplus=delta_softplus)  # (b, e, l)
 
 
 # Appendix: DiT's parts, and cross-attention -----------------------------------------------------------------
@@ -547,6 +565,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, dim: int, patch_size: int, out_channels: int):
         super().__init__()
+        # Official: after a last add and norm (norm_f), not modulated, and its linear layer not zeroed.
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
@@ -564,6 +583,8 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, context_dim: int, heads: int):
         super().__init__()
+        # Official: the text is first projected to D (its y_embedder), q, k and v have no biases, and there is
+        # no mask, so padding is attended to.
         self.heads = heads
         self.to_q = nn.Linear(dim, dim)
         self.to_kv = nn.Linear(context_dim, 2 * dim)
@@ -582,75 +603,11 @@ class CrossAttention(nn.Module):
         return self.proj(out)
 
 
-# Appendix: the Hilbert baseline of the paper ----------------------------------------------------------------
-# The paper compares zigzag paths with raster sweeps and Hilbert curves. These are J. Cerveny's generalized
-# Hilbert ("gilbert") curves: for any rectangle, and continuous on the square grids the model builds.
-
-def hilbert_paths(height: int, width: int) -> torch.Tensor:
-    """Eight generalized Hilbert curves over the grid, (8, H*W), in grid_paths' orientations: from each
-    corner, the curve whose major side runs along the rows, then the one along the columns.
-
-    No continuous curve runs from corner to corner along an odd side when the other side is even. There the
-    orientation reuses the other side's curve, read backwards (from another corner). On the model's square
-    grids all eight curves differ.
-    """
-    curves = {"rows": gilbert(0, 0, width, 0, 0, height), "columns": gilbert(0, 0, 0, height, width, 0)}
-    odd_by_even = {"rows": width % 2 == 1 and height % 2 == 0, "columns": height % 2 == 1 and width % 2 == 0}
-    paths = []
-    for from_corner in from_each_corner(height, width):
-        for axis, other in (("rows", "columns"), ("columns", "rows")):
-            cells = curves[other][::-1] if odd_by_even[axis] else curves[axis]  # (column, row) pairs
-            columns, rows = zip(*cells)
-            paths.append(from_corner[list(rows), list(columns)])  # (H*W,)
-    return torch.stack(paths)  # (8, H*W)
-
-
-def _sign(v: int) -> int:
-    return (v > 0) - (v < 0)
-
-
-def gilbert(x: int, y: int, ax: int, ay: int, bx: int, by: int) -> list[tuple[int, int]]:
-    """The cells of a generalized Hilbert curve over a rectangle, in order, as (column, row).
-
-    The rectangle's first cell is (x, y). Its sides are the vectors (ax, ay), the major side, and (bx, by),
-    the minor one. Each runs along the rows or the columns, and its sign gives the direction. The curve starts
-    at (x, y). It ends at the far end of the major side, continuously, unless the major side is odd and the
-    minor side even. Then no continuous curve ends there, and this one jumps or ends elsewhere.
-    """
-    major_length, minor_length = abs(ax + ay), abs(bx + by)  # in cells (each side has one coordinate 0)
-    (ux, uy), (vx, vy) = (_sign(ax), _sign(ay)), (_sign(bx), _sign(by))  # one cell along each side
-    if minor_length == 1:  # one line along the major side
-        return [(x + i * ux, y + i * uy) for i in range(major_length)]
-    if major_length == 1:  # one line along the minor side
-        return [(x + i * vx, y + i * vy) for i in range(minor_length)]
-    # The rectangle is cut into parts, each traced by this function. A half side is made even where it can be,
-    # since a part whose major side is odd and minor side even would have no continuous curve.
-    half_ax, half_ay, half_bx, half_by = ax // 2, ay // 2, bx // 2, by // 2
-    if 2 * major_length > 3 * minor_length:  # over 1.5 times as long as wide: two halves, one after the other
-        if abs(half_ax + half_ay) % 2 and major_length > 2:
-            half_ax, half_ay = half_ax + ux, half_ay + uy
-        return (gilbert(x, y, half_ax, half_ay, bx, by)
-                + gilbert(x + half_ax, y + half_ay, ax - half_ax, ay - half_ay, bx, by))
-    # Else three parts in a U, as in Hilbert's curve. With the major side along the top, left to right, and
-    # the minor side down the left, the parts cover:
-    #     1 1 3 3     1: the top-left block, from (x, y), down the minor side's first half
-    #     1 1 3 3     2: the bottom part, across the whole major side
-    #     2 2 2 2     3: the top-right block, back up, to the major side's far end
-    #     2 2 2 2
-    # The third part starts at the last cell of the major side, in the last line of the minor side's first
-    # half, and runs both sides backwards.
-    if abs(half_bx + half_by) % 2 and minor_length > 2:
-        half_bx, half_by = half_bx + vx, half_by + vy
-    return (gilbert(x, y, half_bx, half_by, half_ax, half_ay)
-            + gilbert(x + half_bx, y + half_by, ax, ay, bx - half_bx, by - half_by)
-            + gilbert(x + (ax - ux) + (half_bx - vx), y + (ay - uy) + (half_by - vy), -half_bx, -half_by,
-                      -(ax - half_ax), -(ay - half_ay)))
-
-
 # Appendix: the presets --------------------------------------------------------------------------------------
 # DiT's widths, at twice DiT's depth. A ZigMa layer has about 9.25 D^2 parameters (in_proj 4, out_proj 2,
 # x_proj and dt_proj 0.25, adaLN 3), about half a DiT block's 18 D^2 (attention 4, MLP 8, adaLN 6). So the
 # sizes match DiT's.
+# Official: zigma_s_2 is 368 wide, and M (768 x 48) and H (1536 x 48) follow L, with no XL. B and L match.
 PRESET_SHAPES = {
     "Tiny": dict(dim=128, depth=8),  # small enough to train on a CPU
     "S": dict(dim=384, depth=24),
@@ -667,46 +624,6 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; the presets are {', '.join(PRESETS)}")
     return ZigMaConfig(**PRESETS[name], **fields)
-
-
-# Appendix: where the official code differs ------------------------------------------------------------------
-# The official code is github.com/CompVis/zigma: model_zigma.py, with Mamba in dis_mamba/. Each difference is
-# listed under the name in this file that it concerns.
-# - grid_paths. Official: utils/utils_zigzag.py builds the paths, for square grids only, and mamba_simple.py's
-#   Mamba.forward permutes the tokens with them (its zigzagN branch). Its corners come top-left, top-right,
-#   bottom-left, bottom-right. Here: any grid, and the corners of CORNERS. At K = 1, 2 and 8 both orders pick
-#   the same set of paths, but at K = 8 the spatial layers j with j mod 8 from 2 to 7 read other ones.
-# - family_paths. Official: its Sweep-2 baseline (config sweep2_b1_pe2, scan_type v2) reads the raster
-#   forwards and backwards in every layer, with a second conv1d, x_proj, dt_proj, A and D (Vim's bidirectional
-#   Mamba).
-#   Here: one sweep path a layer, the layers taking turns over K, as over the zigzags.
-# - hilbert_paths. Official: utils/utils_zigzag.py's hilbert_path gives paths that jump between cells that are
-#   not neighbours. Here: continuous on the model's grids.
-# - layer_orders. Official: spatial and temporal layers only (its config 3d_zigzag8sst). Here: volume layers
-#   too.
-# - selective_scan. Official: a vendored, patched mamba-ssm, which must be built. Here: mamba-ssm is optional
-#   and unpatched.
-# - ZigMaBlock. Official: for the residual stream r, Block.forward returns
-#       RMSNorm(r) + gate * mixer(modulate(RMSNorm(r)))        (Mamba's fused add and norm)
-#   So each layer adds its normalised input back to the stream, and is not the identity at the start, even
-#   with its gates at zero. It also has drop-path, and its cross-attention has 8 heads of 64 at any width.
-#   Here: DiT's residual, the identity at the start, no drop-path, and heads of 64 where 64 divides D (else
-#   one head).
-# - ZigMa. Official: the text's mean is also added to c, the label table starts at N(0, 0.02) as DiT's, the
-#   positions start at zeros, and out_proj is rescaled by 1/sqrt(depth). Here: c is the timestep and the
-#   label, labels start at N(0, 1) (the reason is given there), positions at N(0, 0.02), and out_proj keeps
-#   PyTorch's initialisation.
-# - FinalLayer. Official: after a last add and norm (norm_f), not modulated by the condition, and its linear
-#   layer keeps PyTorch's initialisation. Here: DiT's, modulated, with its output zeroed.
-# - CrossAttention. Official: the text is first projected to D (its y_embedder), q, k and v have no biases,
-#   and there is no mask, so padding is attended to. Here: keys and values from the text's own width, biases,
-#   and padding masked.
-# - PRESETS. Official: zigma_s_2 is 368 wide, and M (768 x 48) and H (1536 x 48) follow L, with no XL. Here:
-#   ZigMa-S is DiT-S's 384, and XL has DiT-XL's width. B and L match.
-# - flow_loss. Official: t is uniform (SiT's transport), as flow_loss's default. Here: train.py draws it
-#   logit-normal by default (--time-sampling).
-# - guided_velocity. Official: ZigMa.forward_with_cfg raises NotImplementedError. Here: guidance works.
-# - sample. Official: SiT's SDE sampler too (transport/). Here: the ODE's only.
 
 
 # Appendix: python zigma.py ----------------------------------------------------------------------------------
