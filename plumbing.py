@@ -224,7 +224,8 @@ def resume(checkpoint: dict, path: Path, networks: nn.ModuleDict, ema: nn.Module
 
 def start_processes(device_name: str | None, batch_size: int | None = None) -> tuple[int, int, torch.device]:
     """This process's rank, the number of processes, and its device. Under torchrun (WORLD_SIZE > 1): the
-    process group (nccl on CUDA, gloo on the CPU), one GPU per process; run alone: rank 0 of 1."""
+    process group (nccl on CUDA, gloo on the CPU), one GPU per process, and the first process speaks for all
+    (the others print nothing); run alone: rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(device_name)
     if world == 1:
@@ -237,6 +238,8 @@ def start_processes(device_name: str | None, batch_size: int | None = None) -> t
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() > 0:
+        sys.stdout = open(os.devnull, "w")
     return dist.get_rank(), world, device
 
 

@@ -19,7 +19,6 @@ if QUIET_START:
 
 import argparse
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +67,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = start_processes(args.device)  # under torchrun, each process draws its share
-    if rank > 0:
-        sys.stdout = open(os.devnull, "w")  # the first process speaks for all
     checkpoint = load_checkpoint(args.ckpt)
     video = checkpoint["config"]["frames"] > 0
     grid_path = output_path(args, video)

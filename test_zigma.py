@@ -1934,6 +1934,17 @@ def test_a_stopped_and_resumed_run_gives_the_losses_of_one_that_never_stopped(tm
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-3), f"step {a['step']}: {a['loss']} against {b['loss']}"
 
 
+def test_a_log_line_holds_the_mean_loss_of_the_steps_since_the_line_before(tmp_path):
+    options = [*TINY_RUN, "--steps", "6", "--sample-every", "100", "--ckpt-every", "100"]
+    train.main([*options, "--out", str(tmp_path / "every")])
+    train.main([*options, "--out", str(tmp_path / "third"), "--log-every", "3"])
+    every, third = [line["loss"] for line in logged(tmp_path / "every")], logged(tmp_path / "third")
+    assert [line["step"] for line in third] == [3, 6]
+    for line, losses in zip(third, (every[:3], every[3:])):
+        assert math.isclose(line["loss"], sum(losses) / 3, rel_tol=1e-3), f"step {line['step']}: {line['loss']}, {losses}"
+    assert not math.isclose(every[2], sum(every[:3]) / 3, rel_tol=1e-3), "the test needs steps of unequal loss"
+
+
 def wait_for_steps(out: Path, steps: int, process: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not ((out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= steps):

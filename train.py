@@ -22,7 +22,6 @@ if QUIET_START:
 import argparse
 import collections
 import copy
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -97,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     progress.add_argument("--sample-cfg", type=float, help="their guidance scale, with --class-cond or --captions (default: 4)")
     progress.add_argument("--ckpt-every", type=int, default=500, help="save the checkpoint every this many steps (default: 500)")
     progress.add_argument("--keep-checkpoints", type=int, default=0, metavar="N", help="also keep the last N as ckpt_STEP.pt (default: 0)")
-    progress.add_argument("--log-every", type=int, default=10, help="log that step's loss, lr and gradient norm every N (default: 10)")
+    progress.add_argument("--log-every", type=int, default=10, help="log the mean loss since the last line, and the lr and gradient norm, every N steps (default: 10)")
     progress.add_argument("--tensorboard", action="store_true", help="also to OUT/tensorboard, with the sample grids")
     return check_training_arguments(parser.parse_args(argv))
 
@@ -131,8 +130,6 @@ def main(argv=None):
 
 
 def train(args, rank: int, world: int, device: torch.device):
-    if rank > 0:
-        sys.stdout = open(os.devnull, "w")  # the first process speaks for all
     torch.manual_seed(args.seed)  # the same initial weights in every process
     vae = VAE(args.vae, device) if args.vae else None  # frozen, kept out of the checkpoint; only its name is saved
     if vae and args.model is None:
@@ -175,6 +172,7 @@ def train(args, rank: int, world: int, device: torch.device):
     log = RunLog(args.out, start, args.tensorboard) if rank == 0 else None  # a fresh run starts a new log
     recent_losses = collections.deque([checkpoint["recent_loss"]] if checkpoint and "recent_loss" in checkpoint else [],
                                       maxlen=50)  # the training loss of the last 50 steps, which a checkpoint must not far exceed
+    window = []  # this process's losses since the last log line (or the resume): the logged loss is their mean, as DiT's
 
     dtype = autocast_dtype(args.precision, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
@@ -262,12 +260,13 @@ def train(args, rank: int, world: int, device: torch.device):
             done, last_batch, position = step, batch, batches.position
 
             recent_losses.append(loss.item())  # this process's loss: one wait for the device a step
+            window.append(recent_losses[-1])
             recent.append((time.perf_counter(), recent[-1][1] + x.shape[0] * world))
             speed = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])  # over the last 20 steps
             progress.update()
             progress.set_postfix(loss=f"{recent_losses[-1]:.4f}", per_s=f"{speed:.1f}")
             if step % args.log_every == 0:
-                loss = loss.detach()
+                loss, window = torch.tensor(sum(window) / len(window), device=device), []
                 if world > 1:
                     dist.all_reduce(loss)  # the whole batch's loss: the mean over the processes
                     loss /= world
