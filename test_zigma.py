@@ -104,7 +104,7 @@ def test_sweep_paths_are_raster_permutations():
 def test_volume_zigzag_is_continuous_in_space_and_time():
     frames, h, w = 4, 3, 5
     for path2d in zigzag_paths(h, w):
-        path = volume_path(path2d, frames, snake=True).tolist()
+        path = volume_path(path2d, frames, reverse_odd_frames=True).tolist()
         assert sorted(path) == list(range(frames * h * w))
         for a, b in zip(path, path[1:]):
             (ta, ra), (tb, rb) = divmod(a, h * w), divmod(b, h * w)

@@ -2,28 +2,28 @@
 
 Paper: "ZigMa: A DiT-style Zigzag Mamba Diffusion Model", Hu et al., ECCV 2024 (arXiv 2403.13802).
 It builds on Mamba (arXiv 2312.00752), DiT (arXiv 2212.09748), SiT (arXiv 2401.08740) and stochastic
-interpolants (Albergo and Vanden-Eijnden, arXiv 2209.15571). Pointers into the ZigMa paper name its parts
-(its zigzag scans, its block), since its section and figure numbers differ between its arXiv versions.
+interpolants (Albergo and Vanden-Eijnden, arXiv 2209.15571).
 
 Mamba reads a 1D sequence, so the order of the patch tokens matters. Before each Mamba layer, ZigMa reorders
 the tokens along one of eight continuous zigzag paths over the token grid. After the layer, it puts them back.
 Neighbours in the sequence are then neighbours in the image. For video, spatial layers zigzag within each
-frame and temporal layers read each position through time; volume layers, this file's own, read a whole clip.
+frame and temporal layers read each position through time. Volume layers, the paper's unfactorized
+alternative, read a whole clip as one sequence.
 
 Sections: 1. token orders, 2. the selective scan, 3. the Mamba mixer, 4. the ZigMa block, 5. the model,
 6. flow matching. Appendices: the scan the layers run, DiT's parts, the presets, a demo (`python zigma.py`).
-The idea itself is two lines marked in ZigMaBlock.forward. The Hilbert baseline is in hilbert.py. Lines that
-start "# Official:" say where the official code (github.com/CompVis/zigma) differs; a first reading can skip
-them (docs/official-code.md explains each).
+The idea itself is two lines marked in ZigMaBlock.forward. The Hilbert baseline is in hilbert.py.
+docs/official-code.md lists where the official code (github.com/CompVis/zigma) differs. Three differences
+that change what a layer computes are also noted in place, on comment lines that start "# Official:".
 
 Shapes:
     B  batch             T  frames (1 for an image)     C  image (or latent) channels    P  patch size
     H, W  the token grid: an image is H*P x W*P pixels   D  model width    S  context (text) tokens
     L  tokens in one Mamba sequence: H*W in a spatial layer, T in a temporal one, T*H*W in a volume one
     K  paths the layers take turns over (1, 2 or 8, the paper's Zigzag-1, -2 and -8)
-Sections 2 and 3 use lowercase shapes, since A, B, C and D there name the SSM's parameters and h its state:
+Sections 2 and 3 use lowercase shapes, since A, B, C and D there name the SSM's parameters:
     b  sequences (B*T, B*H*W or B)    l  tokens    d  model width    e = expand * d  inner width
-    n  state size    r  rank of delta's projection
+    n  state size    r  rank of delta's projection    (h is the SSM's state, and y the scan's output)
 
 Terms. The paper calls the token orders scans ("zigzag scan"). Here they are paths: a path is the order (a
 permutation) in which a layer reads a sequence's tokens. "Scan" means only the SSM's selective scan.
@@ -52,21 +52,21 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 
 
 # 1. Token orders: the paper's zigzag scans ------------------------------------------------------------------
-# The scan is causal: a token sees only the tokens read before it on its layer's path. So the layers take
+# Mamba is causal: a token sees only the tokens read before it on its layer's path. So the layers take
 # turns over K paths, which differ in start corner or axis (rows or columns). The model takes each layer's
 # TokenOrder from layer_orders, at the end of this section; the functions before it build the paths.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# Path k starts at CORNERS[k // 2], by rows for even k; models trained with this order depend on it. With
-# K = 1 or 2 all layers start top-left, so an image's top-left token sees no other token in any layer.
-# Official: utils/utils_zigzag.py orders the corners top-left, top-right, bottom-left, bottom-right, on square
-# grids only. At K = 8 its spatial layers j with j mod 8 from 2 to 7 read other paths than these.
+# Path k starts at CORNERS[k // 2], by rows for even k. With K = 1 or 2 all layers start top-left, so an
+# image's top-left token sees no other token in any layer.
+# Official: the same eight paths, on square grids only, with the corners in another order: top-left,
+# top-right, bottom-left, bottom-right. So at K = 8 its layers take the paths in another order.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
 def from_each_corner(height: int, width: int) -> list[torch.Tensor]:
     """The grid's row-major token indices, (H, W), flipped to put each corner in turn at [0, 0]."""
-    indices = torch.arange(height * width, device="cpu").view(height, width)  # (H, W); CPU even under "meta"
+    indices = torch.arange(height * width, device="cpu").view(height, width)  # (H, W), on the CPU always
     flipped = []
     for flip_rows, flip_cols in CORNERS:
         from_corner = indices.flip(0) if flip_rows else indices
@@ -110,35 +110,35 @@ PATH_FAMILIES = ("zigzag", "sweep", "hilbert")  # the names ZigMaConfig.path_fam
 
 
 def family_paths(family: str, height: int, width: int) -> torch.Tensor:
-    """The eight 2D paths of a family, (8, H*W): zigzags, or the baselines, raster sweeps and Hilbert curves,
-    read one path a layer as the zigzags are."""
-    # Official: Sweep-2 (scan_type v2) reads the raster forwards and backwards in every layer, with a second
-    # conv1d, x_proj, dt_proj, A and D (Vim's bidirectional Mamba).
+    """The eight 2D paths of a family, (8, H*W): the zigzags, or one of the paper's two baselines, raster
+    sweeps (every line starts at the same side) or Hilbert curves. In every family a layer reads one path."""
+    # Official: its sweep baseline, Sweep-2, reads the raster forwards and backwards in every layer.
     if family == "hilbert":  # the paper's baseline, in a file of its own
         from hilbert import hilbert_paths
         return hilbert_paths(height, width)
     return grid_paths(height, width, snake=family == "zigzag")
 
 
-def volume_path(path: torch.Tensor, frames: int, snake: bool) -> torch.Tensor:
-    """A 2D path extended through a clip, (T*H*W,): frame f reads f*H*W + path (backwards in odd f, if snake).
+def volume_path(path: torch.Tensor, frames: int, reverse_odd_frames: bool) -> torch.Tensor:
+    """A 2D path extended through a clip, (T*H*W,): frame f reads f*H*W + path, backwards in odd frames if
+    reverse_odd_frames.
 
     So each frame starts where the one before ended. Path 0 through two 2 x 2 frames (when each is read):
         frame 0:  0 1    frame 1:  7 6
                   3 2              4 5
     """
     frame_size = path.numel()
-    parts = [f * frame_size + (path.flip(0) if snake and f % 2 else path) for f in range(frames)]
+    parts = [f * frame_size + (path.flip(0) if reverse_odd_frames and f % 2 else path) for f in range(frames)]
     return torch.cat(parts)  # (T*H*W,)
 
 
-# Official: mamba_simple.py's Mamba.forward permutes the tokens inside the layer (its zigzagN branch).
 class TokenOrder(nn.Module):
     """One layer's token order: how the tokens of a (T, H, W) grid form Mamba sequences, and their path.
 
     The axis decides the sequences. "space": each frame is a sequence of H*W tokens (an image is a clip of
     one frame). "time": each position is a sequence of T tokens. "volume": the clip is one sequence. `path`
     permutes a sequence's L tokens. ZigMa rebuilds the path and its inverse from the config: neither is saved.
+    (The official code permutes the tokens inside its Mamba layer: mamba_simple.py's zigzagN branch.)
     """
 
     def __init__(self, grid: tuple[int, int, int], axis: str, path: torch.Tensor):
@@ -173,15 +173,15 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
 
     `family` names the 2D paths (PATH_FAMILIES). `num_paths` is K. `pattern` has one letter per layer and
     repeats over the depth (images use "s"). j counts the layers of each kind from 0.
-    - s, spatial: the j-th reads 2D path j mod K.
-    - t, temporal: the j-th reads time forwards for even j, backwards for odd j.
+    - s, spatial: the j-th spatial layer reads 2D path j mod K.
+    - t, temporal: the j-th temporal layer reads time forwards if j is even, backwards if j is odd.
     - v, volume: the layers come in pairs. Pair p reads 2D path p mod K carried through the frames, first
       forwards, then backwards, so that together they let every token see every other.
     For example, "sst" at K = 8 reads path 0, path 1, time forwards, path 2, path 3, time backwards, path 4...
     """
     frames, height, width = grid
     paths_2d = family_paths(family, height, width)[:num_paths]  # (K, H*W)
-    snake = family != "sweep"  # reverse odd frames, so that the path stays continuous; a sweep does not
+    reverse_odd_frames = family != "sweep"  # a continuous path through the clip; the sweep stays a raster
     count = {"s": 0, "t": 0, "v": 0}  # the layers of each kind so far
     orders = []
     for layer in range(depth):
@@ -194,8 +194,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
             path = torch.arange(frames, device="cpu")
             orders.append(TokenOrder(grid, "time", path.flip(0) if j % 2 else path))
         else:
-            # Official: no volume layers; its video config (3d_zigzag8sst) has spatial and temporal ones.
-            path = volume_path(paths_2d[(j // 2) % num_paths], frames, snake)
+            path = volume_path(paths_2d[(j // 2) % num_paths], frames, reverse_odd_frames)
             orders.append(TokenOrder(grid, "volume", path.flip(0) if j % 2 else path))
     return orders
 
@@ -212,8 +211,8 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
 # file use delta B instead. The two agree to first order in delta.
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The selective scan, one token at a time: its definition. The layers run it by a faster, exact
-    implementation (selective_scan, in the first appendix), which test_zigma.py compares to this one.
+    """The selective scan, one token at a time: the definition. The layers call selective_scan (the first
+    appendix), which computes the same function faster; test_zigma.py checks that the two agree.
     Computes in float32 (float64 for float64 inputs) with autocast off, and returns u's dtype."""
     dtype = u.dtype
     compute_dtype = torch.promote_types(dtype, torch.float32)
@@ -259,10 +258,10 @@ class MambaMixer(nn.Module):
         # Mamba's initialisation of delta: dt_proj's weight uniform in +-r^-1/2 (Mamba's dt_init="random"),
         # and delta log-uniform in [dt_min, dt_max], through softplus(bias).
         nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        delta = torch.exp(torch.rand(inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        delta = delta.clamp(min=dt_init_floor)  # (e,)
+        delta_0 = torch.exp(torch.rand(inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        delta_0 = delta_0.clamp(min=dt_init_floor)  # (e,), the initial delta
         with torch.no_grad():
-            self.dt_proj.bias.copy_(delta + torch.log(-torch.expm1(-delta)))  # the inverse of softplus
+            self.dt_proj.bias.copy_(delta_0 + torch.log(-torch.expm1(-delta_0)))  # the inverse of softplus
         # Mamba's initialisation of A: -[1, 2, ..., n] in every channel (S4D-Real), kept as A_log = log(-A).
         A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(inner, 1)  # (e, n)
         self.A_log = nn.Parameter(torch.log(A))
@@ -272,9 +271,10 @@ class MambaMixer(nn.Module):
         length = x.shape[1]
         x_inner, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each: the branch to scan, and the gate
         u = F.silu(self.conv1d(x_inner.transpose(1, 2))[..., :length])  # (b, e, l), causal: the first l
-        # delta (b, l, r), B and C (b, l, n)
-        delta, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
-        delta = delta @ self.dt_proj.weight.t()  # (b, l, e), no bias yet: the scan adds it, as in mamba-ssm
+        # delta_r (b, l, r), B and C (b, l, n)
+        delta_r, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
+        # dt_proj without its bias: the scan adds the bias before the softplus, as mamba-ssm's does
+        delta = delta_r @ self.dt_proj.weight.t()  # (b, l, e)
         A = -torch.exp(self.A_log)  # (e, n), negative
         delta, B, C, z = (a.transpose(1, 2) for a in (delta, B, C, z))  # delta, z (b, e, l); B, C (b, n, l)
         y = selective_scan(u, delta, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True)
@@ -287,6 +287,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]  # (B, T*H*W, D)
 
 
+# Official: model_zigma.py's Block.forward returns RMSNorm(r) + gate * mixer(modulate(RMSNorm(r))), where r
+# is the residual stream. So each official layer adds its normalised input to the stream, even at gate zero.
 class ZigMaBlock(nn.Module):
     """The paper's Zigzag Mamba block: a Mamba layer that reads the tokens in its layer's token order, with
     DiT's adaLN-Zero conditioning and optional cross-attention to text.
@@ -307,9 +309,8 @@ class ZigMaBlock(nn.Module):
         if context_dim:
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             # Heads of width 64, or one head where 64 does not divide dim.
-            # Official: 8 heads of 64 at any width.
             self.cross_attention = CrossAttention(dim, context_dim, heads=dim // 64 if dim % 64 == 0 else 1)
-        self.branches = 2 if context_dim else 1  # the mixer, and cross-attention: each its shift, scale, gate
+        self.branches = 2 if context_dim else 1  # the mixer, and any cross-attention: 3 modulations each
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * self.branches * dim))
         nn.init.zeros_(self.adaLN_modulation[-1].weight)  # adaLN-Zero: the gates start at zero
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
@@ -323,8 +324,6 @@ class ZigMaBlock(nn.Module):
         sequences = self.order.to_sequences(modulate(self.norm1(x), shift, scale))  # (sequences, L, D)
         mixed = self.order.from_sequences(self.mixer(sequences))  # (B, T*H*W, D)
         x = x + gate[:, None] * mixed
-        # Official (model_zigma.py Block.forward): RMSNorm(r) + gate * mixer(modulate(RMSNorm(r))) for the
-        # stream r, with drop-path. Each layer adds its normalised input back: none is the identity at first.
         if self.cross_attention is not None:
             assert context is not None, "this block has cross-attention: pass context tokens"
             shift, scale, gate = modulation[3:]  # the cross-attention branch's own
@@ -346,7 +345,7 @@ class ZigMaConfig:
     path_family: str = "zigzag"  # the 2D paths (PATH_FAMILIES): zigzag, or a baseline
     num_paths: int = 8  # K: 1, 2 or 8 (the paper's best, Zigzag-8). The j-th spatial layer reads path j mod K
     frames: int = 0  # 0: images (C, H*P, W*P), read as one frame. T >= 1: clips (T, C, H*P, W*P)
-    video_pattern: str = "sst"  # clips: a letter per layer, s spatial, t temporal, v volume. Official: "sst"
+    video_pattern: str = "sst"  # clips: a letter a layer, s spatial, t temporal, v volume (the paper's: sst)
     num_classes: int = 0  # 0: unconditional. Label num_classes is the null label, for guidance
     context_dim: int = 0  # 0: no cross-attention. Else the width of the context tokens
     d_state: int = 16  # n, the SSM's state size, as in Mamba
@@ -371,14 +370,13 @@ class ZigMaConfig:
 
 
 class ZigMa(nn.Module):
-    """The official ZigMa's outline: patchify, add positions, ZigMaBlocks (each in its order), unpatchify."""
+    """DiT's outline: patchify, add positions, run the ZigMaBlocks (each in its token order), unpatchify."""
 
     def __init__(self, config: ZigMaConfig):
         super().__init__()
         self.config = config
         dim, grid = config.dim, config.grid
         # No global xavier init, unlike DiT: each module sets what it needs, other layers keep PyTorch's.
-        # Official: Mamba's _init_weights, which also divides out_proj by sqrt(depth).
         self.patch_embed = nn.Conv2d(config.in_channels, dim, config.patch_size, stride=config.patch_size)
         nn.init.xavier_uniform_(self.patch_embed.weight.view(dim, -1))  # like a linear layer, as DiT's
         nn.init.zeros_(self.patch_embed.bias)
@@ -386,15 +384,13 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding. From DiT's 0.02 a label stayed about 1% of c, and 2000 steps
-            # on faces in four moods learned none of them (docs/official-code.md).
-            # Official: N(0, 0.02), as DiT's.
+            # N(0, 1), as ADM's class embedding. At DiT's N(0, 0.02), a label is too small beside the
+            # timestep's embedding in c, and trains slowly (docs/official-code.md).
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
             self.null_context = nn.Parameter(torch.randn(1, 1, config.context_dim) * 0.02)
         # A learned position per token, in one table for images and clips. DiT uses a fixed 2D sin-cos table.
-        # Official: the table starts at zeros.
         self.pos_embed = nn.Parameter(torch.randn(1, math.prod(grid), dim) * 0.02)
         pattern = config.video_pattern if config.frames else "s"
         orders = layer_orders(grid, config.depth, config.path_family, config.num_paths, pattern)
@@ -440,7 +436,6 @@ class ZigMa(nn.Module):
         c = self.t_embedder(t)  # (B, D)
         if y is not None:
             c = c + self.y_embedder(y)  # (B, D)
-        # Official: the text's mean is added to c too. Here text enters by cross-attention only.
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, c, context, context_mask, use_reentrant=False)
@@ -464,10 +459,10 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
               time_sampling: str = "uniform") -> torch.Tensor:
     """SiT's velocity loss for data x, on the interpolant x_t = (1 - t) noise + t x, with one t per example.
 
-    t is uniform on [0, 1], as in SiT and the paper. time_sampling="logit-normal" draws SD3's t = sigmoid(a),
-    a ~ N(0, 1) (arXiv 2403.03206), which favours the middle times: train.py's default, since it sampled
-    better in the small runs of docs/quality.md. For guidance, each example's label and context together
-    become the null ones with probability drop_prob. noise (like x) and t (B,) are drawn unless given.
+    By default t is uniform on [0, 1], as in SiT and the paper. time_sampling="logit-normal" draws
+    t = sigmoid(a), a ~ N(0, 1), as SD3 does (arXiv 2403.03206), which samples the middle times more often;
+    train.py uses it by default. For guidance, each example's label and context are dropped together with
+    probability drop_prob. noise (like x) and t (B,) are drawn unless given.
     """
     assert time_sampling in TIME_SAMPLING, f"time_sampling is one of {TIME_SAMPLING}, not {time_sampling!r}"
     batch = x.shape[0]
@@ -487,7 +482,6 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
 def guided_velocity(model: ZigMa, x_t, t, y=None, context=None, context_mask=None, cfg_scale: float = 1.0):
     """The velocity at (x_t, t). With a label or context and cfg_scale != 1, it is classifier-free guided (Ho
     and Salimans, arXiv 2207.12598), both passes in one batch: v = v_null + cfg_scale * (v_cond - v_null)."""
-    # Official: ZigMa.forward_with_cfg raises NotImplementedError.
     if y is None and context is None:
         return model(x_t, t)
     if cfg_scale == 1:  # no guidance, v = v_cond, one pass
@@ -504,7 +498,6 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
            cfg_scale: float = 1.0, method: str = "euler") -> torch.Tensor:
     """Integrate dx/dt = v(x, t) from noise at t = 0 to data at t = 1, in `steps` equal steps: by Euler (one
     model call a step) or by Heun (two: the mean of the slopes at both ends of the step)."""
-    # Official: SiT's SDE sampler too (its transport/). Here the ODE's only.
     assert method in ("euler", "heun"), f"method must be 'euler' or 'heun', not {method!r}"
     x_t = noise
     times = torch.linspace(0, 1, steps + 1, device=noise.device)
@@ -524,7 +517,6 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
     """The scan the layers run: the function above, by the fastest exact implementation at hand."""
-    # Official: a vendored, patched mamba-ssm, which must be built. Here mamba-ssm is optional and unpatched.
     precision = torch.promote_types(A.dtype, torch.float32)  # at least float32, even in a model.half()
     A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
     if fused_selective_scan is not None and u.is_cuda and u.dtype != torch.float64:
@@ -565,7 +557,6 @@ class FinalLayer(nn.Module):
 
     def __init__(self, dim: int, patch_size: int, out_channels: int):
         super().__init__()
-        # Official: after a last add and norm (norm_f), not modulated, and its linear layer not zeroed.
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
@@ -583,8 +574,6 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, context_dim: int, heads: int):
         super().__init__()
-        # Official: the text is first projected to D (its y_embedder), q, k and v have no biases, and there is
-        # no mask, so padding is attended to.
         self.heads = heads
         self.to_q = nn.Linear(dim, dim)
         self.to_kv = nn.Linear(context_dim, 2 * dim)
@@ -607,7 +596,6 @@ class CrossAttention(nn.Module):
 # DiT's widths, at twice DiT's depth. A ZigMa layer has about 9.25 D^2 parameters (in_proj 4, out_proj 2,
 # x_proj and dt_proj 0.25, adaLN 3), about half a DiT block's 18 D^2 (attention 4, MLP 8, adaLN 6). So the
 # sizes match DiT's.
-# Official: zigma_s_2 is 368 wide, and M (768 x 48) and H (1536 x 48) follow L, with no XL. B and L match.
 PRESET_SHAPES = {
     "Tiny": dict(dim=128, depth=8),  # small enough to train on a CPU
     "S": dict(dim=384, depth=24),
@@ -642,7 +630,7 @@ def demonstrate(steps: int = 200) -> None:
     print("The eight zigzag paths on a 4 x 4 grid (each number: the step at which that token is read):")
     paths = zigzag_paths(4, 4)
     for row in range(4):
-        when = [paths[k].argsort().view(4, 4)[row] for k in range(8)]  # the step at which each token is read
+        when = [paths[k].argsort().view(4, 4)[row] for k in range(8)]  # row `row` of each path's grid
         print("   ".join(" ".join(f"{int(step):2d}" for step in path_row) for path_row in when))
     pairs = 2 * (2 * 16 * 15)  # a 16 x 16 grid: 2 * 16 * 15 adjacent pairs, counted in both directions
     for k in (1, 2, 8):
