@@ -198,10 +198,10 @@ def check_resumed_model(checkpoint: dict, path: Path, config: ZigMaConfig, condi
         raise UserError(f"{path} holds a model with another {', '.join(changed)} than these options give; pass another --out")
 
 
-def resume(checkpoint: dict, path: Path, networks: nn.ModuleDict, ema: nn.ModuleDict, optimizer, config: ZigMaConfig,
-           conditioning: dict) -> tuple[int, tuple[int, int]]:
-    """Load a checkpoint to train on: the weights, the EMA and AdamW's moments (with this run's weight decay);
-    returns its step and its position in the data."""
+def resume(checkpoint: dict, path: Path, networks: nn.ModuleDict, ema: nn.ModuleDict, optimizer, scaler,
+           config: ZigMaConfig, conditioning: dict) -> tuple[int, tuple[int, int]]:
+    """Load a checkpoint to train on: the weights, the EMA, AdamW's moments (with this run's weight decay) and an
+    fp16 run's loss scale; returns its step and its position in the data."""
     check_resumed_model(checkpoint, path, config, conditioning)
     load_weights(networks, checkpoint["model"], path, "model")
     load_weights(ema, checkpoint["ema"], path, "ema")
@@ -215,6 +215,8 @@ def resume(checkpoint: dict, path: Path, networks: nn.ModuleDict, ema: nn.Module
         warn(f"{path} holds no optimizer state; AdamW's moments start afresh")
     for group, weight_decay in zip(optimizer.param_groups, chosen):
         group["weight_decay"] = weight_decay
+    if checkpoint.get("scaler") and scaler.is_enabled():  # empty where the run saved it without fp16
+        scaler.load_state_dict(checkpoint["scaler"])
     return checkpoint["step"], tuple(checkpoint.get("data_position", (0, 0)))  # older checkpoints: (0, 0)
 
 
@@ -317,10 +319,15 @@ class StopRequest:
     def agreed(self, world: int, device: torch.device) -> bool:
         """Whether any process was asked to stop: all stop together, since one that went on alone would wait for the
         others for ever."""
-        stopping = torch.tensor(float(self.name is not None), device=device)
-        if world > 1:
-            dist.all_reduce(stopping)
-        return stopping.item() > 0
+        return in_any_process(self.name is not None, world, device)
+
+
+def in_any_process(flag: bool, world: int, device: torch.device) -> bool:
+    """Whether flag holds in some process: every process gets the same answer (a collective under torchrun)."""
+    flags = torch.tensor(float(flag), device=device)
+    if world > 1:
+        dist.all_reduce(flags)
+    return flags.item() > 0
 
 
 #################################################################################
@@ -399,12 +406,12 @@ def check_weights_are_sane(networks: nn.ModuleDict, encode, batch: dict, recent_
         context, context_mask = encode(batch["caption"]) if "caption" in batch else (None, None)
         loss = flow_loss(networks["zigma"], batch["x"].to(device), y, context, context_mask, drop_prob=0.0,
                          time_sampling=time_sampling)
-    found = torch.stack([loss.float(), torch.tensor(float(finite), device=device)])  # (2,)
+    reference = torch.tensor(sum(recent_losses) / len(recent_losses), device=device)
+    found = torch.stack([loss.float(), torch.tensor(float(finite), device=device), reference])  # (3,)
     if world > 1:
-        dist.all_reduce(found)
+        dist.all_reduce(found)  # the means over the processes: every process decides on the same numbers
         found /= world
-    loss, finite = found.tolist()
-    reference = sum(recent_losses) / len(recent_losses)
+    loss, finite, reference = found.tolist()
     if finite < 1 or not loss <= FAR_ABOVE * reference:
         raise UserError(f"training diverged at step {step}: the loss of its weights is {loss:.4g}, against {reference:.4g} "
                         f"over the last steps" + (", and some weights are NaN or infinite" if finite < 1 else "") + f"; {kept}")
@@ -461,7 +468,8 @@ class RunLog:
     def scalars(self, step: int, values: dict) -> None:
         try:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+                finite = {name: value if math.isfinite(value) else None for name, value in values.items()}
+                f.write(json.dumps({"step": step, **finite}) + "\n")  # strict JSON: null, not NaN or Infinity
         except OSError as error:
             raise UserError(f"could not write {self.path}: {error.strerror or error}")
         for name, value in values.items() if self.tensorboard else ():

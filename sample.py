@@ -28,8 +28,8 @@ from tqdm import tqdm
 from data import (ArgumentParser, Terminal, UserError, load_checkpoint, load_pretrained_text_encoder,
                   networks_from_checkpoint, save_samples)
 from plumbing import (FID, GRID_LIMIT, PRECISIONS, Conditions, CountedCalls, autocast_dtype, check_sampling_arguments,
-                      end_processes, gather, output_path, precision_name, sample_adaptive, sample_noise, start_processes,
-                      to_bytes, vae_for, write_npz)
+                      end_processes, gather, in_any_process, output_path, precision_name, sample_adaptive, sample_noise,
+                      start_processes, to_bytes, vae_for, write_npz)
 from zigma import sample
 
 if QUIET_START:
@@ -92,7 +92,7 @@ def main(argv=None):
     for first in batches:
         start = min(first + rank * share, args.n)
         indices = range(start, min(start + share, first + args.batch_size, args.n))  # this process's share
-        samples = torch.empty(0)  # where a batch leaves this process none
+        samples, finite = torch.empty(0), True  # where a batch leaves this process none
         if indices:
             noise = sample_noise(args.seed, indices, model.config.input_shape, device)
             y, captions = conditions.labels(indices, device), conditions.captions(indices)
@@ -105,10 +105,11 @@ def main(argv=None):
                 else:
                     samples = sample(counted, noise, steps=args.sample_steps, y=y, context=context,
                                      context_mask=context_mask, cfg_scale=cfg, method=args.method)
-            if not torch.isfinite(samples).all():  # nothing is written from them
-                raise UserError(f"samples {start} to {indices.stop - 1} are NaN or infinite: {args.ckpt} comes from a "
-                                f"run that diverged" + (f", or --cfg {cfg:g} is too strong" if cfg > 1 else ""))
+            finite = torch.isfinite(samples).all().item()
             samples = (vae.decode(samples) if vae else samples).float().cpu()  # (B, 3, H, W), or (B, T, 3, H, W)
+        if in_any_process(not finite, world, device):  # every process stops, and nothing is written from the batch
+            raise UserError(f"samples {first} to {min(first + args.batch_size, args.n) - 1} are NaN or infinite: "
+                            f"{args.ckpt} comes from a run that diverged" + (f", or --cfg {cfg:g} is too strong" if cfg > 1 else ""))
         samples = gather(samples, world)  # every process's, on the first
         if rank > 0:
             continue

@@ -1945,6 +1945,17 @@ def test_a_log_line_holds_the_mean_loss_of_the_steps_since_the_line_before(tmp_p
     assert not math.isclose(every[2], sum(every[:3]) / 3, rel_tol=1e-3), "the test needs steps of unequal loss"
 
 
+def test_log_jsonl_is_strict_json_where_a_value_is_not_finite(tmp_path):
+    log = plumbing.RunLog(tmp_path, 0, tensorboard=False)
+    log.scalars(1, {"loss": 0.5, "grad_norm": float("inf")})  # an fp16 step that the scaler skips
+    log.scalars(2, {"loss": float("nan"), "grad_norm": 1.0})
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    lines = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 1, "loss": 0.5, "grad_norm": None}, {"step": 2, "loss": None, "grad_norm": 1.0}]
+
+
 def wait_for_steps(out: Path, steps: int, process: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not ((out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= steps):
@@ -2584,6 +2595,57 @@ if os.environ["RANK"] == "1":  # the first process has its batch, and would go o
 """ + RUN_TRAIN_PY
 
 
+DIVERGENCE_CHECK = """
+import contextlib, datetime, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import torch.distributed as dist
+import data, plumbing
+from zigma import ZigMaConfig
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+torch.manual_seed(0)
+networks = data.build_networks(ZigMaConfig(input_size=8, in_channels=3, patch_size=2, dim=32, depth=2, d_state=4), {})
+recent_losses = [1e-6] if dist.get_rank() == 1 else [1e6]  # alone, the second process would call the weights diverged
+plumbing.check_weights_are_sane(networks, None, {"x": torch.randn(2, 3, 8, 8)}, recent_losses, 3, 2, torch.device("cpu"),
+                                contextlib.nullcontext(), "kept", "uniform")
+dist.barrier()
+print("both processes found the weights sane", file=sys.stderr)
+dist.destroy_process_group()
+"""
+
+
+def test_every_process_judges_a_checkpoints_weights_on_the_same_numbers(tmp_path):
+    # Before, each compared the mean loss of all processes with its own recent losses: one could stop alone, while the
+    # others went on to write the checkpoint.
+    (tmp_path / "divergence_check.py").write_text(DIVERGENCE_CHECK)
+    said = two_processes(tmp_path / "divergence_check.py", exit_status=0)
+    assert all("both processes found the weights sane" in one for one in said), said
+
+
+NAN_IN_THE_SECOND_PROCESS = """
+import os, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import sample
+draw = sample.sample
+if os.environ["RANK"] == "1":  # the second process alone draws NaN
+    sample.sample = lambda model, noise, **options: torch.full_like(noise, float("nan"))
+try:
+    sample.main(sys.argv[2:])
+except sample.UserError as error:
+    sys.exit(f"sample.py: {error}")
+"""
+
+
+def test_nan_samples_in_one_process_stop_every_process_with_one_sentence(tmp_path, trained_run):
+    # Before, the second process stopped alone, and the first waited for its samples until the group broke.
+    (tmp_path / "nan_second.py").write_text(NAN_IN_THE_SECOND_PROCESS)
+    said = two_processes(tmp_path / "nan_second.py", "--ckpt", str(trained_run), "--num-samples", "4", "--batch-size", "4",
+                         "--sample-steps", "1", "--device", "cpu", "--grid", str(tmp_path / "s.png"))
+    assert said[0].strip().splitlines()[-1].startswith("sample.py: samples 0 to 3 are NaN or infinite:"), said[0][-2000:]
+    assert not (tmp_path / "s.png").exists()
+
+
 def test_a_worker_killed_in_one_process_stops_every_process_after_the_same_step(tmp_path):
     # Before, the second process went on to save a checkpoint while the first took a step: their collectives crossed.
     (tmp_path / "dying_worker.py").write_text(WORKER_DIES_IN_THE_SECOND_PROCESS)
@@ -2787,6 +2849,17 @@ def test_fp16_training_scales_the_gradients(tmp_path, capsys):
     train.main(["--out", str(tmp_path / "out"), "--steps", "2", *TINY_RUN, "--precision", "fp16"])
     assert "fp16 autocast" in capsys.readouterr().out.splitlines()[0], "the first line names the precision"
     assert data.load_checkpoint(tmp_path / "out" / "ckpt.pt")["step"] == 2
+
+
+def test_an_fp16_runs_loss_scale_survives_a_resume(tmp_path):
+    out = tmp_path / "out"
+    train.main(["--out", str(out), "--steps", "2", *TINY_RUN, "--precision", "fp16"])
+    checkpoint = data.load_checkpoint(out / "ckpt.pt")
+    assert checkpoint["scaler"]["scale"] == 2.0 ** 16, "the scale starts at 65536 and no step overflowed"
+    checkpoint["scaler"]["scale"] = 1024.0  # as a run whose gradients overflowed six times
+    torch.save(checkpoint, out / "ckpt.pt")
+    train.main(["--out", str(out), "--steps", "3", *TINY_RUN, "--precision", "fp16", "--ckpt-every", "1"])
+    assert data.load_checkpoint(out / "ckpt.pt")["scaler"]["scale"] == 1024.0, "a resumed run starts from the run's scale"
 
 
 @contextlib.contextmanager

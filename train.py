@@ -162,10 +162,13 @@ def train(args, rank: int, world: int, device: torch.device):
     networks = build_networks(config, conditioning).to(device)  # the ZigMa, and the built-in caption encoder
     ema = copy.deepcopy(networks).requires_grad_(False)  # the EMA weights are what we sample from
     optimizer = torch.optim.AdamW(parameter_groups(networks, args.weight_decay), lr=args.lr)
+    dtype = autocast_dtype(args.precision, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 gradients would underflow
     start, position, saved = 0, (0, 0), "no checkpoint was written"
 
-    if checkpoint is not None:  # the weights, the EMA, AdamW's moments and the position in the data
-        start, position = resume(checkpoint, ckpt_path, networks, ema, optimizer, config, conditioning)
+    if checkpoint is not None:  # the weights, the EMA, AdamW's moments, fp16's loss scale, the position in the data
+        start, position = resume(checkpoint, ckpt_path, networks, ema, optimizer, scaler, config, conditioning)
         saved = f"{ckpt_path} is kept as it was at step {start}"
         print(f"resuming from {ckpt_path} at step {start}")
     batches = Batches(dataset, args.batch_size, args.workers, args.seed, rank, world, device, position)  # endless
@@ -174,9 +177,6 @@ def train(args, rank: int, world: int, device: torch.device):
                                       maxlen=50)  # the training loss of the last 50 steps, which a checkpoint must not far exceed
     window = []  # this process's losses since the last log line (or the resume): the logged loss is their mean, as DiT's
 
-    dtype = autocast_dtype(args.precision, device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 gradients would underflow
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # on a GPU: tf32 matmuls
     model = networks["zigma"]
     model.grad_checkpointing = args.grad_checkpointing
@@ -196,9 +196,10 @@ def train(args, rank: int, world: int, device: torch.device):
         check_weights_are_sane(networks, networks["text"] if "text" in networks else pretrained, batch, recent_losses,
                                step, world, device, autocast, f"{saved}. Train with a lower --lr than {args.lr:g}",
                                args.time_sampling)
-        state = {"model": networks.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "data_position": position, "config": asdict(config), "conditioning": conditioning, "vae": args.vae,
-                 "args": saved_arguments(args), "recent_loss": sum(recent_losses) / len(recent_losses)}
+        state = {"model": networks.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "step": step, "data_position": position, "config": asdict(config),
+                 "conditioning": conditioning, "vae": args.vae, "args": saved_arguments(args),
+                 "recent_loss": sum(recent_losses) / len(recent_losses)}
         on_first(lambda: save_checkpoint(state, ckpt_path, args.keep_checkpoints), rank, world)  # a full disk stops them all
         return f"{ckpt_path} is kept as it was at step {step}"
 
