@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from einops import rearrange
 
 import data
 import zigma
@@ -576,11 +577,19 @@ def test_python_zigma_py_demonstrates_the_file():
                               timeout=600)
     assert finished.returncode == 0, finished.stderr[-2000:]
     out = finished.stdout
-    assert " 0  1  2  3    0  7  8 15   12 13 14 15" in out, "the zigzag paths, as the docstring draws them"
+    assert " 0  1  2  3    0  7  8 15   12 13 14 15" in out, "the zigzag paths, as section 1 of zigma.py draws them"
     covered = [int(n) for n in re.findall(r"K = \d: the paths read (\d+) of the 960", out)]
     assert covered[0] == 255 and covered[0] < covered[1] < covered[2] == 960, out
     error, noise = map(float, re.search(r"error of ([0-9.]+) from the image .* was ([0-9.]+) away", out).groups())
     assert error < noise / 10, f"the overfitted model should sample its image back: {out}"
+
+
+def test_the_paths_drawn_in_zigma_py_are_the_paths_it_builds():
+    lines = (Path(__file__).parent / "zigma.py").read_text().splitlines()
+    top = lines.index("#     0: rows, top-left      1: columns, top-left   2: rows, bottom-right  3: columns, bottom-right")
+    drawn = torch.tensor([[int(n) for n in line[1:].split()] for line in lines[top + 1:top + 5]])  # (4, 16): 4 grids a row
+    drawn = rearrange(drawn, "row (path column) -> path (row column)", path=4)  # (4, 16): when each token is read
+    assert torch.equal(drawn, zigzag_paths(4, 4)[:4].argsort(dim=1)), drawn
 
 
 def test_no_line_of_zigma_py_is_over_110_characters():

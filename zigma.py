@@ -52,21 +52,35 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 
 
 # 1. Token orders: the paper's zigzag scans ------------------------------------------------------------------
-# Mamba is causal: a token sees only the tokens read before it on its layer's path. So the layers take
-# turns over K paths, which differ in start corner or axis (rows or columns). The model takes each layer's
-# TokenOrder from layer_orders, at the end of this section; the functions before it build the paths.
+# A path is a permutation of a grid's tokens: path[i] is the row-major index of the token read i-th. ZigMa's
+# eight zigzag paths go line by line, every other line backwards, so that each step moves to a neighbour.
+# The first four on a 4 x 4 grid; each cell holds argsort(path), the step at which its token is read (the
+# inverse that TokenOrder keeps):
+#
+#     0: rows, top-left      1: columns, top-left   2: rows, bottom-right  3: columns, bottom-right
+#      0  1  2  3             0  7  8 15            12 13 14 15            12 11  4  3
+#      7  6  5  4             1  6  9 14            11 10  9  8            13 10  5  2
+#      8  9 10 11             2  5 10 13             4  5  6  7            14  9  6  1
+#     15 14 13 12             3  4 11 12             3  2  1  0            15  8  7  0
+#
+# Paths 4 to 7 do the same from the top-right and bottom-left corners. Why several: Mamba is causal, and its
+# convolution's window and its state's decay favour the tokens read just before. So the layers take turns
+# over K paths. A 16 x 16 grid has 480 pairs of neighbours, 960 (neighbour, token) pairs counting both
+# orders. Path 0 reads 255 of those back to back, paths 0 and 1 together 496, and all eight all 960
+# (`python zigma.py` counts them). The model takes each layer's TokenOrder from layer_orders, at the end of
+# this section; the functions before it build the paths.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
 # Path k starts at CORNERS[k // 2], by rows for even k. With K = 1 or 2 all layers start top-left, so an
 # image's top-left token sees no other token in any layer.
-# Official: the same eight paths, on square grids only, with the corners in another order: top-left,
-# top-right, bottom-left, bottom-right. So at K = 8 its layers take the paths in another order.
+# Official: the same eight paths, on square grids only, with the corners in another order (top-left,
+# top-right, bottom-left, bottom-right), so at K = 8 its layers take the paths in another order.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
 def from_each_corner(height: int, width: int) -> list[torch.Tensor]:
     """The grid's row-major token indices, (H, W), flipped to put each corner in turn at [0, 0]."""
-    indices = torch.arange(height * width, device="cpu").view(height, width)  # (H, W), on the CPU always
+    indices = torch.arange(height * width, device="cpu").view(height, width)  # (H, W)
     flipped = []
     for flip_rows, flip_cols in CORNERS:
         from_corner = indices.flip(0) if flip_rows else indices
@@ -75,22 +89,9 @@ def from_each_corner(height: int, width: int) -> list[torch.Tensor]:
 
 
 def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
-    """The eight line-by-line paths over a grid, (8, H*W): from each corner, by rows, then by columns.
-
-    path[i] is the row-major index of the token read i-th. With snake=True, every other line runs backwards,
-    which makes the path continuous: ZigMa's zigzag. With snake=False, every line starts at the same side, as
-    in a raster "sweep". Below, the zigzags on a 4 x 4 grid; each cell holds argsort(path), when it is read.
-
-        0: rows, top-left      1: columns, top-left   2: rows, bottom-right  3: columns, bottom-right
-         0  1  2  3             0  7  8 15            12 13 14 15            12 11  4  3
-         7  6  5  4             1  6  9 14            11 10  9  8            13 10  5  2
-         8  9 10 11             2  5 10 13             4  5  6  7            14  9  6  1
-        15 14 13 12             3  4 11 12             3  2  1  0            15  8  7  0
-
-    Why K paths: the convolution's window and the state's decay favour the tokens read just before. A 16 x 16
-    grid has 480 pairs of neighbours, 960 (neighbour, token) pairs counting both orders. Path 0 reads 255 of
-    those back to back, paths 0 and 1 together 496, and all eight all 960 (`python zigma.py` counts them).
-    """
+    """The eight line-by-line paths over a grid, (8, H*W): from each corner, by rows, then by columns. With
+    snake=True every other line runs backwards: ZigMa's zigzags, drawn above. With snake=False every line
+    starts at the same side: the raster sweeps of the paper's baseline."""
     paths = []
     for from_corner in from_each_corner(height, width):
         for lines in (from_corner, from_corner.t()):  # read row by row, then column by column
@@ -137,7 +138,8 @@ class TokenOrder(nn.Module):
 
     The axis decides the sequences. "space": each frame is a sequence of H*W tokens (an image is a clip of
     one frame). "time": each position is a sequence of T tokens. "volume": the clip is one sequence. `path`
-    permutes a sequence's L tokens. ZigMa rebuilds the path and its inverse from the config: neither is saved.
+    permutes a sequence's L tokens. The model rebuilds the path and its inverse from its config: neither is
+    saved.
     (The official code permutes the tokens inside its Mamba layer: mamba_simple.py's zigzagN branch.)
     """
 
@@ -269,7 +271,7 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, l, d)
         length = x.shape[1]
-        x_inner, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each: the branch to scan, and the gate
+        x_inner, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, e) each: the branch to scan, and z, its gate
         u = F.silu(self.conv1d(x_inner.transpose(1, 2))[..., :length])  # (b, e, l), causal: the first l
         # delta_r (b, l, r), B and C (b, l, n)
         delta_r, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
@@ -287,8 +289,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]  # (B, T*H*W, D)
 
 
-# Official: model_zigma.py's Block.forward returns RMSNorm(r) + gate * mixer(modulate(RMSNorm(r))), where r
-# is the residual stream. So each official layer adds its normalised input to the stream, even at gate zero.
 class ZigMaBlock(nn.Module):
     """The paper's Zigzag Mamba block: a Mamba layer that reads the tokens in its layer's token order, with
     DiT's adaLN-Zero conditioning and optional cross-attention to text.
@@ -296,9 +296,11 @@ class ZigMaBlock(nn.Module):
     x + gate * mixer(modulate(LayerNorm(x))) is DiT's pre-LayerNorm residual, with the mixer in place of
     attention. The mixer reads the tokens in path order:
         (B, T*H*W, D) -> to_sequences -> (sequences, L, D) -> mixer -> from_sequences -> (B, T*H*W, D)
-    The gates start at zero, so the block is the identity until it trains. As in Mamba, there is no MLP: the
-    mixer's in_proj and out_proj, expand * D wide, play the MLP's part.
+    The adaLN gates start at zero, so the block is the identity until it trains. As in Mamba, there is no MLP:
+    the mixer's in_proj and out_proj, expand * D wide, play the MLP's part.
     """
+    # Official: model_zigma.py's Block.forward returns RMSNorm(r) + gate * mixer(modulate(RMSNorm(r))), where
+    # r is the residual stream. So each official layer adds its normalised input to the stream, gate or not.
 
     def __init__(self, dim: int, order: TokenOrder, d_state: int = 16, expand: int = 2, context_dim: int = 0):
         super().__init__()
@@ -336,7 +338,8 @@ class ZigMaBlock(nn.Module):
 
 @dataclass
 class ZigMaConfig:
-    """The defaults are ZigMa-S/2 on the 32 x 32 x 4 latents of a 256 px image (see the presets below)."""
+    """The defaults are ZigMa-S/2 (a preset of this file: DiT-S's width at twice its depth) on the 32 x 32 x 4
+    latents of a 256 px image."""
     input_size: int = 32  # the side of the square input, in pixels or latent cells
     in_channels: int = 4  # C: 3 for pixels, the VAE's channels for latents
     patch_size: int = 2  # P
@@ -411,7 +414,8 @@ class ZigMa(nn.Module):
             if context is None:
                 context = self.null_context.expand(batch, 1, -1)  # (B, 1, context_dim)
             elif drop is not None:
-                # A dropped row: S unmasked null tokens; attending to S equal tokens is attending to one.
+                # A dropped row becomes S copies of the null token, all unmasked. Attention over S equal
+                # tokens returns that token, so the row reads as the single null token of a missing context.
                 context = torch.where(drop[:, None, None], self.null_context, context)  # (B, S, context_dim)
                 context_mask = None if context_mask is None else context_mask | drop[:, None]  # (B, S)
         return y, context, context_mask
@@ -460,9 +464,9 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
     """SiT's velocity loss for data x, on the interpolant x_t = (1 - t) noise + t x, with one t per example.
 
     By default t is uniform on [0, 1], as in SiT and the paper. time_sampling="logit-normal" draws
-    t = sigmoid(a), a ~ N(0, 1), as SD3 does (arXiv 2403.03206), which samples the middle times more often;
-    train.py uses it by default. For guidance, each example's label and context are dropped together with
-    probability drop_prob. noise (like x) and t (B,) are drawn unless given.
+    t = sigmoid(a), a ~ N(0, 1), as SD3 does (arXiv 2403.03206), which samples the middle times more often.
+    train.py draws t that way unless told otherwise (its --time-sampling). For guidance, each example's label
+    and context are dropped together with probability drop_prob. noise (like x) and t (B,) are drawn if None.
     """
     assert time_sampling in TIME_SAMPLING, f"time_sampling is one of {TIME_SAMPLING}, not {time_sampling!r}"
     batch = x.shape[0]
@@ -617,7 +621,7 @@ def preset_config(name: str, **fields) -> ZigMaConfig:
 # Appendix: python zigma.py ----------------------------------------------------------------------------------
 
 def neighbour_pairs_covered(paths: torch.Tensor, height: int, width: int) -> int:
-    """How many of the grid's (token, neighbour) pairs some path reads consecutively, the neighbour just
+    """How many of the grid's (neighbour, token) pairs some path reads consecutively, the neighbour just
     before the token. A neighbour is above, below, left or right, so each adjacent pair counts twice."""
     covered = set()
     for path in paths.tolist():
@@ -635,7 +639,7 @@ def demonstrate(steps: int = 200) -> None:
     pairs = 2 * (2 * 16 * 15)  # a 16 x 16 grid: 2 * 16 * 15 adjacent pairs, counted in both directions
     for k in (1, 2, 8):
         covered = neighbour_pairs_covered(zigzag_paths(16, 16)[:k], 16, 16)
-        print(f"K = {k}: the paths read {covered} of the {pairs} (token, neighbour) pairs of a 16 x 16 grid "
+        print(f"K = {k}: the paths read {covered} of the {pairs} (neighbour, token) pairs of a 16 x 16 grid "
               f"consecutively")
     torch.manual_seed(0)
     config = ZigMaConfig(input_size=16, in_channels=3, patch_size=2, dim=64, depth=4)
