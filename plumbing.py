@@ -11,6 +11,7 @@ mistake into one sentence before any work, and what keeps a run from losing work
 """
 
 import argparse
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -21,6 +22,7 @@ import os
 import re
 import signal
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -316,10 +318,16 @@ class StopRequest:
         for s, handler in self.before.items():
             signal.signal(s, handler)
 
-    def agreed(self, world: int, device: torch.device) -> bool:
-        """Whether any process was asked to stop: all stop together, since one that went on alone would wait for the
-        others for ever."""
-        return in_any_process(self.name is not None, world, device)
+    def next_batch(self, batches, world: int, device: torch.device) -> dict | None:
+        """The next batch, or None where any process was asked to stop: all stop together, before the same step,
+        since one that went on alone would wait for the others for ever."""
+        try:
+            batch = next(batches)
+        except RuntimeError:
+            if not self.name:  # a data-loading worker stopped by the same Ctrl-C is no error of its own
+                raise
+            batch = None
+        return None if in_any_process(self.name is not None, world, device) else batch
 
 
 def in_any_process(flag: bool, world: int, device: torch.device) -> bool:
@@ -328,6 +336,36 @@ def in_any_process(flag: bool, world: int, device: torch.device) -> bool:
     if world > 1:
         dist.all_reduce(flags)
     return flags.item() > 0
+
+
+class LossMeter:
+    """This process's training losses: those of the last 50 steps, which a checkpoint's loss must not far exceed,
+    and those since the last log line, whose mean the line reports (as DiT's). Also examples a second."""
+
+    def __init__(self, recent_loss: float | None):
+        self.recent = collections.deque([] if recent_loss is None else [recent_loss], maxlen=50)
+        self.window = []  # since the last log line, or since the resume
+        self.times = collections.deque([(time.perf_counter(), 0)], maxlen=21)  # (time, examples) after each step
+
+    def add(self, loss: float, examples: int) -> None:
+        self.recent.append(loss)
+        self.window.append(loss)
+        self.times.append((time.perf_counter(), self.times[-1][1] + examples))
+
+    @property
+    def speed(self) -> float:
+        """Examples a second over the last 20 steps."""
+        (start, before), (end, after) = self.times[0], self.times[-1]
+        return (after - before) / (end - start)
+
+    def window_mean(self, world: int, device: torch.device) -> float:
+        """The mean loss since the last log line over every process (a collective), and a new window."""
+        mean = torch.tensor(sum(self.window) / len(self.window), device=device)
+        if world > 1:
+            dist.all_reduce(mean)
+            mean /= world
+        self.window = []
+        return mean.item()
 
 
 #################################################################################

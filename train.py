@@ -20,21 +20,18 @@ if QUIET_START:
     signal.signal(signal.SIGINT, lambda *_: sys.exit("train.py: interrupted while starting; nothing was written"))
 
 import argparse
-import collections
 import copy
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import (VAE, ArgumentParser, CaptionEncoder, CPUThreads, Latents, Terminal, UserError, build_networks,
                   load_checkpoint, load_pretrained_text_encoder, plural, save_samples)
-from plumbing import (PRECISIONS, Batches, RunLog, StopRequest, autocast_dtype, build_dataset, check_resumed_options,
+from plumbing import (PRECISIONS, Batches, LossMeter, RunLog, StopRequest, autocast_dtype, build_dataset, check_resumed_options,
                       check_training_arguments, check_weights_are_sane, default_model, on_first, only_writer, precision_name,
                       derived_seed, end_processes, preview_conditions, resume, save_checkpoint, saved_arguments, start_processes)
 from zigma import PATH_FAMILIES, PRESETS, TIME_SAMPLING, flow_loss, fused_selective_scan, preset_config, sample
@@ -165,17 +162,15 @@ def train(args, rank: int, world: int, device: torch.device):
     dtype = autocast_dtype(args.precision, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 gradients would underflow
-    start, position, saved = 0, (0, 0), "no checkpoint was written"
+    start, position, kept = 0, (0, 0), "no checkpoint was written"
 
     if checkpoint is not None:  # the weights, the EMA, AdamW's moments, fp16's loss scale, the position in the data
         start, position = resume(checkpoint, ckpt_path, networks, ema, optimizer, scaler, config, conditioning)
-        saved = f"{ckpt_path} is kept as it was at step {start}"
+        kept = f"{ckpt_path} is kept as it was at step {start}"
         print(f"resuming from {ckpt_path} at step {start}")
     batches = Batches(dataset, args.batch_size, args.workers, args.seed, rank, world, device, position)  # endless
     log = RunLog(args.out, start, args.tensorboard) if rank == 0 else None  # a fresh run starts a new log
-    recent_losses = collections.deque([checkpoint["recent_loss"]] if checkpoint and "recent_loss" in checkpoint else [],
-                                      maxlen=50)  # the training loss of the last 50 steps, which a checkpoint must not far exceed
-    window = []  # this process's losses since the last log line (or the resume): the logged loss is their mean, as DiT's
+    meter = LossMeter(checkpoint.get("recent_loss") if checkpoint else None)  # the losses that logs and checks use
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # on a GPU: tf32 matmuls
     model = networks["zigma"]
@@ -193,13 +188,13 @@ def train(args, rank: int, world: int, device: torch.device):
 
     def checkpoint_now(batch, step: int, position: tuple[int, int]) -> str:
         """Write the checkpoint of step `step`, unless the weights have diverged on its batch; returns what is kept."""
-        check_weights_are_sane(networks, networks["text"] if "text" in networks else pretrained, batch, recent_losses,
-                               step, world, device, autocast, f"{saved}. Train with a lower --lr than {args.lr:g}",
+        check_weights_are_sane(networks, networks["text"] if "text" in networks else pretrained, batch, meter.recent,
+                               step, world, device, autocast, f"{kept}. Train with a lower --lr than {args.lr:g}",
                                args.time_sampling)
         state = {"model": networks.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict(), "step": step, "data_position": position, "config": asdict(config),
                  "conditioning": conditioning, "vae": args.vae, "args": saved_arguments(args),
-                 "recent_loss": sum(recent_losses) / len(recent_losses)}
+                 "recent_loss": sum(meter.recent) / len(meter.recent)}
         on_first(lambda: save_checkpoint(state, ckpt_path, args.keep_checkpoints), rank, world)  # a full disk stops them all
         return f"{ckpt_path} is kept as it was at step {step}"
 
@@ -213,13 +208,12 @@ def train(args, rank: int, world: int, device: torch.device):
             samples = sample(ema["zigma"], noise, steps=args.sample_steps, y=y, context=context, context_mask=context_mask,
                              cfg_scale=args.sample_cfg)
         if not torch.isfinite(samples).all():  # a checkpoint of this step, if due, is written first, its weights checked
-            raise UserError(f"the samples of step {step} are NaN or infinite; {saved}")
+            raise UserError(f"the samples of step {step} are NaN or infinite; {kept}")
         samples = vae.decode(samples) if vae else samples
         save_samples(samples, args.out / f"samples_{step:07d}.{'gif' if args.frames else 'png'}")
         log.images(step, samples)
 
     progress = tqdm(total=args.steps, initial=start, dynamic_ncols=True, disable=rank > 0, file=Terminal())
-    recent = collections.deque([(time.perf_counter(), 0)], maxlen=21)  # (time, examples) after each of the last 20 steps
     threads = CPUThreads() if device.type == "cpu" else None  # the cores other processes leave free
     stop = StopRequest()  # Ctrl-C, SIGTERM and SIGHUP stop after the step under way, with a checkpoint
     # The last step taken, its batch until a checkpoint holds that step, and where the data stood after it
@@ -229,12 +223,8 @@ def train(args, rank: int, world: int, device: torch.device):
             # Noise, times, dropped conditions and (with --workers 0) flips come from a seed for each step and
             # process: a resumed run draws what the run that never stopped drew.
             torch.manual_seed(derived_seed(args.seed, rank, step - 1))
-            try:
-                batch = next(batches)
-            except RuntimeError:
-                if not stop.name:  # a data-loading worker stopped by the same Ctrl-C is no error of its own
-                    raise
-            stopped = stop.agreed(world, device)  # before the step, so that every process stops after the same one
+            batch = stop.next_batch(batches, world, device)  # None once a process was asked to stop
+            stopped = batch is None  # every process stops before this step
             if stopped:
                 break
             if threads:
@@ -254,28 +244,22 @@ def train(args, rank: int, world: int, device: torch.device):
             grad_norm = nn.utils.clip_grad_norm_(networks.parameters(), args.grad_clip or float("inf"))  # before the step
             if not torch.isfinite(grad_norm) and not scaler.is_enabled():  # fp16's scaler skips such a step itself
                 raise UserError(f"training diverged at step {step}: the loss was {loss.item():.4g} and the gradient "
-                                f"norm {grad_norm.item():.4g}; {saved}. Train with a lower --lr than {args.lr:g}")
+                                f"norm {grad_norm.item():.4g}; {kept}. Train with a lower --lr than {args.lr:g}")
             scaler.step(optimizer)
             scaler.update()
             update_ema(ema, networks, min(args.ema_decay, (1 + step) / (10 + step)))
             done, last_batch, position = step, batch, batches.position
 
-            recent_losses.append(loss.item())  # this process's loss: one wait for the device a step
-            window.append(recent_losses[-1])
-            recent.append((time.perf_counter(), recent[-1][1] + x.shape[0] * world))
-            speed = (recent[-1][1] - recent[0][1]) / (recent[-1][0] - recent[0][0])  # over the last 20 steps
+            meter.add(loss.item(), x.shape[0] * world)  # this process's loss: one wait for the device a step
             progress.update()
-            progress.set_postfix(loss=f"{recent_losses[-1]:.4f}", per_s=f"{speed:.1f}")
+            progress.set_postfix(loss=f"{meter.recent[-1]:.4f}", per_s=f"{meter.speed:.1f}")
             if step % args.log_every == 0:
-                loss, window = torch.tensor(sum(window) / len(window), device=device), []
-                if world > 1:
-                    dist.all_reduce(loss)  # the whole batch's loss: the mean over the processes
-                    loss /= world
+                mean_loss = meter.window_mean(world, device)  # since the last line, over the processes
                 if rank == 0:
-                    log.scalars(step, {"loss": round(loss.item(), 5), "lr": lr, "grad_norm": round(grad_norm.item(), 5),
-                                       "examples_per_s": round(speed, 2)})
+                    log.scalars(step, {"loss": round(mean_loss, 5), "lr": lr, "grad_norm": round(grad_norm.item(), 5),
+                                       "examples_per_s": round(meter.speed, 2)})
             if step % args.ckpt_every == 0 or step == args.steps:  # first the checkpoint, then the preview
-                saved, last_batch = checkpoint_now(batch, step, position), None
+                kept, last_batch = checkpoint_now(batch, step, position), None
             if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
                 on_first(lambda: save_preview(step), rank, world)  # the first process draws; NaN samples stop them all
     finally:
@@ -285,8 +269,8 @@ def train(args, rank: int, world: int, device: torch.device):
             log.close()
     if stopped:
         if last_batch is not None:  # a step since the last checkpoint
-            saved = checkpoint_now(last_batch, done, position)
-        raise UserError(f"stopped by {stop.name or 'a signal to another process'} at step {done}; {saved}: re-run the same "
+            kept = checkpoint_now(last_batch, done, position)
+        raise UserError(f"stopped by {stop.name or 'a signal to another process'} at step {done}; {kept}: re-run the same "
                         f"command to resume")
     print(f"done: step {done}, {ckpt_path}; draw samples from it with: python sample.py --ckpt {args.out}")
 

@@ -13,8 +13,8 @@ alternative, read a whole clip as one sequence.
 Sections: 1. token orders, 2. the selective scan, 3. the Mamba mixer, 4. the ZigMa block, 5. the model,
 6. flow matching. Appendices: the scan the layers run, DiT's parts, the presets, a demo (`python zigma.py`).
 The idea itself is two lines marked in ZigMaBlock.forward. The Hilbert baseline is in hilbert.py.
-docs/official-code.md lists where the official code (github.com/CompVis/zigma) differs. Three differences
-that change what a layer computes are also noted in place, on comment lines that start "# Official:".
+docs/official-code.md lists where the official code (github.com/CompVis/zigma) differs. One difference,
+which changes what every layer adds to the residual stream, is also noted in place ("# Official:").
 
 Shapes:
     B  batch             T  frames (1 for an image)     C  image (or latent) channels    P  patch size
@@ -23,7 +23,8 @@ Shapes:
     K  paths the layers take turns over (1, 2 or 8, the paper's Zigzag-1, -2 and -8)
 Sections 2 and 3 use lowercase shapes, since A, B, C and D there name the SSM's parameters:
     b  sequences (B*T, B*H*W or B)    l  tokens    d  model width    e = expand * d  inner width
-    n  state size    r  rank of delta's projection    (h is the SSM's state, and y the scan's output)
+    n  state size    r  rank of delta's projection
+    h is the SSM's state and y the scan's output (from section 5 on, y is a class label)
 
 Terms. The paper calls the token orders scans ("zigzag scan"). Here they are paths: a path is the order (a
 permutation) in which a layer reads a sequence's tokens. "Scan" means only the SSM's selective scan.
@@ -54,8 +55,8 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 # 1. Token orders: the paper's zigzag scans ------------------------------------------------------------------
 # A path is a permutation of a grid's tokens: path[i] is the row-major index of the token read i-th. ZigMa's
 # eight zigzag paths go line by line, every other line backwards, so that each step moves to a neighbour.
-# The first four on a 4 x 4 grid; each cell holds argsort(path), the step at which its token is read (the
-# inverse that TokenOrder keeps):
+# The first four on a 4 x 4 grid. Each cell holds the step at which its token is read: argsort(path), the
+# inverse permutation, which TokenOrder keeps too.
 #
 #     0: rows, top-left      1: columns, top-left   2: rows, bottom-right  3: columns, bottom-right
 #      0  1  2  3             0  7  8 15            12 13 14 15            12 11  4  3
@@ -64,17 +65,17 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 #     15 14 13 12             3  4 11 12             3  2  1  0            15  8  7  0
 #
 # Paths 4 to 7 do the same from the top-right and bottom-left corners. Why several: Mamba is causal, and its
-# convolution's window and its state's decay favour the tokens read just before. So the layers take turns
-# over K paths. A 16 x 16 grid has 480 pairs of neighbours, 960 (neighbour, token) pairs counting both
-# orders. Path 0 reads 255 of those back to back, paths 0 and 1 together 496, and all eight all 960
-# (`python zigma.py` counts them). The model takes each layer's TokenOrder from layer_orders, at the end of
-# this section; the functions before it build the paths.
+# convolution's window and its state's decay favour the tokens read just before. So the layers take turns over
+# K paths. A 16 x 16 grid has 480 pairs of neighbours, so 960 ordered (neighbour, token) pairs. Path 0 reads
+# the neighbour right before the token in 255 of those, paths 0 and 1 together in 496 (they share the 14 steps
+# along the first row and column), and all eight in all 960 (`python zigma.py` counts them). The model takes
+# each layer's TokenOrder from layer_orders, at the end of this section; the functions before it build the
+# paths.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# Path k starts at CORNERS[k // 2], by rows for even k. With K = 1 or 2 all layers start top-left, so an
-# image's top-left token sees no other token in any layer.
-# Official: the same eight paths, on square grids only, with the corners in another order (top-left,
-# top-right, bottom-left, bottom-right), so at K = 8 its layers take the paths in another order.
+# Path k starts at CORNERS[k // 2], by rows for even k. The order of the corners is arbitrary, but trained
+# models depend on it. With K = 1 or 2 all layers start top-left, so an image's top-left token sees no other
+# token in any layer.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
@@ -112,8 +113,8 @@ PATH_FAMILIES = ("zigzag", "sweep", "hilbert")  # the names ZigMaConfig.path_fam
 
 def family_paths(family: str, height: int, width: int) -> torch.Tensor:
     """The eight 2D paths of a family, (8, H*W): the zigzags, or one of the paper's two baselines, raster
-    sweeps (every line starts at the same side) or Hilbert curves. In every family a layer reads one path."""
-    # Official: its sweep baseline, Sweep-2, reads the raster forwards and backwards in every layer.
+    sweeps (every line starts at the same side) or Hilbert curves. In every family a layer reads one path,
+    so "sweep" is not the paper's Sweep-2, which reads the raster both ways in every layer."""
     if family == "hilbert":  # the paper's baseline, in a file of its own
         from hilbert import hilbert_paths
         return hilbert_paths(height, width)
@@ -138,9 +139,8 @@ class TokenOrder(nn.Module):
 
     The axis decides the sequences. "space": each frame is a sequence of H*W tokens (an image is a clip of
     one frame). "time": each position is a sequence of T tokens. "volume": the clip is one sequence. `path`
-    permutes a sequence's L tokens. The model rebuilds the path and its inverse from its config: neither is
-    saved.
-    (The official code permutes the tokens inside its Mamba layer: mamba_simple.py's zigzagN branch.)
+    permutes a sequence's L tokens. (The official code permutes them inside its Mamba layer: mamba_simple.py's
+    zigzagN branch.)
     """
 
     def __init__(self, grid: tuple[int, int, int], axis: str, path: torch.Tensor):
@@ -149,7 +149,7 @@ class TokenOrder(nn.Module):
         length = {"space": height * width, "time": frames, "volume": frames * height * width}[axis]
         assert sorted(path.tolist()) == list(range(length)), f"a {axis} path permutes {length} tokens"
         self.grid, self.axis = grid, axis
-        self.register_buffer("path", path.long(), persistent=False)
+        self.register_buffer("path", path.long(), persistent=False)  # not saved: rebuilt from the config
         self.register_buffer("inverse", torch.argsort(path).long(), persistent=False)
 
     def to_sequences(self, x: torch.Tensor) -> torch.Tensor:  # (B, T*H*W, D)
@@ -183,7 +183,9 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
     """
     frames, height, width = grid
     paths_2d = family_paths(family, height, width)[:num_paths]  # (K, H*W)
-    reverse_odd_frames = family != "sweep"  # a continuous path through the clip; the sweep stays a raster
+    # Odd frames backwards, so that a zigzag or Hilbert path runs on through the clip without a jump. A sweep
+    # starts every frame at the same corner, as a raster does.
+    reverse_odd_frames = family != "sweep"
     count = {"s": 0, "t": 0, "v": 0}  # the layers of each kind so far
     orders = []
     for layer in range(depth):
@@ -299,8 +301,9 @@ class ZigMaBlock(nn.Module):
     The adaLN gates start at zero, so the block is the identity until it trains. As in Mamba, there is no MLP:
     the mixer's in_proj and out_proj, expand * D wide, play the MLP's part.
     """
-    # Official: model_zigma.py's Block.forward returns RMSNorm(r) + gate * mixer(modulate(RMSNorm(r))), where
-    # r is the residual stream. So each official layer adds its normalised input to the stream, gate or not.
+    # Official: model_zigma.py's Block.forward adds the last block's output to the residual stream r, then
+    # returns h + gate * mixer(modulate(h)), h = Norm(r), for the next block to add. So each official layer
+    # adds its normalised input to the stream, whatever its gate.
 
     def __init__(self, dim: int, order: TokenOrder, d_state: int = 16, expand: int = 2, context_dim: int = 0):
         super().__init__()
@@ -338,7 +341,7 @@ class ZigMaBlock(nn.Module):
 
 @dataclass
 class ZigMaConfig:
-    """The defaults are ZigMa-S/2 (a preset of this file: DiT-S's width at twice its depth) on the 32 x 32 x 4
+    """The defaults are ZigMa-S/2 (a preset of this file: DiT-S's width at twice its depth) on the 4 x 32 x 32
     latents of a 256 px image."""
     input_size: int = 32  # the side of the square input, in pixels or latent cells
     in_channels: int = 4  # C: 3 for pixels, the VAE's channels for latents
@@ -387,8 +390,8 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding. At DiT's N(0, 0.02), a label is too small beside the
-            # timestep's embedding in c, and trains slowly (docs/official-code.md).
+            # N(0, 1), as ADM's class embedding. In this project's CPU runs, labels from DiT's N(0, 0.02)
+            # stayed too small beside the timestep's embedding to learn in 2000 steps (docs/official-code.md).
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
@@ -465,7 +468,7 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
 
     By default t is uniform on [0, 1], as in SiT and the paper. time_sampling="logit-normal" draws
     t = sigmoid(a), a ~ N(0, 1), as SD3 does (arXiv 2403.03206), which samples the middle times more often.
-    train.py draws t that way unless told otherwise (its --time-sampling). For guidance, each example's label
+    train.py draws t logit-normal unless given --time-sampling uniform. For guidance, each example's label
     and context are dropped together with probability drop_prob. noise (like x) and t (B,) are drawn if None.
     """
     assert time_sampling in TIME_SAMPLING, f"time_sampling is one of {TIME_SAMPLING}, not {time_sampling!r}"
