@@ -53,16 +53,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", choices=sorted(PRESETS), help="preset (default: Tiny, with the largest patch that leaves 8 x 8 tokens)")
     parser.add_argument("--image-size", type=int, help="images are resized and cropped to this side (default: 32, 256 with --vae)")
     parser.add_argument("--path-family", "--paths", "--scan", default="zigzag", choices=PATH_FAMILIES,
-                        help="the token orders; --paths and --scan are older names (default: zigzag, the paper's)")
+                        help="the layers' token orders: zigzag (the paper's), or a baseline, sweep (raster) or hilbert; --paths and "
+                        "--scan are older names (default: zigzag)")
     parser.add_argument("--num-paths", "--scan-paths", type=int, default=8, choices=[1, 2, 8],
-                        help="K: the j-th spatial layer reads path j mod K; --scan-paths is the older name (default: 8)")
+                        help="K, the paths the layers take turns over: the j-th spatial layer reads path j mod K; --scan-paths is the "
+                        "older name (default: 8)")
     parser.add_argument("--vae", metavar="NAME_OR_PATH", help="train in this diffusers AutoencoderKL's latent space "
                         "(a hub name or a folder); --data is encoded once into OUT/latents.pt")
     video = parser.add_argument_group("video")
     video.add_argument("--frames", type=int, default=0, help="train on clips of this many frames (default: 0, images)")
     video.add_argument("--frame-stride", type=int, help="with --frames: take every this-many-th frame of a clip (default: 1)")
-    video.add_argument("--video-pattern", "--video-scan", help="with --frames: a letter a layer, s spatial, t temporal, "
-                       "v whole clip; --video-scan is the older name (default: sst, the paper's)")
+    video.add_argument("--video-pattern", "--video-scan", help="with --frames: a letter for each layer, repeated over the "
+                       "depth: s spatial, t temporal, v the whole clip; --video-scan is the older name (default: sst, the paper's)")
     conditioning = parser.add_argument_group("conditioning")
     conditioning.add_argument("--class-cond", action="store_true", help="condition on classes: the first-level subfolders of --data")
     conditioning.add_argument("--captions", action="store_true", help="condition on captions: NAME.txt beside each image NAME.png")
@@ -76,7 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.add_argument("--flip", action=argparse.BooleanOptionalAction,
                           help="with --data: random left-right flips, as DiT's (the default); --no-flip for text, digits, maps")
     training.add_argument("--time-sampling", default="logit-normal", choices=TIME_SAMPLING,
-                          help="how t is drawn: logit-normal, more of it mid-path, or uniform on [0, 1] as the official code (default: logit-normal)")
+                          help="how t is drawn (0 noise, 1 data): logit-normal, more often mid-way, or uniform on [0, 1] as the paper "
+                          "(default: logit-normal)")
     training.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     training.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this; 0: no clipping (default: 1)")
     training.add_argument("--ema-decay", type=float, help="EMA decay, warmed up as min(decay, (1+step)/(10+step)) (default: 0.999 Tiny, 0.9999 larger)")
@@ -86,11 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                           help="autocast: auto is bf16 on a GPU that has it, else fp16; float32 on a CPU (default: auto)")
     training.add_argument("--compile", action="store_true", help="torch.compile the model (on a CPU, the scan stays eager)")
     training.add_argument("--grad-checkpointing", action="store_true", help="less memory, about a third more time")
-    training.add_argument("--workers", type=int, default=2, help="data-loading processes; 0 also resumes flips exactly (default: 2)")
+    training.add_argument("--workers", type=int, default=2, help="data-loading processes; with 0, a resumed run also draws the flips of one that never stopped (default: 2)")
     progress = parser.add_argument_group("progress")
     progress.add_argument("--sample-every", type=int, default=500, help="save samples every N steps; 0: none (default: 500)")
     progress.add_argument("--sample-steps", type=int, help="Euler steps for those samples (default: 50)")
-    progress.add_argument("--sample-cfg", type=float, help="their guidance scale, with --class-cond or --captions (default: 4)")
+    progress.add_argument("--sample-cfg", type=float, help="the guidance scale of those samples, with --class-cond or --captions (default: 4)")
     progress.add_argument("--ckpt-every", type=int, default=500, help="save the checkpoint every this many steps (default: 500)")
     progress.add_argument("--keep-checkpoints", type=int, default=0, metavar="N", help="also keep the last N as ckpt_STEP.pt (default: 0)")
     progress.add_argument("--log-every", type=int, default=10, help="log the mean loss since the last line, and the lr and gradient norm, every N steps (default: 10)")
