@@ -54,9 +54,10 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 
 # 1. Token orders: the paper's zigzag scans ------------------------------------------------------------------
 # A path is a permutation of a grid's tokens: path[i] is the row-major index of the token read i-th. ZigMa's
-# eight zigzag paths go line by line, every other line backwards, so that each step moves to a neighbour.
-# The first four on a 4 x 4 grid. Each cell holds the step at which its token is read: argsort(path), the
-# inverse permutation, which TokenOrder keeps too.
+# eight zigzag paths go line by line, every other line backwards, so that each step moves to a neighbour. On a
+# 4 x 4 grid, path 0 is [0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11, 15, 14, 13, 12].
+# Below, the first four paths on that grid, each cell holding the step at which its token is read:
+# argsort(path), the inverse permutation, which TokenOrder keeps too.
 #
 #     0: rows, top-left      1: columns, top-left   2: rows, bottom-right  3: columns, bottom-right
 #      0  1  2  3             0  7  8 15            12 13 14 15            12 11  4  3
@@ -64,13 +65,12 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 #      8  9 10 11             2  5 10 13             4  5  6  7            14  9  6  1
 #     15 14 13 12             3  4 11 12             3  2  1  0            15  8  7  0
 #
-# Paths 4 to 7 do the same from the top-right and bottom-left corners. Why several: Mamba is causal, and its
-# convolution's window and its state's decay favour the tokens read just before. So the layers take turns over
-# K paths. A 16 x 16 grid has 480 pairs of neighbours, so 960 ordered (neighbour, token) pairs. Path 0 reads
-# the neighbour right before the token in 255 of those, paths 0 and 1 together in 496 (they share the 14 steps
-# along the first row and column), and all eight in all 960 (`python zigma.py` counts them). The model takes
-# each layer's TokenOrder from layer_orders, at the end of this section; the functions before it build the
-# paths.
+# Paths 4 to 7 do the same from the top-right and bottom-left corners. Why several paths: Mamba is causal, and
+# its convolution's window and its state's decay favour the tokens read just before. One path reads a token
+# right after just one of its neighbours, so the layers take turns over K paths. On a 16 x 16 grid, of
+# the 960 ordered (neighbour, token) pairs, path 0 reads 255 back to back, paths 0 and 1 together 496, and all
+# eight all 960 (`python zigma.py` counts them); the paper's best is K = 8. The model takes each layer's
+# TokenOrder from layer_orders, at the end of this section; the functions before it build the paths.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
 # Path k starts at CORNERS[k // 2], by rows for even k. The order of the corners is arbitrary, but trained
@@ -301,9 +301,9 @@ class ZigMaBlock(nn.Module):
     The adaLN gates start at zero, so the block is the identity until it trains. As in Mamba, there is no MLP:
     the mixer's in_proj and out_proj, expand * D wide, play the MLP's part.
     """
-    # Official: model_zigma.py's Block.forward adds the last block's output to the residual stream r, then
-    # returns h + gate * mixer(modulate(h)), h = Norm(r), for the next block to add. So each official layer
-    # adds its normalised input to the stream, whatever its gate.
+    # Official: model_zigma.py's Block.forward is Mamba's pre-norm block. With r the residual stream, it
+    # returns h + gate * mixer(modulate(h)), where h = Norm(r), and the next block adds that to r. So each
+    # official layer adds its normalised input h to the stream, whatever its gate.
 
     def __init__(self, dim: int, order: TokenOrder, d_state: int = 16, expand: int = 2, context_dim: int = 0):
         super().__init__()
@@ -315,7 +315,7 @@ class ZigMaBlock(nn.Module):
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             # Heads of width 64, or one head where 64 does not divide dim.
             self.cross_attention = CrossAttention(dim, context_dim, heads=dim // 64 if dim % 64 == 0 else 1)
-        self.branches = 2 if context_dim else 1  # the mixer, and any cross-attention: 3 modulations each
+        self.branches = 2 if context_dim else 1  # the mixer, and cross-attention if any; 3 modulations each
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * self.branches * dim))
         nn.init.zeros_(self.adaLN_modulation[-1].weight)  # adaLN-Zero: the gates start at zero
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
@@ -351,7 +351,7 @@ class ZigMaConfig:
     path_family: str = "zigzag"  # the 2D paths (PATH_FAMILIES): zigzag, or a baseline
     num_paths: int = 8  # K: 1, 2 or 8 (the paper's best, Zigzag-8). The j-th spatial layer reads path j mod K
     frames: int = 0  # 0: images (C, H*P, W*P), read as one frame. T >= 1: clips (T, C, H*P, W*P)
-    video_pattern: str = "sst"  # clips: a letter a layer, s spatial, t temporal, v volume (the paper's: sst)
+    video_pattern: str = "sst"  # clips: one letter for each layer, s spatial, t temporal, v volume
     num_classes: int = 0  # 0: unconditional. Label num_classes is the null label, for guidance
     context_dim: int = 0  # 0: no cross-attention. Else the width of the context tokens
     d_state: int = 16  # n, the SSM's state size, as in Mamba
@@ -540,8 +540,9 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
 # Appendix: DiT's parts, and cross-attention -----------------------------------------------------------------
 
 class TimestepEmbedder(nn.Module):
-    """Embeds t in [0, 1] with sinusoids of 1000 t (DiT's range of timesteps), then an MLP, as DiT's. Its
-    weights start at N(0, 0.02), as DiT's. Its biases keep PyTorch's defaults (DiT's start at zero)."""
+    """Embeds t in [0, 1] with sinusoids of 1000 t (DiT's range of timesteps; SiT and the official code embed
+    t itself), then an MLP, as DiT's. Its weights start at N(0, 0.02), as DiT's; its biases keep PyTorch's
+    defaults (DiT's start at zero)."""
 
     def __init__(self, dim: int, frequency_dim: int = 256):
         super().__init__()
