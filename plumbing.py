@@ -685,6 +685,16 @@ def sample_noise(seed: int, indices: range, shape: tuple, device: torch.device) 
                                     device=device) for i in indices])
 
 
+def process_shares(n: int, batch_size: int, rank: int, world: int):
+    """For each batch of the n samples, its first sample and this process's share of it: a range of sample
+    indices. The shares have ceil(batch_size / world) samples, but the last processes', which may have fewer or
+    none."""
+    share = math.ceil(batch_size / world)
+    for first in range(0, n, batch_size):
+        start = min(first + rank * share, n)
+        yield first, range(start, min(start + share, first + batch_size, n))
+
+
 def gather(samples: torch.Tensor, world: int) -> torch.Tensor | None:
     """Every process's samples, in rank order, on the first process (None on the others)."""
     if world == 1:

@@ -28,8 +28,8 @@ from tqdm import tqdm
 from data import (ArgumentParser, Terminal, UserError, load_checkpoint, load_pretrained_text_encoder,
                   networks_from_checkpoint, save_samples)
 from plumbing import (FID, GRID_LIMIT, PRECISIONS, Conditions, CountedCalls, autocast_dtype, check_sampling_arguments,
-                      end_processes, gather, in_any_process, output_path, precision_name, sample_adaptive, sample_noise,
-                      start_processes, to_bytes, vae_for, write_npz)
+                      end_processes, gather, in_any_process, output_path, precision_name, process_shares,
+                      sample_adaptive, sample_noise, start_processes, to_bytes, vae_for, write_npz)
 from zigma import sample
 
 if QUIET_START:
@@ -83,15 +83,12 @@ def main(argv=None):
     print(f"{args.ckpt}: step {checkpoint['step']}, {args.n} samples, {steps}, cfg {cfg:g}, on {device}"
           + (f" in {world} processes" if world > 1 else "") + f", {precision_name(dtype)}")
 
-    batches = range(0, args.n, args.batch_size)  # the first sample of each batch
-    share = math.ceil(args.batch_size / world)  # each process's samples of a batch (the last processes' may be fewer)
-    progress = tqdm(total=len(batches) * (1 if args.method == "dopri5" else args.sample_steps), unit="step",
+    batches = math.ceil(args.n / args.batch_size)
+    progress = tqdm(total=batches * (1 if args.method == "dopri5" else args.sample_steps), unit="step",
                     disable=rank > 0, file=Terminal())
-    counted = CountedCalls(model, progress, 2 if args.method == "heun" else 1)
+    counted = CountedCalls(model, progress, 2 if args.method == "heun" else 1)  # the model, advancing the bar
     grid, arrays, calls = [], [], 0
-    for first in batches:
-        start = min(first + rank * share, args.n)
-        indices = range(start, min(start + share, first + args.batch_size, args.n))  # this process's share
+    for first, indices in process_shares(args.n, args.batch_size, rank, world):  # this process's samples of a batch
         samples, finite = torch.empty(0), True  # where a batch leaves this process none
         if indices:
             noise = sample_noise(args.seed, indices, model.config.input_shape, device)
@@ -130,7 +127,7 @@ def main(argv=None):
     print(f"wrote {grid_path}" + (f" and {args.n} files in {args.out_dir}" if args.out_dir else "")
           + (f" and {args.npz}" if args.npz else ""))
     if args.method == "dopri5":
-        print(f"dopri5 took {calls / len(batches):.0f} model calls a batch (rtol {args.rtol:g}, atol {args.atol:g})")
+        print(f"dopri5 took {calls / batches:.0f} model calls a batch (rtol {args.rtol:g}, atol {args.atol:g})")
     if fid:
         value = fid.compute()
         print(f"FID {value:.2f}: {args.n} samples against {fid.used} {args.fid}, at {fid.size} x {fid.size} px (FID "

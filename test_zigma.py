@@ -2745,6 +2745,16 @@ def test_no_flip_never_shows_a_mirrored_image_and_a_changed_setting_is_said(tmp_
     assert 0 < mirrored.sum() < len(mirrored), "with --flip, some images are mirrored and some are not"
 
 
+@pytest.mark.parametrize("n, batch_size, world", [(10, 4, 2), (7, 3, 2), (5, 4, 3), (3, 8, 4), (6, 1, 2)])
+def test_the_processes_shares_draw_every_sample_once_in_order(n, batch_size, world):
+    shares = [list(plumbing.process_shares(n, batch_size, rank, world)) for rank in range(world)]
+    firsts = [[first for first, _ in mine] for mine in shares]
+    assert all(f == list(range(0, n, batch_size)) for f in firsts), "every process walks the same batches"
+    drawn = [i for batch in zip(*shares) for _, indices in batch for i in indices]  # batch by batch, rank by rank
+    assert drawn == list(range(n)), drawn
+    assert all(len(indices) <= math.ceil(batch_size / world) for mine in shares for _, indices in mine)
+
+
 def test_sampling_under_torchrun_draws_the_samples_of_one_process(tmp_path, trained_run):
     # Batches of 3 across 2 processes: 2 samples and 1 of the first batch, 2 and none of the second.
     options = ["--ckpt", str(trained_run), "--num-samples", "5", "--batch-size", "3", "--sample-steps", "2", "--device", "cpu"]

@@ -165,7 +165,7 @@ def train(args, rank: int, world: int, device: torch.device):
     dtype = autocast_dtype(args.precision, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 gradients would underflow
-    start, position, kept = 0, (0, 0), "no checkpoint was written"
+    start, position, kept = 0, (0, 0), "no checkpoint was written"  # kept: what ckpt.pt holds, for the last sentence
 
     if checkpoint is not None:  # the weights, the EMA, AdamW's moments, fp16's loss scale, the position in the data
         start, position = resume(checkpoint, ckpt_path, networks, ema, optimizer, scaler, config, conditioning)
@@ -189,7 +189,7 @@ def train(args, rank: int, world: int, device: torch.device):
           f"{plural(len(dataset), 'training clip' if args.frames else 'training image')}, on {device}"
           + (f", one of {world} processes" if world > 1 else "") + f", {precision_name(dtype)}, selective scan in {scan_name}")
 
-    def checkpoint_now(batch, step: int, position: tuple[int, int]) -> str:
+    def checkpoint_now(step: int, batch, position: tuple[int, int]) -> str:
         """Write the checkpoint of step `step`, unless the weights have diverged on its batch; returns what is kept."""
         check_weights_are_sane(networks, networks["text"] if "text" in networks else pretrained, batch, meter.recent,
                                step, world, device, autocast, f"{kept}. Train with a lower --lr than {args.lr:g}",
@@ -219,8 +219,7 @@ def train(args, rank: int, world: int, device: torch.device):
     progress = tqdm(total=args.steps, initial=start, dynamic_ncols=True, disable=rank > 0, file=Terminal())
     threads = CPUThreads() if device.type == "cpu" else None  # the cores other processes leave free
     stop = StopRequest()  # Ctrl-C, SIGTERM and SIGHUP stop after the step under way, with a checkpoint
-    # The last step taken, its batch until a checkpoint holds that step, and where the data stood after it
-    done, last_batch, position, stopped = start, None, batches.position, False
+    unsaved = None  # (step, batch, data position after it) of the last step taken, while no checkpoint holds it
     try:
         for step in range(start + 1, args.steps + 1):
             # Noise, times, dropped conditions and (with --workers 0) flips come from a seed for each step and
@@ -251,7 +250,7 @@ def train(args, rank: int, world: int, device: torch.device):
             scaler.step(optimizer)
             scaler.update()
             update_ema(ema, networks, min(args.ema_decay, (1 + step) / (10 + step)))
-            done, last_batch, position = step, batch, batches.position
+            unsaved = (step, batch, batches.position)
 
             meter.add(loss.item(), x.shape[0] * world)  # this process's loss: one wait for the device a step
             progress.update()
@@ -262,7 +261,7 @@ def train(args, rank: int, world: int, device: torch.device):
                     log.scalars(step, {"loss": round(mean_loss, 5), "lr": lr, "grad_norm": round(grad_norm.item(), 5),
                                        "examples_per_s": round(meter.speed, 2)})
             if step % args.ckpt_every == 0 or step == args.steps:  # first the checkpoint, then the preview
-                kept, last_batch = checkpoint_now(batch, step, position), None
+                kept, unsaved = checkpoint_now(*unsaved), None
             if args.sample_every and (step % args.sample_every == 0 or step == args.steps):
                 on_first(lambda: save_preview(step), rank, world)  # the first process draws; NaN samples stop them all
     finally:
@@ -270,12 +269,12 @@ def train(args, rank: int, world: int, device: torch.device):
         progress.close()
         if log:
             log.close()
-    if stopped:
-        if last_batch is not None:  # a step since the last checkpoint
-            kept = checkpoint_now(last_batch, done, position)
-        raise UserError(f"stopped by {stop.name or 'a signal to another process'} at step {done}; {kept}: re-run the same "
-                        f"command to resume")
-    print(f"done: step {done}, {ckpt_path}; draw samples from it with: python sample.py --ckpt {args.out}")
+    if stopped:  # before step `step`
+        if unsaved is not None:
+            kept = checkpoint_now(*unsaved)
+        raise UserError(f"stopped by {stop.name or 'a signal to another process'} at step {step - 1}; {kept}: re-run the "
+                        f"same command to resume")
+    print(f"done: step {step}, {ckpt_path}; draw samples from it with: python sample.py --ckpt {args.out}")
 
 
 if __name__ == "__main__":
