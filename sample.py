@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--npz", type=Path, help="also every sample, as ADM's FID suite reads them (arr_0, uint8 NHWC)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples (default: 0)")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the first available)")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast, as train.py's (default: auto)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="float32 as DiT's and SiT's sample.py, or autocast as train.py's; auto is faster on a GPU (default: fp32)")
     parser.add_argument("--batch-size", type=int, default=64, help="samples a batch, across all processes under torchrun (default: 64)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--class", dest="class_", help="class name or index for every sample (default: all classes in turn)")
