@@ -7,8 +7,8 @@
     python train.py --data ./ffhq --vae stabilityai/sd-vae-ft-ema --model ZigMa-B/2 --out out-ffhq   # 256 px latents
     torchrun --standalone --nproc_per_node 8 train.py --data ./faces --model ZigMa-B/2 --batch-size 256 --out out-ddp
 
-Everything goes to --out (default out/): ckpt.pt, samples_0000500.png (from the EMA weights), log.jsonl and, with
---vae, latents.pt. Re-running a command resumes from OUT/ckpt.pt; a larger --steps trains on. Under torchrun
+Everything goes to --out (default out/): ckpt.pt, samples_0000500.png (from the EMA weights), log.jsonl,
+train.lock (one run at a time) and, with --vae, latents.pt. Re-running a command resumes from OUT/ckpt.pt; a larger --steps trains on. Under torchrun
 each process trains on its share of every batch (DistributedDataParallel); the first writes the files.
 """
 
@@ -131,16 +131,16 @@ def main(argv=None):
 
 def train(args, rank: int, world: int, device: torch.device):
     torch.manual_seed(args.seed)  # the same initial weights in every process
+    ckpt_path = args.out / "ckpt.pt"
+    checkpoint = load_checkpoint(ckpt_path) if ckpt_path.exists() else None  # resume
+    if checkpoint is not None and checkpoint["step"] >= args.steps:
+        print(f"{ckpt_path} is already at step {checkpoint['step']}; pass a larger --steps to train on")
+        return
     vae = VAE(args.vae, device) if args.vae else None  # frozen, kept out of the checkpoint; only its name is saved
     if vae and args.model is None:
         args.model = default_model(args.image_size // vae.factor)  # for the side of the latents
-    ckpt_path = args.out / "ckpt.pt"
-    checkpoint = load_checkpoint(ckpt_path) if ckpt_path.exists() else None  # resume
     if checkpoint is not None:
         check_resumed_options(checkpoint, ckpt_path, args)
-        if checkpoint["step"] >= args.steps:
-            print(f"{ckpt_path} is already at step {checkpoint['step']}; pass a larger --steps to train on")
-            return
 
     # Data: a folder, or the built-in faces or shapes; with --vae, their latents, encoded once
     dataset = build_dataset(args, vae)
