@@ -332,9 +332,10 @@ class StopRequest:
 
 def in_any_process(flag: bool, world: int, device: torch.device) -> bool:
     """Whether flag holds in some process: every process gets the same answer (a collective under torchrun)."""
+    if world == 1:
+        return flag
     flags = torch.tensor(float(flag), device=device)
-    if world > 1:
-        dist.all_reduce(flags)
+    dist.all_reduce(flags)
     return flags.item() > 0
 
 
@@ -348,8 +349,9 @@ class LossMeter:
         self.times = collections.deque([(time.perf_counter(), 0)], maxlen=21)  # (time, examples) after each step
 
     def add(self, loss: float, examples: int) -> None:
-        self.recent.append(loss)
-        self.window.append(loss)
+        if math.isfinite(loss):  # not the loss of an fp16 step that the scaler skipped
+            self.recent.append(loss)
+            self.window.append(loss)
         self.times.append((time.perf_counter(), self.times[-1][1] + examples))
 
     @property
@@ -360,7 +362,7 @@ class LossMeter:
 
     def window_mean(self, world: int, device: torch.device) -> float:
         """The mean loss since the last log line over every process (a collective), and a new window."""
-        mean = torch.tensor(sum(self.window) / len(self.window), device=device)
+        mean = torch.tensor(sum(self.window) / len(self.window) if self.window else math.nan, device=device)
         if world > 1:
             dist.all_reduce(mean)
             mean /= world

@@ -1954,6 +1954,15 @@ def test_a_log_line_holds_the_mean_loss_of_the_steps_since_the_line_before(tmp_p
     assert not math.isclose(every[2], sum(every[:3]) / 3, rel_tol=1e-3), "the test needs steps of unequal loss"
 
 
+def test_a_skipped_fp16_steps_nan_loss_never_reaches_the_checkpoint_check_or_the_log():
+    meter = plumbing.LossMeter(recent_loss=2.0)
+    meter.add(1.0, 4)
+    meter.add(float("nan"), 4)  # an overflow that the gradient scaler skipped: no step was taken
+    assert list(meter.recent) == [2.0, 1.0], "a NaN reference would call the next checkpoint's weights diverged"
+    assert meter.window_mean(1, torch.device("cpu")) == 1.0
+    assert math.isnan(meter.window_mean(1, torch.device("cpu"))), "no step since the last line: no mean (null in the log)"
+
+
 def test_log_jsonl_is_strict_json_where_a_value_is_not_finite(tmp_path):
     log = plumbing.RunLog(tmp_path, 0, tensorboard=False)
     log.scalars(1, {"loss": 0.5, "grad_norm": float("inf")})  # an fp16 step that the scaler skips

@@ -244,15 +244,16 @@ def train(args, rank: int, world: int, device: torch.device):
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             grad_norm = nn.utils.clip_grad_norm_(networks.parameters(), args.grad_clip or float("inf"))  # before the step
-            if not torch.isfinite(grad_norm) and not scaler.is_enabled():  # fp16's scaler skips such a step itself
-                raise UserError(f"training diverged at step {step}: the loss was {loss.item():.4g} and the gradient "
-                                f"norm {grad_norm.item():.4g}; {kept}. Train with a lower --lr than {args.lr:g}")
             scaler.step(optimizer)
             scaler.update()
             update_ema(ema, networks, min(args.ema_decay, (1 + step) / (10 + step)))
             unsaved = (step, batch, batches.position)
 
-            meter.add(loss.item(), x.shape[0] * world)  # this process's loss: one wait for the device a step
+            # The one wait for the device a step: then a step that diverged stops the run, before anything is saved
+            if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # fp16's scaler skips such a step itself
+                raise UserError(f"training diverged at step {step}: the loss was {loss.item():.4g} and the gradient "
+                                f"norm {grad_norm.item():.4g}; {kept}. Train with a lower --lr than {args.lr:g}")
+            meter.add(loss.item(), x.shape[0] * world)  # this process's loss
             progress.update()
             progress.set_postfix(loss=f"{meter.recent[-1]:.4f}", per_s=f"{meter.speed:.1f}")
             if step % args.log_every == 0:

@@ -42,15 +42,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
-try:
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as fused_selective_scan
-except Exception:  # mamba-ssm 2.x raises more than ImportError where its CUDA extension is missing
-    fused_selective_scan = None
-try:
-    import fast_scan  # the same scan in chunks of tokens, in fewer operations and less memory (fast_scan.py)
-except ImportError:  # zigma.py on its own: the layers run selective_scan_reference
-    fast_scan = None
-
 
 # 1. Token orders: the paper's zigzag scans ------------------------------------------------------------------
 # A path is a permutation of a grid's tokens: path[i] is the row-major index of the token read i-th. ZigMa's
@@ -522,9 +513,19 @@ def sample(model: ZigMa, noise: torch.Tensor, steps: int = 50, y=None, context=N
 
 # Appendix: the scan the layers run -------------------------------------------------------------------------
 
+try:
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as fused_selective_scan
+except Exception:  # mamba-ssm 2.x raises more than ImportError where its CUDA extension is missing
+    fused_selective_scan = None
+try:
+    import fast_scan  # the same scan in chunks of tokens, in fewer operations and less memory (fast_scan.py)
+except ImportError:  # zigma.py on its own: the layers run selective_scan_reference
+    fast_scan = None
+
+
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
-    """The scan the layers run: the function above, by the fastest exact implementation at hand."""
-    precision = torch.promote_types(A.dtype, torch.float32)  # at least float32, even in a model.half()
+    """The scan the layers run: selective_scan_reference's function, by the fastest exact implementation."""
+    precision = torch.promote_types(A.dtype, torch.float32)  # the kernel takes A, D and delta_bias in float32
     A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
     if fused_selective_scan is not None and u.is_cuda and u.dtype != torch.float64:
         scan = fused_selective_scan  # mamba-ssm's CUDA kernel
