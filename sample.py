@@ -28,7 +28,7 @@ from tqdm import tqdm
 from data import (ArgumentParser, Terminal, UserError, load_checkpoint, load_pretrained_text_encoder,
                   networks_from_checkpoint, save_samples)
 from plumbing import (FID, GRID_LIMIT, PRECISIONS, Conditions, CountedCalls, autocast_dtype, check_sampling_arguments,
-                      end_processes, gather, in_any_process, output_path, precision_name, process_shares,
+                      end_processes, gather, in_any_process, on_first, output_path, precision_name, process_shares,
                       sample_adaptive, sample_noise, start_processes, to_bytes, vae_for, write_npz)
 from zigma import sample
 
@@ -78,7 +78,7 @@ def main(argv=None):
     model = networks["zigma"]
     encode = networks["text"] if "text" in networks else load_pretrained_text_encoder(
         checkpoint["conditioning"]["text_encoder"], device)  # the captions' encoder, if any
-    fid = FID(args.fid, device) if args.fid is not None and rank == 0 else None
+    fid = on_first(lambda: FID(args.fid, device), rank, world) if args.fid is not None else None  # a refusal stops all
     dtype = autocast_dtype(args.precision, device)
     steps = "adaptive dopri5 steps" if args.method == "dopri5" else f"{args.sample_steps} {args.method} steps"
     print(f"{args.ckpt}: step {checkpoint['step']}, {args.n} samples, {steps}, cfg {cfg:g}, on {device}"

@@ -2542,6 +2542,15 @@ except train.UserError as error:
     sys.exit(f"train.py: {error}")
 """  # the end of the scripts below, which change train.py's world first
 
+RUN_SAMPLE_PY = """
+try:
+    sample.main(sys.argv[2:])
+except sample.UserError as error:
+    sys.exit(f"sample.py: {error}")
+finally:
+    sample.end_processes()
+"""  # as sample.py's own ending
+
 NAN_PREVIEW = """
 import sys
 import torch
@@ -2593,6 +2602,19 @@ def test_fid_is_computed_after_every_process_has_left_the_group(tmp_path, traine
     said = two_processes(tmp_path / "fid_probe.py", "--ckpt", str(trained_run), "--num-samples", "4", "--sample-steps", "1",
                          "--device", "cpu", "--grid", str(tmp_path / "s.png"), "--fid", str(tmp_path), exit_status=0)
     assert "the process group at FID: False" in said[0] and "the process group" not in said[1], said
+
+
+def test_an_fid_folder_refused_under_torchrun_stops_every_process_with_one_sentence(tmp_path, trained_run):
+    # The first process builds FID alone. Before, the others went on to sample and broke when it stopped.
+    real = tmp_path / "real"
+    real.mkdir()
+    Image.new("RGB", (8, 8)).save(real / "only.png")
+    script = tmp_path / "run_sample.py"
+    script.write_text("import sys\nsys.path.insert(0, sys.argv[1])\nimport sample\n" + RUN_SAMPLE_PY)
+    said = two_processes(script, "--ckpt", str(trained_run), "--num-samples", "4", "--sample-steps", "1", "--device", "cpu",
+                         "--grid", str(tmp_path / "s.png"), "--fid", str(real))
+    assert said[0].strip().splitlines()[-1] == f"sample.py: --fid {real} holds one image; FID needs two or more, and " \
+                                               f"thousands to mean much", said[0][-2000:]
 
 
 WORKER_DIES_IN_THE_SECOND_PROCESS = """
@@ -2648,11 +2670,7 @@ import sample
 draw = sample.sample
 if os.environ["RANK"] == "1":  # the second process alone draws NaN
     sample.sample = lambda model, noise, **options: torch.full_like(noise, float("nan"))
-try:
-    sample.main(sys.argv[2:])
-except sample.UserError as error:
-    sys.exit(f"sample.py: {error}")
-"""
+""" + RUN_SAMPLE_PY
 
 
 def test_nan_samples_in_one_process_stop_every_process_with_one_sentence(tmp_path, trained_run):
