@@ -57,16 +57,17 @@ from torch.utils.checkpoint import checkpoint
 #     15 14 13 12             3  4 11 12             3  2  1  0            15  8  7  0
 #
 # Paths 4 to 7 do the same from the top-right and bottom-left corners. Why several paths: Mamba is causal, and
-# its convolution's window and its state's decay favour the tokens read just before. One path reads a token
-# right after just one of its neighbours, so the layers take turns over K paths. On a 16 x 16 grid, of
-# the 960 ordered (neighbour, token) pairs, path 0 reads 255 back to back, paths 0 and 1 together 496, and all
-# eight all 960 (`python zigma.py` counts them); the paper's best is K = 8. The model takes each layer's
-# TokenOrder from layer_orders, at the end of this section; the functions before it build the paths.
+# its convolution's window and its state's decay favour the tokens read just before. Along one path, a token
+# comes right after just one of its neighbours: on path 0, token 5 comes right after its right neighbour 6,
+# and on path 1 after its lower neighbour 9. And the token a path starts from sees no other, so with
+# K = 1 or 2, where every layer starts top-left, an image's top-left token never sees another. So the layers
+# take turns over K paths; the paper's best is K = 8. On a 16 x 16 grid, of the 960 ordered (neighbour, token)
+# pairs, path 0 reads 255 back to back, paths 0 and 1 together 496, and all eight all 960
+# (`python zigma.py` counts them). The model takes each layer's TokenOrder from layer_orders, at the end of
+# this section.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# Path k starts at CORNERS[k // 2], by rows for even k. The order of the corners is arbitrary, but trained
-# models depend on it. With K = 1 or 2 all layers start top-left, so an image's top-left token sees no other
-# token in any layer.
+# Path k starts at CORNERS[k // 2], by rows for even k.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
@@ -97,32 +98,6 @@ def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
 def zigzag_paths(height: int, width: int) -> torch.Tensor:
     """ZigMa's eight zigzag paths, (8, H*W), by name for the demo and tests; the model uses family_paths."""
     return grid_paths(height, width, snake=True)
-
-
-PATH_FAMILIES = ("zigzag", "sweep", "hilbert")  # the names ZigMaConfig.path_family takes
-
-
-def family_paths(family: str, height: int, width: int) -> torch.Tensor:
-    """The eight 2D paths of a family, (8, H*W): the zigzags, or one of the paper's two baselines, raster
-    sweeps (every line starts at the same side) or Hilbert curves. In every family a layer reads one path,
-    so "sweep" is not the paper's Sweep-2, which reads the raster both ways in every layer."""
-    if family == "hilbert":  # the paper's baseline, in a file of its own
-        from hilbert import hilbert_paths
-        return hilbert_paths(height, width)
-    return grid_paths(height, width, snake=family == "zigzag")
-
-
-def volume_path(path: torch.Tensor, frames: int, reverse_odd_frames: bool) -> torch.Tensor:
-    """A 2D path extended through a clip, (T*H*W,): frame f reads f*H*W + path, backwards in odd frames if
-    reverse_odd_frames.
-
-    So each frame starts where the one before ended. Path 0 through two 2 x 2 frames (when each is read):
-        frame 0:  0 1    frame 1:  7 6
-                  3 2              4 5
-    """
-    frame_size = path.numel()
-    parts = [f * frame_size + (path.flip(0) if reverse_odd_frames and f % 2 else path) for f in range(frames)]
-    return torch.cat(parts)  # (T*H*W,)
 
 
 class TokenOrder(nn.Module):
@@ -158,6 +133,33 @@ class TokenOrder(nn.Module):
         elif self.axis == "time":
             x = rearrange(x, "(b hw) frames d -> b (frames hw) d", hw=math.prod(self.grid[1:]))
         return x  # (B, T*H*W, D)
+
+
+# Besides the zigzags, layer_orders takes the paper's baselines, and paths through a clip.
+PATH_FAMILIES = ("zigzag", "sweep", "hilbert")  # the names ZigMaConfig.path_family takes
+
+
+def family_paths(family: str, height: int, width: int) -> torch.Tensor:
+    """The eight 2D paths of a family, (8, H*W): the zigzags, or one of the paper's two baselines, raster
+    sweeps (every line starts at the same side) or Hilbert curves. In every family a layer reads one path,
+    so "sweep" is not the paper's Sweep-2, which reads the raster both ways in every layer."""
+    if family == "hilbert":  # the paper's baseline, in a file of its own
+        from hilbert import hilbert_paths
+        return hilbert_paths(height, width)
+    return grid_paths(height, width, snake=family == "zigzag")
+
+
+def volume_path(path: torch.Tensor, frames: int, reverse_odd_frames: bool) -> torch.Tensor:
+    """A 2D path extended through a clip, (T*H*W,): frame f reads f*H*W + path, backwards in odd frames if
+    reverse_odd_frames.
+
+    So each frame starts where the one before ended. Path 0 through two 2 x 2 frames (when each is read):
+        frame 0:  0 1    frame 1:  7 6
+                  3 2              4 5
+    """
+    frame_size = path.numel()
+    parts = [f * frame_size + (path.flip(0) if reverse_odd_frames and f % 2 else path) for f in range(frames)]
+    return torch.cat(parts)  # (T*H*W,)
 
 
 def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths: int,
@@ -198,7 +200,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
 # Mamba's selective state-space model (Mamba, Alg. 2, Eq. 2 and 4), in the layout of mamba-ssm's kernel.
 # (mamba-ssm's Mamba module calls delta dt. Hence the names dt_proj, dt_rank and dt_min below.)
 #     u, delta, z: (b, e, l)    A: (e, n)    B, C: (b, n, l)    D, delta_bias: (e,)
-#     delta = softplus(delta + delta_bias)                  (if delta_softplus)
+#     delta = delta + delta_bias, then softplus(delta)      (the softplus if delta_softplus)
 #     h_i = exp(delta_i A) h_{i-1} + delta_i B_i u_i        (h: (b, e, n), zero before token 0)
 #     y_i = C_i . h_i + D u_i,  then gated: y_i * silu(z_i)
 # Mamba's Eq. 4 discretises h' = A h + B u by the zero-order hold, which holds u fixed over a step of length
@@ -381,8 +383,8 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding. In this project's CPU runs, labels from DiT's N(0, 0.02)
-            # stayed too small beside the timestep's embedding to learn in 2000 steps (docs/official-code.md).
+            # N(0, 1), as ADM's class embedding: from DiT's N(0, 0.02), a label stays small beside the
+            # timestep's embedding in c (docs/official-code.md measures it).
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
@@ -541,9 +543,9 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
 # Appendix: DiT's parts, and cross-attention -----------------------------------------------------------------
 
 class TimestepEmbedder(nn.Module):
-    """Embeds t in [0, 1] with sinusoids of 1000 t (DiT's range of timesteps; SiT and the official code embed
-    t itself), then an MLP, as DiT's. Its weights start at N(0, 0.02), as DiT's; its biases keep PyTorch's
-    defaults (DiT's start at zero)."""
+    """Embeds t in [0, 1] with sinusoids of 1000 t, DiT's range of timesteps, so that more of the frequencies
+    turn over the path (SiT and the official code embed t itself), then an MLP, as DiT's. Its weights start
+    at N(0, 0.02), as DiT's; its biases keep PyTorch's defaults (DiT's start at zero)."""
 
     def __init__(self, dim: int, frequency_dim: int = 256):
         super().__init__()
