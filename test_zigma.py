@@ -12,7 +12,7 @@ import data
 import zigma
 import fast_scan
 from fast_scan import selective_scan
-from hilbert import hilbert_paths
+from baselines import hilbert_paths
 from zigma import (TokenOrder, ZigMa, ZigMaBlock, ZigMaConfig, flow_loss, guided_velocity, layer_orders, sample,
                    selective_scan_reference, volume_path, zigzag_paths)
 
@@ -68,7 +68,7 @@ def test_hilbert_paths_start_at_four_corners_in_both_directions_on_square_grids(
     for n in (2, 4, 5, 8):
         paths = hilbert_paths(n, n)
         assert len({tuple(p.tolist()) for p in paths}) == 8, f"the eight orientations on {n}x{n} must differ"
-        assert [p[0].item() for p in paths[::2]] == [0, n * n - 1, n - 1, (n - 1) * n], "corners in grid_paths' order"
+        assert [p[0].item() for p in paths[::2]] == [0, n * n - 1, n - 1, (n - 1) * n], "corners in zigzag_paths' order"
         top_left, top_right, bottom_left, bottom_right = 0, n - 1, (n - 1) * n, n * n - 1
         assert [p[-1].item() for p in paths] == [top_right, bottom_left, bottom_left, top_right,
                                                  top_left, bottom_right, bottom_right, top_left], \
@@ -100,6 +100,9 @@ def test_sweep_paths_are_raster_permutations():
     assert paths[0].tolist() == list(range(h * w)), "the first sweep is the plain raster order"
     jumps = [grid_distance(a, b, w) for a, b in zip(paths[0].tolist(), paths[0].tolist()[1:])]
     assert max(jumps) > 1, "a raster scan jumps at the end of each row"
+    zigzags = zigzag_paths(h, w)
+    assert torch.equal(paths[0::2, :w], zigzags[0::2, :w]) and torch.equal(paths[1::2, :h], zigzags[1::2, :h]), \
+        "each sweep reads its first line as the zigzag of its orientation does"
 
 
 def test_volume_zigzag_is_continuous_in_space_and_time():

@@ -12,7 +12,7 @@ alternative, read a whole clip as one sequence.
 
 Sections: 1. token orders, 2. the selective scan, 3. the Mamba mixer, 4. the ZigMa block, 5. the model,
 6. flow matching. Appendices: the scan the layers run, DiT's parts, the presets, a demo (`python zigma.py`).
-The idea itself is two lines marked in ZigMaBlock.forward. The Hilbert baseline is in hilbert.py.
+The idea itself is two lines marked in ZigMaBlock.forward. The paper's baselines are in baselines.py.
 docs/official-code.md lists where the official code (github.com/CompVis/zigma) differs. One difference,
 which changes what every layer adds to the residual stream, is also noted in place ("# Official:").
 
@@ -81,23 +81,16 @@ def from_each_corner(height: int, width: int) -> list[torch.Tensor]:
     return flipped
 
 
-def grid_paths(height: int, width: int, snake: bool) -> torch.Tensor:
-    """The eight line-by-line paths over a grid, (8, H*W): from each corner, by rows, then by columns. With
-    snake=True every other line runs backwards: ZigMa's zigzags, drawn above. With snake=False every line
-    starts at the same side: the raster sweeps of the paper's baseline."""
+def zigzag_paths(height: int, width: int) -> torch.Tensor:
+    """ZigMa's eight zigzag paths over a grid, (8, H*W), drawn above: from each corner, by rows, then by
+    columns, every other line backwards."""
     paths = []
     for from_corner in from_each_corner(height, width):
         for lines in (from_corner, from_corner.t()):  # read row by row, then column by column
             lines = lines.clone()  # else the write below would change from_corner
-            if snake:
-                lines[1::2] = lines[1::2].flip(1)  # every other line backwards
+            lines[1::2] = lines[1::2].flip(1)  # every other line backwards
             paths.append(lines.reshape(-1))
     return torch.stack(paths)  # (8, H*W); paths 4 to 7 start at the other two corners
-
-
-def zigzag_paths(height: int, width: int) -> torch.Tensor:
-    """ZigMa's eight zigzag paths, (8, H*W), by name for the demo and tests; the model uses family_paths."""
-    return grid_paths(height, width, snake=True)
 
 
 class TokenOrder(nn.Module):
@@ -135,25 +128,25 @@ class TokenOrder(nn.Module):
         return x  # (B, T*H*W, D)
 
 
-# Besides the zigzags, layer_orders takes the paper's baselines, and paths through a clip.
 PATH_FAMILIES = ("zigzag", "sweep", "hilbert")  # the names ZigMaConfig.path_family takes
 
 
 def family_paths(family: str, height: int, width: int) -> torch.Tensor:
     """The eight 2D paths of a family, (8, H*W): the zigzags, or one of the paper's two baselines, raster
-    sweeps (every line starts at the same side) or Hilbert curves. In every family a layer reads one path,
-    so "sweep" is not the paper's Sweep-2, which reads the raster both ways in every layer."""
-    if family == "hilbert":  # the paper's baseline, in a file of its own
-        from hilbert import hilbert_paths
-        return hilbert_paths(height, width)
-    return grid_paths(height, width, snake=family == "zigzag")
+    sweeps or Hilbert curves, which baselines.py builds (a first reading can skip it)."""
+    if family == "zigzag":
+        return zigzag_paths(height, width)
+    import baselines
+    build = baselines.sweep_paths if family == "sweep" else baselines.hilbert_paths
+    return build(height, width)
 
 
 def volume_path(path: torch.Tensor, frames: int, reverse_odd_frames: bool) -> torch.Tensor:
     """A 2D path extended through a clip, (T*H*W,): frame f reads f*H*W + path, backwards in odd frames if
     reverse_odd_frames.
 
-    So each frame starts where the one before ended. Path 0 through two 2 x 2 frames (when each is read):
+    With reverse_odd_frames, each frame starts where the one before ended. Path 0 through two 2 x 2 frames
+    (when each is read):
         frame 0:  0 1    frame 1:  7 6
                   3 2              4 5
     """
@@ -176,9 +169,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
     """
     frames, height, width = grid
     paths_2d = family_paths(family, height, width)[:num_paths]  # (K, H*W)
-    # Odd frames backwards, so that a zigzag or Hilbert path runs on through the clip without a jump. A sweep
-    # starts every frame at the same corner, as a raster does.
-    reverse_odd_frames = family != "sweep"
+    reverse_odd_frames = family != "sweep"  # a path runs on through the clip; a sweep restarts, as a raster
     count = {"s": 0, "t": 0, "v": 0}  # the layers of each kind so far
     orders = []
     for layer in range(depth):
@@ -296,7 +287,8 @@ class ZigMaBlock(nn.Module):
     """
     # Official: model_zigma.py's Block.forward is Mamba's pre-norm block. With r the residual stream, it
     # returns h + gate * mixer(modulate(h)), where h = Norm(r), and the next block adds that to r. So each
-    # official layer adds its normalised input h to the stream, whatever its gate.
+    # official layer adds its normalised input h to the stream, whatever its gate. DiT's residual, kept here,
+    # makes a block with zero gates the identity, so that the whole stack starts as the identity.
 
     def __init__(self, dim: int, order: TokenOrder, d_state: int = 16, expand: int = 2, context_dim: int = 0):
         super().__init__()
@@ -383,8 +375,9 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding: from DiT's N(0, 0.02), a label stays small beside the
-            # timestep's embedding in c (docs/official-code.md measures it).
+            # N(0, 1), as ADM's class embedding. Started at N(0, 0.02), as in DiT and the official code, a
+            # label stays far smaller than the timestep's embedding in c, and is learned slowly
+            # (docs/official-code.md).
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
@@ -543,9 +536,9 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
 # Appendix: DiT's parts, and cross-attention -----------------------------------------------------------------
 
 class TimestepEmbedder(nn.Module):
-    """Embeds t in [0, 1] with sinusoids of 1000 t, DiT's range of timesteps, so that more of the frequencies
-    turn over the path (SiT and the official code embed t itself), then an MLP, as DiT's. Its weights start
-    at N(0, 0.02), as DiT's; its biases keep PyTorch's defaults (DiT's start at zero)."""
+    """Embeds t in [0, 1] with sinusoids of 1000 t, DiT's range of timesteps, then an MLP, as DiT's. From t
+    itself (as SiT and the official code embed it), every angle would stay under 1 radian as t goes from 0 to
+    1. Its weights start at N(0, 0.02), as DiT's; its biases keep PyTorch's defaults (DiT's start at zero)."""
 
     def __init__(self, dim: int, frequency_dim: int = 256):
         super().__init__()

@@ -1,8 +1,7 @@
-"""The paper's Hilbert baseline: eight generalized Hilbert curves over a token grid (`--path-family hilbert`).
-
-The paper compares its zigzag paths with raster sweeps and Hilbert curves. These are J. Cerveny's generalized
-Hilbert ("gilbert") curves: for any rectangle, and continuous on the square grids the model builds.
-zigma.family_paths imports this file when a model asks for the family; a first reading of zigma.py can skip it.
+"""The paper's two baselines for the zigzag paths: raster sweeps and Hilbert curves (`--path-family sweep` and
+`--path-family hilbert`). zigma.family_paths imports this file when a model asks for one; a first reading of zigma.py
+can skip it. Each family has eight paths in the zigzags' orientations, and a layer reads one of them, as it does a
+zigzag.
 """
 
 import torch
@@ -10,9 +9,22 @@ import torch
 from zigma import from_each_corner
 
 
+# Official: its sweep baseline, Sweep-2, reads the raster forwards and backwards in every layer (Vim's bidirectional
+# Mamba), with a second set of weights; these are one path a layer.
+def sweep_paths(height: int, width: int) -> torch.Tensor:
+    """Eight raster sweeps over the grid, (8, H*W): from each corner, by rows, then by columns, every line
+    starting at the same side. So a sweep jumps at the end of each line, where a zigzag turns."""
+    paths = []
+    for from_corner in from_each_corner(height, width):
+        paths += [from_corner.reshape(-1), from_corner.t().reshape(-1)]  # by rows, then by columns
+    return torch.stack(paths)  # (8, H*W)
+
+
+# Hilbert curves: J. Cerveny's generalized Hilbert ("gilbert") curves, for any rectangle, and continuous on the
+# square grids the model builds.
 # Official: utils/utils_zigzag.py's hilbert_path gives paths that jump between cells that are not neighbours.
 def hilbert_paths(height: int, width: int) -> torch.Tensor:
-    """Eight generalized Hilbert curves over the grid, (8, H*W), in grid_paths' orientations: from each
+    """Eight generalized Hilbert curves over the grid, (8, H*W), in the zigzags' orientations: from each
     corner, the curve whose major side runs along the rows, then the one along the columns.
 
     No continuous curve runs from corner to corner along an odd side when the other side is even. There the
