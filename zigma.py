@@ -13,8 +13,8 @@ alternative, read a whole clip as one sequence.
 Sections: 1. token orders, 2. the selective scan, 3. the Mamba mixer, 4. the ZigMa block, 5. the model,
 6. flow matching. Appendices: the scan the layers run, DiT's parts, the presets, a demo (`python zigma.py`).
 The idea itself is two lines marked in ZigMaBlock.forward. The paper's baselines are in baselines.py.
-docs/official-code.md lists where the official code (github.com/CompVis/zigma) differs. One difference,
-which changes what every layer adds to the residual stream, is also noted in place ("# Official:").
+docs/official-code.md lists where the official code (github.com/CompVis/zigma) differs, with the reasons. The
+comments here name the official choice where this file makes another.
 
 Shapes:
     B  batch             T  frames (1 for an image)     C  image (or latent) channels    P  patch size
@@ -59,12 +59,13 @@ from torch.utils.checkpoint import checkpoint
 # Paths 4 to 7 do the same from the top-right and bottom-left corners. Why several paths: Mamba is causal, and
 # its convolution's window and its state's decay favour the tokens read just before. Along one path, a token
 # comes right after just one of its neighbours: on path 0, token 5 comes right after its right neighbour 6,
-# and on path 1 after its lower neighbour 9. And the token a path starts from sees no other, so with
-# K = 1 or 2, where every layer starts top-left, an image's top-left token never sees another. So the layers
-# take turns over K paths; the paper's best is K = 8. On a 16 x 16 grid, of the 960 ordered (neighbour, token)
-# pairs, path 0 reads 255 back to back, paths 0 and 1 together 496, and all eight all 960
-# (`python zigma.py` counts them). The model takes each layer's TokenOrder from layer_orders, at the end of
-# this section.
+# and on path 1 after its lower neighbour 9. On a 16 x 16 grid, of the 960 ordered (neighbour, token) pairs,
+# path 0 reads the neighbour right before the token in 255, paths 0 and 1 together in 496, and all eight in
+# all 960 (`python zigma.py` counts them).
+#
+# And the token a path starts from sees no other. With K = 1 or 2, every layer starts top-left, so an image's
+# top-left token never sees another. So the layers take turns over K paths, from several corners; the paper's
+# best is K = 8. The model takes each layer's TokenOrder from layer_orders, at the end of this section.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
 # Path k starts at CORNERS[k // 2], by rows for even k.
@@ -285,10 +286,11 @@ class ZigMaBlock(nn.Module):
     The adaLN gates start at zero, so the block is the identity until it trains. As in Mamba, there is no MLP:
     the mixer's in_proj and out_proj, expand * D wide, play the MLP's part.
     """
-    # Official: model_zigma.py's Block.forward is Mamba's pre-norm block. With r the residual stream, it
-    # returns h + gate * mixer(modulate(h)), where h = Norm(r), and the next block adds that to r. So each
-    # official layer adds its normalised input h to the stream, whatever its gate. DiT's residual, kept here,
-    # makes a block with zero gates the identity, so that the whole stack starts as the identity.
+    # Official: model_zigma.py's Block.forward is Mamba's pre-norm block. With r the residual stream:
+    #     official:  r = r + out_before;  h = Norm(r);  out = h + gate * mixer(modulate(h))
+    #     here:      x = x + gate * mixer(modulate(LayerNorm(x)))
+    # So each official layer adds its normalised input h to the stream, whatever its gate. DiT's residual,
+    # kept here, makes a block with zero gates the identity, so that the whole stack starts as the identity.
 
     def __init__(self, dim: int, order: TokenOrder, d_state: int = 16, expand: int = 2, context_dim: int = 0):
         super().__init__()
@@ -336,7 +338,7 @@ class ZigMaConfig:
     path_family: str = "zigzag"  # the 2D paths (PATH_FAMILIES): zigzag, or a baseline
     num_paths: int = 8  # K: 1, 2 or 8 (the paper's best, Zigzag-8). The j-th spatial layer reads path j mod K
     frames: int = 0  # 0: images (C, H*P, W*P), read as one frame. T >= 1: clips (T, C, H*P, W*P)
-    video_pattern: str = "sst"  # clips: one letter for each layer, s spatial, t temporal, v volume
+    video_pattern: str = "sst"  # clips: a letter a layer, s spatial, t temporal, v volume (official: sst)
     num_classes: int = 0  # 0: unconditional. Label num_classes is the null label, for guidance
     context_dim: int = 0  # 0: no cross-attention. Else the width of the context tokens
     d_state: int = 16  # n, the SSM's state size, as in Mamba
@@ -375,8 +377,9 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding. Started at N(0, 0.02), as in DiT and the official code, a
-            # label stays far smaller than the timestep's embedding in c, and is learned slowly
+            # N(0, 1), as ADM's class embedding; DiT and the official code start it at N(0, 0.02). The
+            # timestep's embedding grows to a norm of about 20 in training, while Adam moves a table entry by
+            # about the learning rate a step. So from 0.02 a label stayed about 1% of c
             # (docs/official-code.md).
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
@@ -454,7 +457,7 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
 
     By default t is uniform on [0, 1], as in SiT and the paper. time_sampling="logit-normal" draws
     t = sigmoid(a), a ~ N(0, 1), as SD3 does (arXiv 2403.03206), which samples the middle times more often.
-    train.py draws t logit-normal unless given --time-sampling uniform. For guidance, each example's label
+    (train.py draws it so, unless given --time-sampling uniform.) For guidance, each example's label
     and context are dropped together with probability drop_prob. noise (like x) and t (B,) are drawn if None.
     """
     assert time_sampling in TIME_SAMPLING, f"time_sampling is one of {TIME_SAMPLING}, not {time_sampling!r}"
@@ -536,9 +539,9 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
 # Appendix: DiT's parts, and cross-attention -----------------------------------------------------------------
 
 class TimestepEmbedder(nn.Module):
-    """Embeds t in [0, 1] with sinusoids of 1000 t, DiT's range of timesteps, then an MLP, as DiT's. From t
-    itself (as SiT and the official code embed it), every angle would stay under 1 radian as t goes from 0 to
-    1. Its weights start at N(0, 0.02), as DiT's; its biases keep PyTorch's defaults (DiT's start at zero)."""
+    """Embeds t in [0, 1] with sinusoids of 1000 t, DiT's range of timesteps, then an MLP, as DiT's. SiT and
+    the official code embed t itself: since the highest frequency is 1, all their angles stay under 1 radian.
+    The weights start at N(0, 0.02), as DiT's; the biases keep PyTorch's defaults (DiT's start at zero)."""
 
     def __init__(self, dim: int, frequency_dim: int = 256):
         super().__init__()
