@@ -4,17 +4,18 @@ Paper: "ZigMa: A DiT-style Zigzag Mamba Diffusion Model", Hu et al., ECCV 2024 (
 It builds on Mamba (arXiv 2312.00752), DiT (arXiv 2212.09748), SiT (arXiv 2401.08740) and stochastic
 interpolants (Albergo and Vanden-Eijnden, arXiv 2209.15571).
 
-Mamba reads a 1D sequence, so the order of the patch tokens matters. Before each Mamba layer, ZigMa reorders
-the tokens along one of eight continuous zigzag paths over the token grid. After the layer, it puts them back.
-Neighbours in the sequence are then neighbours in the image. For video, spatial layers zigzag within each
-frame and temporal layers read each position through time. Volume layers, the paper's unfactorized
-alternative, read a whole clip as one sequence.
+Mamba reads a 1D sequence, in time linear in its length (attention's is quadratic), so the order of the patch
+tokens matters. Before each Mamba layer, ZigMa reorders the tokens along one of eight continuous zigzag paths
+over the token grid. After the layer, it puts them back. Neighbours in the sequence are then neighbours in the
+image. For video, spatial layers zigzag within each frame and temporal layers read each position through time.
+Volume layers, the paper's unfactorized alternative (not in the official code), read a whole clip as one
+sequence.
 
 Sections: 1. token orders, 2. the selective scan, 3. the Mamba mixer, 4. the ZigMa block, 5. the model,
 6. flow matching. Appendices: the scan the layers run, DiT's parts, the presets, a demo (`python zigma.py`).
 The idea itself is two lines marked in ZigMaBlock.forward. The paper's baselines are in baselines.py.
-docs/official-code.md lists where the official code (github.com/CompVis/zigma) differs, with the reasons. The
-comments here name the official choice where this file makes another.
+docs/official-code.md lists every difference from the official code (github.com/CompVis/zigma), with the
+reasons; a few comments here ("Official:") mark those a reader of that code would trip on.
 
 Shapes:
     B  batch             T  frames (1 for an image)     C  image (or latent) channels    P  patch size
@@ -30,7 +31,8 @@ Terms. The paper calls the token orders scans ("zigzag scan"). Here they are pat
 permutation) in which a layer reads a sequence's tokens. "Scan" means only the SSM's selective scan.
 
 Time. x_t = (1 - t) noise + t data. So t = 0 is noise and t = 1 is data, as in SiT's code (SiT's paper puts
-data at 0). The network predicts the velocity v = dx_t/dt = data - noise. Sampling integrates it from 0 to 1.
+data at 0). The network regresses the velocity dx_t/dt = data - noise; so it learns its mean given x_t, the
+field whose ODE carries noise to data. Sampling integrates that ODE from t = 0 to 1.
 """
 
 import math
@@ -46,7 +48,7 @@ from torch.utils.checkpoint import checkpoint
 # 1. Token orders: the paper's zigzag scans ------------------------------------------------------------------
 # A path is a permutation of a grid's tokens: path[i] is the row-major index of the token read i-th. ZigMa's
 # eight zigzag paths go line by line, every other line backwards, so that each step moves to a neighbour. On a
-# 4 x 4 grid, path 0 is [0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11, 15, 14, 13, 12].
+# 4 x 4 grid, path 1 is [0, 4, 8, 12, 13, 9, 5, 1, 2, 6, 10, 14, 15, 11, 7, 3]: column 0 down, column 1 up...
 # Below, the first four paths on that grid, each cell holding the step at which its token is read:
 # argsort(path), the inverse permutation, which TokenOrder keeps too.
 #
@@ -64,16 +66,18 @@ from torch.utils.checkpoint import checkpoint
 # all 960 (`python zigma.py` counts them).
 #
 # And the token a path starts from sees no other. With K = 1 or 2, every layer starts top-left, so an image's
-# top-left token never sees another. So the layers take turns over K paths, from several corners; the paper's
-# best is K = 8. The model takes each layer's TokenOrder from layer_orders, at the end of this section.
+# top-left token never sees another; at K = 8 the layers start from all four corners. The paper's best is
+# K = 8. The model takes each layer's TokenOrder from layer_orders, at the end of this section.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
 # Path k starts at CORNERS[k // 2], by rows for even k.
+# Official: the corners in the order top-left, top-right, bottom-left, bottom-right.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
 def from_each_corner(height: int, width: int) -> list[torch.Tensor]:
     """The grid's row-major token indices, (H, W), flipped to put each corner in turn at [0, 0]."""
+    # On the CPU whatever the default device: the paths become buffers, which move with the model.
     indices = torch.arange(height * width, device="cpu").view(height, width)  # (H, W)
     flipped = []
     for flip_rows, flip_cols in CORNERS:
@@ -170,7 +174,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
     """
     frames, height, width = grid
     paths_2d = family_paths(family, height, width)[:num_paths]  # (K, H*W)
-    reverse_odd_frames = family != "sweep"  # a path runs on through the clip; a sweep restarts, as a raster
+    reverse_odd_frames = family != "sweep"  # zigzags and Hilbert curves run on through a clip without a jump
     count = {"s": 0, "t": 0, "v": 0}  # the layers of each kind so far
     orders = []
     for layer in range(depth):
@@ -196,7 +200,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
 #     h_i = exp(delta_i A) h_{i-1} + delta_i B_i u_i        (h: (b, e, n), zero before token 0)
 #     y_i = C_i . h_i + D u_i,  then gated: y_i * silu(z_i)
 # Mamba's Eq. 4 discretises h' = A h + B u by the zero-order hold, which holds u fixed over a step of length
-# delta. A becomes exp(delta A), and B becomes (delta A)^-1 (exp(delta A) - 1) delta B. Mamba's code and this
+# delta. A becomes exp(delta A), and B becomes (delta A)^-1 (exp(delta A) - I) delta B. Mamba's code and this
 # file use delta B instead. The two agree to first order in delta.
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -377,9 +381,9 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding; DiT and the official code start it at N(0, 0.02). The
-            # timestep's embedding grows to a norm of about 20 in training, while Adam moves a table entry by
-            # about the learning rate a step. So from 0.02 a label stayed about 1% of c
+            # N(0, 1), as ADM's class embedding: a label's norm, about sqrt(D), is then on the scale of the
+            # timestep's embedding, which grows to about 20 in training. DiT and the official code start at
+            # N(0, 0.02), a few percent of that; here such labels were not learned in 2000 steps
             # (docs/official-code.md).
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
@@ -446,7 +450,8 @@ class ZigMa(nn.Module):
 
 # 6. Flow matching: the loss and the sampler -----------------------------------------------------------------
 # SiT's linear interpolant between noise and data: the simplest stochastic interpolant (Albergo and
-# Vanden-Eijnden). Along it the velocity is data - noise, and its ODE carries noise to data.
+# Vanden-Eijnden). The loss regresses data - noise; its minimiser, the mean velocity given x_t, carries noise
+# to data along its ODE.
 TIME_SAMPLING = ("uniform", "logit-normal")
 
 
@@ -457,7 +462,7 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
 
     By default t is uniform on [0, 1], as in SiT and the paper. time_sampling="logit-normal" draws
     t = sigmoid(a), a ~ N(0, 1), as SD3 does (arXiv 2403.03206), which samples the middle times more often.
-    (train.py draws it so, unless given --time-sampling uniform.) For guidance, each example's label
+    (train.py's default: its --time-sampling.) For guidance, each example's label
     and context are dropped together with probability drop_prob. noise (like x) and t (B,) are drawn if None.
     """
     assert time_sampling in TIME_SAMPLING, f"time_sampling is one of {TIME_SAMPLING}, not {time_sampling!r}"
@@ -540,7 +545,8 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
 
 class TimestepEmbedder(nn.Module):
     """Embeds t in [0, 1] with sinusoids of 1000 t, DiT's range of timesteps, then an MLP, as DiT's. SiT and
-    the official code embed t itself: since the highest frequency is 1, all their angles stay under 1 radian.
+    the official code embed t itself: the highest frequency is 1, so every angle stays under 1 radian, and
+    most features barely change from t = 0 to 1.
     The weights start at N(0, 0.02), as DiT's; the biases keep PyTorch's defaults (DiT's start at zero)."""
 
     def __init__(self, dim: int, frequency_dim: int = 256):
