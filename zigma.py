@@ -4,12 +4,12 @@ Paper: "ZigMa: A DiT-style Zigzag Mamba Diffusion Model", Hu et al., ECCV 2024 (
 It builds on Mamba (arXiv 2312.00752), DiT (arXiv 2212.09748), SiT (arXiv 2401.08740) and stochastic
 interpolants (Albergo and Vanden-Eijnden, arXiv 2209.15571).
 
-Mamba reads a 1D sequence, in time linear in its length (attention's is quadratic), so the order of the patch
-tokens matters. Before each Mamba layer, ZigMa reorders the tokens along one of eight continuous zigzag paths
-over the token grid. After the layer, it puts them back. Neighbours in the sequence are then neighbours in the
-image. For video, spatial layers zigzag within each frame and temporal layers read each position through time.
-Volume layers, the paper's unfactorized alternative (not in the official code), read a whole clip as one
-sequence.
+Mamba reads a 1D sequence in order, in time linear in its length (attention's is quadratic), and each token
+sees only the tokens before it. So the order of the patch tokens matters. Before each Mamba layer, ZigMa
+reorders the tokens along one of eight continuous zigzag paths over the token grid. After the layer, it puts
+them back. Neighbours in the sequence are then neighbours in the image. For video, spatial layers zigzag
+within each frame and temporal layers read each position through time. Volume layers, the paper's unfactorized
+alternative (not in the official code), read a whole clip as one sequence.
 
 Sections: 1. token orders, 2. the selective scan, 3. the Mamba mixer, 4. the ZigMa block, 5. the model,
 6. flow matching. Appendices: the scan the layers run, DiT's parts, the presets, a demo (`python zigma.py`).
@@ -31,8 +31,8 @@ Terms. The paper calls the token orders scans ("zigzag scan"). Here they are pat
 permutation) in which a layer reads a sequence's tokens. "Scan" means only the SSM's selective scan.
 
 Time. x_t = (1 - t) noise + t data. So t = 0 is noise and t = 1 is data, as in SiT's code (SiT's paper puts
-data at 0). The network regresses the velocity dx_t/dt = data - noise; so it learns its mean given x_t, the
-field whose ODE carries noise to data. Sampling integrates that ODE from t = 0 to 1.
+data at 0). The network regresses the velocity dx_t/dt = data - noise, so it learns that velocity's mean
+given x_t: the field whose ODE carries noise to data. Sampling integrates that ODE from t = 0 to 1.
 """
 
 import math
@@ -66,12 +66,14 @@ from torch.utils.checkpoint import checkpoint
 # all 960 (`python zigma.py` counts them).
 #
 # And the token a path starts from sees no other. With K = 1 or 2, every layer starts top-left, so an image's
-# top-left token never sees another; at K = 8 the layers start from all four corners. The paper's best is
+# top-left token never sees another; at K = 8, layers 0 to 7 start from all four corners. The paper's best is
 # K = 8. The model takes each layer's TokenOrder from layer_orders, at the end of this section.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# Path k starts at CORNERS[k // 2], by rows for even k.
-# Official: the corners in the order top-left, top-right, bottom-left, bottom-right.
+# Path k starts at CORNERS[k // 2], by rows for even k. The opposite corner comes second: at K = 8, spatial
+# layers 2 and 3 start there, so four spatial layers already read from two corners.
+# Official: the corners in the order top-left, top-right, bottom-left, bottom-right. K = 1 and 2 read the same
+# paths either way; at K = 8 the layers take the same eight paths in another order.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
@@ -174,7 +176,7 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
     """
     frames, height, width = grid
     paths_2d = family_paths(family, height, width)[:num_paths]  # (K, H*W)
-    reverse_odd_frames = family != "sweep"  # zigzags and Hilbert curves run on through a clip without a jump
+    reverse_odd_frames = family != "sweep"  # paths run on between frames; the sweep baseline keeps its jumps
     count = {"s": 0, "t": 0, "v": 0}  # the layers of each kind so far
     orders = []
     for layer in range(depth):
@@ -290,10 +292,11 @@ class ZigMaBlock(nn.Module):
     The adaLN gates start at zero, so the block is the identity until it trains. As in Mamba, there is no MLP:
     the mixer's in_proj and out_proj, expand * D wide, play the MLP's part.
     """
-    # Official: model_zigma.py's Block.forward is Mamba's pre-norm block. With r the residual stream:
-    #     official:  r = r + out_before;  h = Norm(r);  out = h + gate * mixer(modulate(h))
+    # Official: model_zigma.py's Block.forward is Mamba's pre-norm block. With r the residual stream and o
+    # the last block's output:
+    #     official:  r = r + o;  n = Norm(r);  o = n + gate * mixer(modulate(n))
     #     here:      x = x + gate * mixer(modulate(LayerNorm(x)))
-    # So each official layer adds its normalised input h to the stream, whatever its gate. DiT's residual,
+    # So each official layer adds its normalised input n to the stream, whatever its gate. DiT's residual,
     # kept here, makes a block with zero gates the identity, so that the whole stack starts as the identity.
 
     def __init__(self, dim: int, order: TokenOrder, d_state: int = 16, expand: int = 2, context_dim: int = 0):
@@ -381,15 +384,14 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding: a label's norm, about sqrt(D), is then on the scale of the
-            # timestep's embedding, which grows to about 20 in training. DiT and the official code start at
-            # N(0, 0.02), a few percent of that; here such labels were not learned in 2000 steps
-            # (docs/official-code.md).
+            # N(0, 1), as ADM's class embedding, so that a label weighs in c beside the timestep's embedding.
+            # DiT and the official code start at N(0, 0.02); docs/official-code.md measures the difference.
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
             self.null_context = nn.Parameter(torch.randn(1, 1, config.context_dim) * 0.02)
-        # A learned position per token, in one table for images and clips. DiT uses a fixed 2D sin-cos table.
+        # A learned position per token, in one table for images and clips, as the official code learns them
+        # (from zeros); DiT uses a fixed 2D sin-cos table.
         self.pos_embed = nn.Parameter(torch.randn(1, math.prod(grid), dim) * 0.02)
         pattern = config.video_pattern if config.frames else "s"
         orders = layer_orders(grid, config.depth, config.path_family, config.num_paths, pattern)
@@ -449,9 +451,8 @@ class ZigMa(nn.Module):
 
 
 # 6. Flow matching: the loss and the sampler -----------------------------------------------------------------
-# SiT's linear interpolant between noise and data: the simplest stochastic interpolant (Albergo and
-# Vanden-Eijnden). The loss regresses data - noise; its minimiser, the mean velocity given x_t, carries noise
-# to data along its ODE.
+# SiT's linear interpolant between noise and data (one of Albergo and Vanden-Eijnden's stochastic
+# interpolants), its velocity loss, classifier-free guidance, and the ODE sampler.
 TIME_SAMPLING = ("uniform", "logit-normal")
 
 
@@ -462,7 +463,7 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
 
     By default t is uniform on [0, 1], as in SiT and the paper. time_sampling="logit-normal" draws
     t = sigmoid(a), a ~ N(0, 1), as SD3 does (arXiv 2403.03206), which samples the middle times more often.
-    (train.py's default: its --time-sampling.) For guidance, each example's label
+    train.py draws logit-normal t unless given --time-sampling uniform. For guidance, each example's label
     and context are dropped together with probability drop_prob. noise (like x) and t (B,) are drawn if None.
     """
     assert time_sampling in TIME_SAMPLING, f"time_sampling is one of {TIME_SAMPLING}, not {time_sampling!r}"
@@ -545,7 +546,7 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
 
 class TimestepEmbedder(nn.Module):
     """Embeds t in [0, 1] with sinusoids of 1000 t, DiT's range of timesteps, then an MLP, as DiT's. SiT and
-    the official code embed t itself: the highest frequency is 1, so every angle stays under 1 radian, and
+    the official code embed t itself: the highest frequency is 1, so no angle exceeds 1 radian, and
     most features barely change from t = 0 to 1.
     The weights start at N(0, 0.02), as DiT's; the biases keep PyTorch's defaults (DiT's start at zero)."""
 
