@@ -431,6 +431,17 @@ def derived_seed(*numbers: int) -> int:
     return hash(numbers) % 2 ** 63
 
 
+TIME_SAMPLING = ("uniform", "logit-normal")  # train.py's --time-sampling
+
+
+def draw_times(batch: int, time_sampling: str, device: torch.device) -> torch.Tensor:
+    """Training's flow times t, (B,): uniform on [0, 1], as in SiT and the paper, or logit-normal, t = sigmoid(a)
+    with a ~ N(0, 1), as SD3 draws them (arXiv 2403.03206), which samples the middle times more often."""
+    if time_sampling == "uniform":
+        return torch.rand(batch, device=device)
+    return torch.randn(batch, device=device).sigmoid()
+
+
 FAR_ABOVE = 10  # a checkpoint whose loss is this many times the recent training loss is a diverged one
 
 
@@ -444,8 +455,9 @@ def check_weights_are_sane(networks: nn.ModuleDict, encode, batch: dict, recent_
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast:
         y = batch["y"].to(device) if "y" in batch else None
         context, context_mask = encode(batch["caption"]) if "caption" in batch else (None, None)
-        loss = flow_loss(networks["zigma"], batch["x"].to(device), y, context, context_mask, drop_prob=0.0,
-                         time_sampling=time_sampling)
+        x = batch["x"].to(device)
+        loss = flow_loss(networks["zigma"], x, y, context, context_mask, drop_prob=0.0,
+                         t=draw_times(len(x), time_sampling, device))
     reference = torch.tensor(sum(recent_losses) / len(recent_losses), device=device)
     found = torch.stack([loss.float(), torch.tensor(float(finite), device=device), reference])  # (3,)
     if world > 1:

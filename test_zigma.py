@@ -718,16 +718,25 @@ def test_guidance_at_scale_one_runs_one_pass():
     assert recorder.drops == [None, None], "nothing dropped"
 
 
-def test_flow_loss_draws_t_uniformly_unless_asked_for_logit_normal():
+def test_flow_loss_draws_t_uniformly_and_train_py_logit_normal_where_asked():
     # Uniform t puts 10% of the times below 0.1; logit-normal, sigmoid of N(0, 1), puts 1.4% there (a < -2.2).
     times = []
     velocity = lambda x_t, t, *conditions: times.append(t) or torch.zeros_like(x_t)  # noqa: E731
     torch.manual_seed(0)
-    for time_sampling in ("uniform", "logit-normal"):
-        flow_loss(velocity, torch.zeros(20000, 1, 1, 1), time_sampling=time_sampling)
-    flow_loss(velocity, torch.zeros(20000, 1, 1, 1))  # the default
+    flow_loss(velocity, torch.zeros(20000, 1, 1, 1))  # flow_loss's own draw
+    times += [plumbing.draw_times(20000, time_sampling, torch.device("cpu")) for time_sampling in plumbing.TIME_SAMPLING]
     below = [(t < 0.1).float().mean().item() for t in times]
-    assert abs(below[0] - 0.1) < 0.01 and abs(below[1] - 0.014) < 0.005 and abs(below[2] - 0.1) < 0.01, below
+    assert plumbing.TIME_SAMPLING == ("uniform", "logit-normal")
+    assert abs(below[0] - 0.1) < 0.01 and abs(below[1] - 0.1) < 0.01 and abs(below[2] - 0.014) < 0.005, below
+
+
+@pytest.mark.parametrize("options, drawn", [([], "logit-normal"), (["--time-sampling", "uniform"], "uniform")])
+def test_train_py_draws_t_as_time_sampling_says(tmp_path, monkeypatch, options, drawn):
+    asked = []
+    draw = plumbing.draw_times
+    monkeypatch.setattr(train, "draw_times", lambda *args: asked.append(args[1]) or draw(*args))
+    train.main(["--out", str(tmp_path / "out"), "--steps", "2", *TINY_RUN, *options])
+    assert asked == [drawn, drawn], asked
 
 
 def test_labels_are_dropped_in_training_and_not_in_sampling():

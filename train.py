@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from data import (VAE, ArgumentParser, CaptionEncoder, CPUThreads, Latents, Terminal, UserError, build_networks,
                   load_checkpoint, load_pretrained_text_encoder, plural, save_samples)
-from plumbing import (PRECISIONS, Batches, LossMeter, RunLog, StopRequest, autocast_dtype, build_dataset, check_resumed_options,
-                      check_training_arguments, check_weights_are_sane, default_model, on_first, only_writer, precision_name,
+from plumbing import (PRECISIONS, TIME_SAMPLING, Batches, LossMeter, RunLog, StopRequest, autocast_dtype, build_dataset, check_resumed_options,
+                      check_training_arguments, check_weights_are_sane, default_model, draw_times, on_first, only_writer, precision_name,
                       derived_seed, end_processes, preview_conditions, resume, save_checkpoint, saved_arguments, start_processes)
-from zigma import PATH_FAMILIES, PRESETS, TIME_SAMPLING, flow_loss, fused_selective_scan, preset_config, sample
+from zigma import PATH_FAMILIES, PRESETS, flow_loss, fused_selective_scan, preset_config, sample
 
 if QUIET_START:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
@@ -236,7 +236,7 @@ def train(args, rank: int, world: int, device: torch.device):
             with autocast:
                 context, context_mask = encode(batch["caption"]) if "caption" in batch else (None, None)
                 loss = flow_loss(train_model, x, y, context, context_mask, drop_prob=args.cond_drop,
-                                 time_sampling=args.time_sampling)
+                                 t=draw_times(len(x), args.time_sampling, device))
             lr = args.lr * min(1.0, step / (args.warmup + 1))  # the warm-up
             for group in optimizer.param_groups:
                 group["lr"] = lr

@@ -49,8 +49,8 @@ from torch.utils.checkpoint import checkpoint
 # A path is a permutation of a grid's tokens: path[i] is the row-major index of the token read i-th. ZigMa's
 # eight zigzag paths go line by line, every other line backwards, so that each step moves to a neighbour. On a
 # 4 x 4 grid, path 1 is [0, 4, 8, 12, 13, 9, 5, 1, 2, 6, 10, 14, 15, 11, 7, 3]: column 0 down, column 1 up...
-# Below, the first four paths on that grid, each cell holding the step at which its token is read:
-# argsort(path), the inverse permutation, which TokenOrder keeps too.
+# Below, the first four paths on that grid. Each cell holds the step at which its token is read, which is
+# argsort(path), the inverse permutation; TokenOrder keeps it too.
 #
 #     0: rows, top-left      1: columns, top-left   2: rows, bottom-right  3: columns, bottom-right
 #      0  1  2  3             0  7  8 15            12 13 14 15            12 11  4  3
@@ -70,8 +70,7 @@ from torch.utils.checkpoint import checkpoint
 # K = 8. The model takes each layer's TokenOrder from layer_orders, at the end of this section.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# Path k starts at CORNERS[k // 2], by rows for even k. The opposite corner comes second: at K = 8, spatial
-# layers 2 and 3 start there, so four spatial layers already read from two corners.
+# Path k starts at CORNERS[k // 2], by rows for even k.
 # Official: the corners in the order top-left, top-right, bottom-left, bottom-right. K = 1 and 2 read the same
 # paths either way; at K = 8 the layers take the same eight paths in another order.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
@@ -176,7 +175,8 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
     """
     frames, height, width = grid
     paths_2d = family_paths(family, height, width)[:num_paths]  # (K, H*W)
-    reverse_odd_frames = family != "sweep"  # paths run on between frames; the sweep baseline keeps its jumps
+    # Odd frames backwards, so that each frame starts where the last ended; the sweep baseline keeps a jump.
+    reverse_odd_frames = family != "sweep"
     count = {"s": 0, "t": 0, "v": 0}  # the layers of each kind so far
     orders = []
     for layer in range(depth):
@@ -335,8 +335,8 @@ class ZigMaBlock(nn.Module):
 
 @dataclass
 class ZigMaConfig:
-    """The defaults are ZigMa-S/2 (a preset of this file: DiT-S's width at twice its depth) on the 4 x 32 x 32
-    latents of a 256 px image."""
+    """The defaults are ZigMa-S/2 (a preset of this file, DiT-S's width at twice its depth: see the presets)
+    on the 4 x 32 x 32 latents of a 256 px image."""
     input_size: int = 32  # the side of the square input, in pixels or latent cells
     in_channels: int = 4  # C: 3 for pixels, the VAE's channels for latents
     patch_size: int = 2  # P
@@ -384,14 +384,15 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding, so that a label weighs in c beside the timestep's embedding.
-            # DiT and the official code start at N(0, 0.02); docs/official-code.md measures the difference.
+            # N(0, 1), as ADM's class embedding, so that a label still weighs in c once the timestep's
+            # embedding has grown in training. DiT and the official code start at N(0, 0.02), which
+            # docs/official-code.md measures.
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
             self.null_context = nn.Parameter(torch.randn(1, 1, config.context_dim) * 0.02)
-        # A learned position per token, in one table for images and clips, as the official code learns them
-        # (from zeros); DiT uses a fixed 2D sin-cos table.
+        # A learned position per token, in one table for images and clips. The official code learns them too,
+        # from zeros; DiT uses a fixed 2D sin-cos table.
         self.pos_embed = nn.Parameter(torch.randn(1, math.prod(grid), dim) * 0.02)
         pattern = config.video_pattern if config.frames else "s"
         orders = layer_orders(grid, config.depth, config.path_family, config.num_paths, pattern)
@@ -453,25 +454,18 @@ class ZigMa(nn.Module):
 # 6. Flow matching: the loss and the sampler -----------------------------------------------------------------
 # SiT's linear interpolant between noise and data (one of Albergo and Vanden-Eijnden's stochastic
 # interpolants), its velocity loss, classifier-free guidance, and the ODE sampler.
-TIME_SAMPLING = ("uniform", "logit-normal")
 
 
 def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=None, drop_prob: float = 0.1,
-              noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
-              time_sampling: str = "uniform") -> torch.Tensor:
+              noise: torch.Tensor | None = None, t: torch.Tensor | None = None) -> torch.Tensor:
     """SiT's velocity loss for data x, on the interpolant x_t = (1 - t) noise + t x, with one t per example.
 
-    By default t is uniform on [0, 1], as in SiT and the paper. time_sampling="logit-normal" draws
-    t = sigmoid(a), a ~ N(0, 1), as SD3 does (arXiv 2403.03206), which samples the middle times more often.
-    train.py draws logit-normal t unless given --time-sampling uniform. For guidance, each example's label
-    and context are dropped together with probability drop_prob. noise (like x) and t (B,) are drawn if None.
+    noise (like x) and t (B,) are drawn unless given: t uniform on [0, 1], as in SiT and the paper. For
+    guidance, each example's label and context are dropped together with probability drop_prob.
     """
-    assert time_sampling in TIME_SAMPLING, f"time_sampling is one of {TIME_SAMPLING}, not {time_sampling!r}"
     batch = x.shape[0]
     noise = torch.randn_like(x) if noise is None else noise
-    if t is None:
-        uniform = time_sampling == "uniform"
-        t = torch.rand(batch, device=x.device) if uniform else torch.randn(batch, device=x.device).sigmoid()
+    t = torch.rand(batch, device=x.device) if t is None else t
     t_broadcast = t.view(batch, *([1] * (x.dim() - 1))).to(x.dtype)  # (B, 1, 1, 1), or (B, 1, 1, 1, 1)
     x_t = (1 - t_broadcast) * noise + t_broadcast * x
     drop = None
@@ -545,10 +539,10 @@ def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
 # Appendix: DiT's parts, and cross-attention -----------------------------------------------------------------
 
 class TimestepEmbedder(nn.Module):
-    """Embeds t in [0, 1] with sinusoids of 1000 t, DiT's range of timesteps, then an MLP, as DiT's. SiT and
-    the official code embed t itself: the highest frequency is 1, so no angle exceeds 1 radian, and
-    most features barely change from t = 0 to 1.
-    The weights start at N(0, 0.02), as DiT's; the biases keep PyTorch's defaults (DiT's start at zero)."""
+    """Embeds t in [0, 1] with sinusoids of 1000 t, the scale of DiT's timesteps (which run from data to
+    noise), then an MLP, as DiT's. SiT and the official code embed t itself: the highest frequency is 1, so no
+    angle exceeds 1 radian, and most features barely change from t = 0 to 1. The weights start at
+    N(0, 0.02), as DiT's; the biases keep PyTorch's defaults (DiT's start at zero)."""
 
     def __init__(self, dim: int, frequency_dim: int = 256):
         super().__init__()
