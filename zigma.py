@@ -63,7 +63,7 @@ from torch.utils.checkpoint import checkpoint
 # comes right after just one of its neighbours: on path 0, token 5 comes right after its right neighbour 6,
 # and on path 1 after its lower neighbour 9. On a 16 x 16 grid, of the 960 ordered (neighbour, token) pairs,
 # path 0 reads the neighbour right before the token in 255, paths 0 and 1 together in 496, and all eight in
-# all 960 (`python zigma.py` counts them).
+# all 960 (paths 0, 1, 4 and 5 already do; `python zigma.py` counts them).
 #
 # And the token a path starts from sees no other. With K = 1 or 2, every layer starts top-left, so an image's
 # top-left token never sees another; at K = 8, layers 0 to 7 start from all four corners. The paper's best is
@@ -385,8 +385,8 @@ class ZigMa(nn.Module):
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
             # N(0, 1), as ADM's class embedding, so that a label still weighs in c once the timestep's
-            # embedding has grown in training. DiT and the official code start at N(0, 0.02), which
-            # docs/official-code.md measures.
+            # embedding has grown in training. DiT and the official code start at N(0, 0.02): on this
+            # project's faces, labels from there were not learned in 2000 steps (docs/official-code.md).
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
