@@ -339,6 +339,14 @@ def in_any_process(flag: bool, world: int, device: torch.device) -> bool:
     return flags.item() > 0
 
 
+def mean_over_processes(values: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of each value over the processes, the same in every process (a collective under torchrun)."""
+    if world > 1:
+        dist.all_reduce(values)
+        values = values / world
+    return values
+
+
 class LossMeter:
     """This process's training losses: those of the last 50 steps, which a checkpoint's loss must not far exceed,
     and those since the last log line, whose mean the line reports (as DiT's). Also examples a second."""
@@ -363,11 +371,8 @@ class LossMeter:
     def window_mean(self, world: int, device: torch.device) -> float:
         """The mean loss since the last log line over every process (a collective), and a new window."""
         mean = torch.tensor(sum(self.window) / len(self.window) if self.window else math.nan, device=device)
-        if world > 1:
-            dist.all_reduce(mean)
-            mean /= world
         self.window = []
-        return mean.item()
+        return mean_over_processes(mean, world).item()
 
 
 #################################################################################
@@ -460,10 +465,8 @@ def check_weights_are_sane(networks: nn.ModuleDict, encode, batch: dict, recent_
                          t=draw_times(len(x), time_sampling, device))
     reference = torch.tensor(sum(recent_losses) / len(recent_losses), device=device)
     found = torch.stack([loss.float(), torch.tensor(float(finite), device=device), reference])  # (3,)
-    if world > 1:
-        dist.all_reduce(found)  # the means over the processes: every process decides on the same numbers
-        found /= world
-    loss, finite, reference = found.tolist()
+    # The means over the processes: every process decides on the same numbers
+    loss, finite, reference = mean_over_processes(found, world).tolist()
     if finite < 1 or not loss <= FAR_ABOVE * reference:
         raise UserError(f"training diverged at step {step}: the loss of its weights is {loss:.4g}, against {reference:.4g} "
                         f"over the last steps" + (", and some weights are NaN or infinite" if finite < 1 else "") + f"; {kept}")
