@@ -42,6 +42,21 @@ GRIDS = [(1, 1), (1, 5), (4, 1), (2, 2), (3, 5), (4, 4), (6, 3), (8, 8), (16, 16
          (6, 9), (5, 8), (12, 5), (9, 10), (32, 18)]
 
 
+@pytest.mark.parametrize("h, w", [(4, 4), (16, 16), (5, 7), (2, 3), (6, 6)])
+def test_the_eight_paths_read_every_neighbour_just_before_its_token(h, w):
+    # What section 1 of zigma.py says about why there are several paths.
+    paths = zigzag_paths(h, w)
+    neighbours_before = lambda ks: {(a, b) for k in ks for a, b in zip(paths[k].tolist(), paths[k, 1:].tolist())}  # noqa: E731
+    every_pair = {(a, b) for a in range(h * w) for b in range(h * w) if grid_distance(a, b, w) == 1}
+    assert neighbours_before(range(8)) == every_pair
+    assert not every_pair <= neighbours_before([0, 1]), "two paths should miss some pairs"
+    if (h, w) in [(4, 4), (16, 16)]:  # the drawn grid, and the one `python zigma.py` counts on
+        assert neighbours_before([0, 1, 4, 5]) == every_pair
+    if (h, w) == (4, 4):  # the drawing's example: token 5 comes right after 6 on path 0, after 9 on path 1
+        before = [paths[k, paths[k].tolist().index(5) - 1].item() for k in (0, 1)]
+        assert before == [6, 9]
+
+
 @pytest.mark.parametrize("family", ["zigzag", "hilbert"])
 @pytest.mark.parametrize("h, w", GRIDS)
 def test_continuous_paths_are_continuous_permutations(family, h, w):
@@ -294,10 +309,19 @@ def test_selective_scan_float32_within_1e5_of_float64_reference(device):
         assert relative_error(grads[name].double(), grads_ref[name]) < 1e-5, f"gradient of {name} differs"
 
 
-@pytest.mark.parametrize("scan", [selective_scan, selective_scan_reference])
-def test_selective_scans_compute_in_float32_under_autocast(scan):
-    # Autocast would run the scan's products in bf16 (relative error about 1e-2); each scan turns it off.
+def layers_scan(monkeypatch, alone: bool):
+    """zigma.selective_scan without mamba-ssm: fast_scan.py's scan, or the reference where zigma.py is alone."""
+    monkeypatch.setattr(zigma, "fused_selective_scan", None)
+    if alone:
+        monkeypatch.setattr(zigma, "fast_scan", None)
+    return zigma.selective_scan
+
+
+@pytest.mark.parametrize("alone", [False, True])
+def test_selective_scans_compute_in_float32_under_autocast(monkeypatch, alone):
+    # Autocast would run the scan's products in bf16 (relative error about 1e-2); the scan turns it off.
     # The backward pass runs outside autocast, as in train.py.
+    scan = layers_scan(monkeypatch, alone)
     inputs = {name: x.detach().float().requires_grad_() for name, x in scan_inputs(width=16, state=8, length=50).items()}
     weights = torch.randn(2, 16, 50, generator=torch.Generator().manual_seed(1))  # (b, e, l), like y
     y = scan(**inputs, delta_softplus=True)
@@ -335,9 +359,10 @@ def test_selective_scan_refuses_a_second_derivative():
         grad_u.sum().backward()
 
 
-@pytest.mark.parametrize("scan", [selective_scan, selective_scan_reference])
+@pytest.mark.parametrize("alone", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_selective_scan_accepts_half_precision(dtype, scan, device):
+def test_selective_scan_accepts_half_precision(monkeypatch, dtype, alone, device):
+    scan = layers_scan(monkeypatch, alone)
     inputs = scan_inputs(length=40, dtype=torch.float32, device=device)
     low = {name: x.detach().to(dtype).requires_grad_() for name, x in inputs.items()}
     y = scan(**low, delta_softplus=True)
@@ -352,7 +377,7 @@ def test_selective_scan_accepts_half_precision(dtype, scan, device):
     eps = torch.finfo(dtype).eps
     assert torch.allclose(y.float(), y_ref, rtol=eps, atol=eps * 1e-3 * y_ref.abs().max().item()), \
         f"off by up to {((y.float() - y_ref).abs() / y_ref.abs()).max():.1e} of the value, more than a 16-bit rounding"
-    if scan is selective_scan_reference:  # the same operations as y_ref's, all in float32
+    if alone:  # the reference: the same operations as y_ref's, all in float32
         assert torch.equal(y, y_ref.to(dtype)), "the reference rounds once, at the end"
 
 

@@ -5,9 +5,9 @@ It builds on Mamba (arXiv 2312.00752), DiT (arXiv 2212.09748), SiT (arXiv 2401.0
 interpolants (Albergo and Vanden-Eijnden, arXiv 2209.15571).
 
 Mamba reads a 1D sequence in order, in time linear in its length (attention's is quadratic), and each token
-sees only the tokens before it. So the order of the patch tokens matters. Before each Mamba layer, ZigMa
-reorders the tokens along one of eight continuous zigzag paths over the token grid. After the layer, it puts
-them back. Neighbours in the sequence are then neighbours in the image. For video, spatial layers zigzag
+sees only itself and the tokens before it. So the order of the patch tokens matters. Before each Mamba layer,
+ZigMa reorders the tokens along one of eight continuous zigzag paths over the token grid. After the layer, it
+puts them back. Neighbours in the sequence are then neighbours in the image. For video, spatial layers zigzag
 within each frame and temporal layers read each position through time. Volume layers, the paper's unfactorized
 alternative (not in the official code), read a whole clip as one sequence.
 
@@ -58,21 +58,19 @@ from torch.utils.checkpoint import checkpoint
 #      8  9 10 11             2  5 10 13             4  5  6  7            14  9  6  1
 #     15 14 13 12             3  4 11 12             3  2  1  0            15  8  7  0
 #
-# Paths 4 to 7 do the same from the top-right and bottom-left corners. Why several paths: Mamba is causal, and
-# its convolution's window and its state's decay favour the tokens read just before. Along one path, a token
-# comes right after just one of its neighbours: on path 0, token 5 comes right after its right neighbour 6,
-# and on path 1 after its lower neighbour 9. On a 16 x 16 grid, of the 960 ordered (neighbour, token) pairs,
-# path 0 reads the neighbour right before the token in 255, paths 0 and 1 together in 496, and all eight in
-# all 960 (paths 0, 1, 4 and 5 already do; `python zigma.py` counts them).
+# Paths 4 to 7 do the same from the top-right and bottom-left corners.
 #
-# And the token a path starts from sees no other. With K = 1 or 2, every layer starts top-left, so an image's
-# top-left token never sees another; at K = 8, layers 0 to 7 start from all four corners. The paper's best is
-# K = 8. The model takes each layer's TokenOrder from layer_orders, at the end of this section.
+# Why several paths: Mamba is causal, and its convolution's window and its state's decay favour the tokens
+# read just before. Along one path, a token comes right after only one of its neighbours (token 5 after 6 on
+# path 0, after 9 on path 1). Between them, the eight paths read every neighbour of every token right before
+# that token, on any grid. On the drawn grid, paths 0, 1, 4 and 5 already do (`python zigma.py` counts these
+# pairs). And the token a path starts from sees no other: with K = 1 or 2, every layer starts top-left, so
+# that token never sees another. At K = 8, the paper's best, the layers start from all four corners. The model
+# takes each layer's TokenOrder from layer_orders, at the end of this section.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
 # Path k starts at CORNERS[k // 2], by rows for even k.
-# Official: the corners in the order top-left, top-right, bottom-left, bottom-right. K = 1 and 2 read the same
-# paths either way; at K = 8 the layers take the same eight paths in another order.
+# Official: top-left, top-right, bottom-left, bottom-right; at K = 8, the same eight paths in another order.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
 
@@ -175,7 +173,8 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
     """
     frames, height, width = grid
     paths_2d = family_paths(family, height, width)[:num_paths]  # (K, H*W)
-    # Odd frames backwards, so that each frame starts where the last ended; the sweep baseline keeps a jump.
+    # Odd frames backwards, so that each frame starts where the last ended. The sweep baseline jumps from
+    # frame to frame as it jumps from line to line.
     reverse_odd_frames = family != "sweep"
     count = {"s": 0, "t": 0, "v": 0}  # the layers of each kind so far
     orders = []
@@ -207,29 +206,23 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """The selective scan, one token at a time: the definition. The layers call selective_scan (the first
-    appendix), which computes the same function faster; test_zigma.py checks that the two agree.
-    Computes in float32 (float64 for float64 inputs) with autocast off, and returns u's dtype."""
-    dtype = u.dtype
-    compute_dtype = torch.promote_types(dtype, torch.float32)
-    with torch.autocast(u.device.type, enabled=False):  # else the einsum would run in bf16 under autocast
-        u, delta, A, B, C = (x.to(compute_dtype) for x in (u, delta, A, B, C))
-        D, z, delta_bias = (None if x is None else x.to(compute_dtype) for x in (D, z, delta_bias))
-        if delta_bias is not None:
-            delta = delta + delta_bias[:, None]
-        if delta_softplus:
-            delta = F.softplus(delta)
-        h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, e, n)
-        ys = []
-        for i in range(u.shape[2]):  # token i
-            decay = torch.exp(delta[:, :, i, None] * A)  # (b, e, n)
-            h = decay * h + delta[:, :, i, None] * B[:, None, :, i] * u[:, :, i, None]  # (b, e, n)
-            ys.append(torch.einsum("ben,bn->be", h, C[:, :, i]))  # (b, e)
-        y = torch.stack(ys, dim=-1)  # (b, e, l)
-        if D is not None:
-            y = y + D[:, None] * u
-        if z is not None:
-            y = y * F.silu(z)
-    return y.to(dtype)
+    appendix), which computes the same function faster; test_zigma.py checks that the two agree."""
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, e, n)
+    ys = []
+    for i in range(u.shape[2]):  # token i
+        decay = torch.exp(delta[:, :, i, None] * A)  # (b, e, n)
+        h = decay * h + delta[:, :, i, None] * B[:, None, :, i] * u[:, :, i, None]  # (b, e, n)
+        ys.append(torch.einsum("ben,bn->be", h, C[:, :, i]))  # (b, e)
+    y = torch.stack(ys, dim=-1)  # (b, e, l)
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y
 
 
 # 3. Mamba mixer ---------------------------------------------------------------------------------------------
@@ -309,7 +302,7 @@ class ZigMaBlock(nn.Module):
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             # Heads of width 64, or one head where 64 does not divide dim.
             self.cross_attention = CrossAttention(dim, context_dim, heads=dim // 64 if dim % 64 == 0 else 1)
-        self.branches = 2 if context_dim else 1  # the mixer, and cross-attention if any; 3 modulations each
+        self.branches = 2 if context_dim else 1  # the mixer, and cross-attention if any: shift, scale, gate
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * self.branches * dim))
         nn.init.zeros_(self.adaLN_modulation[-1].weight)  # adaLN-Zero: the gates start at zero
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
@@ -345,7 +338,7 @@ class ZigMaConfig:
     path_family: str = "zigzag"  # the 2D paths (PATH_FAMILIES): zigzag, or a baseline
     num_paths: int = 8  # K: 1, 2 or 8 (the paper's best, Zigzag-8). The j-th spatial layer reads path j mod K
     frames: int = 0  # 0: images (C, H*P, W*P), read as one frame. T >= 1: clips (T, C, H*P, W*P)
-    video_pattern: str = "sst"  # clips: a letter a layer, s spatial, t temporal, v volume (official: sst)
+    video_pattern: str = "sst"  # clips: one letter per layer, s spatial, t temporal, v volume (official: sst)
     num_classes: int = 0  # 0: unconditional. Label num_classes is the null label, for guidance
     context_dim: int = 0  # 0: no cross-attention. Else the width of the context tokens
     d_state: int = 16  # n, the SSM's state size, as in Mamba
@@ -384,9 +377,8 @@ class ZigMa(nn.Module):
         self.y_embedder = None
         if config.num_classes:  # num_classes + 1 rows, the last for the null label
             self.y_embedder = nn.Embedding(config.num_classes + 1, dim)
-            # N(0, 1), as ADM's class embedding, so that a label still weighs in c once the timestep's
-            # embedding has grown in training. DiT and the official code start at N(0, 0.02): on this
-            # project's faces, labels from there were not learned in 2000 steps (docs/official-code.md).
+            # N(0, 1), as ADM's, not DiT's N(0, 0.02): a label must still weigh in c once the timestep's
+            # embedding has grown in training (docs/official-code.md).
             nn.init.normal_(self.y_embedder.weight, std=1.0)
         self.null_context = None  # the "no text" context, for guidance: one learned token
         if config.context_dim:
@@ -522,27 +514,30 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
-    """The scan the layers run: selective_scan_reference's function, by the fastest exact implementation."""
+    """The scan the layers run: selective_scan_reference's function, by the fastest exact implementation.
+    Each computes in float32 (float64 for float64 inputs), autocast or not, and returns u's dtype."""
     precision = torch.promote_types(A.dtype, torch.float32)  # the kernel takes A, D and delta_bias in float32
     A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
-    if fused_selective_scan is not None and u.is_cuda and u.dtype != torch.float64:
-        scan = fused_selective_scan  # mamba-ssm's CUDA kernel
-    elif fast_scan is not None:
-        scan = fast_scan.selective_scan  # fast_scan.py's: by chunks of tokens, in few operations
-    elif torch.compiler.is_compiling():  # zigma.py on its own, compiled: run its loop eager, not unrolled
-        scan = torch.compiler.disable(selective_scan_reference)
-    else:  # zigma.py on its own
-        scan = selective_scan_reference
-    return scan(u, delta, A, B, C, D, z, delta_bias=delta_bias, delta_softplus=delta_softplus)  # (b, e, l)
+    if fused_selective_scan is not None and u.is_cuda and u.dtype != torch.float64:  # mamba-ssm's kernel
+        return fused_selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if fast_scan is not None:  # fast_scan.py's: by chunks of tokens, in few operations
+        return fast_scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    # zigma.py on its own: the reference
+    reference = selective_scan_reference
+    if torch.compiler.is_compiling():  # its loop runs eager: compiled, it would unroll, a step a token
+        reference = torch.compiler.disable(reference)
+    compute = torch.promote_types(u.dtype, torch.float32)
+    with torch.autocast(u.device.type, enabled=False):  # else the einsum would run in bf16 under autocast
+        y = reference(*(x.to(compute) for x in (u, delta, A, B, C, D, z, delta_bias)), delta_softplus)
+    return y.to(u.dtype)  # (b, e, l)
 
 
 # Appendix: DiT's parts, and cross-attention -----------------------------------------------------------------
 
 class TimestepEmbedder(nn.Module):
-    """Embeds t in [0, 1] with sinusoids of 1000 t, the scale of DiT's timesteps (which run from data to
-    noise), then an MLP, as DiT's. SiT and the official code embed t itself: the highest frequency is 1, so no
-    angle exceeds 1 radian, and most features barely change from t = 0 to 1. The weights start at
-    N(0, 0.02), as DiT's; the biases keep PyTorch's defaults (DiT's start at zero)."""
+    """Embeds t in [0, 1] as DiT embeds its timesteps in [0, 1000]: sinusoids of 1000 t, then an MLP, with
+    weights from N(0, 0.02). SiT and the official code embed t itself, at which scale most sinusoids barely
+    change from t = 0 to 1 (docs/official-code.md)."""
 
     def __init__(self, dim: int, frequency_dim: int = 256):
         super().__init__()
