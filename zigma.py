@@ -22,6 +22,7 @@ Shapes:
     H, W  the token grid: an image is H*P x W*P pixels   D  model width    S  context (text) tokens
     L  tokens in one Mamba sequence: H*W in a spatial layer, T in a temporal one, T*H*W in a volume one
     K  paths the layers take turns over (1, 2 or 8, the paper's Zigzag-1, -2 and -8)
+A shape comment on a def line is the input's shape; on any other line, the shape of what that line makes.
 Sections 2 and 3 use lowercase shapes, since A, B, C and D there name the SSM's parameters:
     b  sequences (B*T, B*H*W or B)    l  tokens    d  model width    e = expand * d  inner width
     n  state size    r  rank of delta's projection
@@ -62,11 +63,12 @@ from torch.utils.checkpoint import checkpoint
 #
 # Why several paths: Mamba is causal, and its convolution's window and its state's decay favour the tokens
 # read just before. Along one path, a token comes right after only one of its neighbours (token 5 after 6 on
-# path 0, after 9 on path 1). Between them, the eight paths read every neighbour of every token right before
-# that token, on any grid. On the drawn grid, paths 0, 1, 4 and 5 already do (`python zigma.py` counts these
-# pairs). And the token a path starts from sees no other: with K = 1 or 2, every layer starts top-left, so
-# that token never sees another. At K = 8, the paper's best, the layers start from all four corners. The model
-# takes each layer's TokenOrder from layer_orders, at the end of this section.
+# path 0, after 9 on path 1). Paths 0 and 4, by rows from the two top corners, read each row once each way:
+# each token comes right after its left neighbour on one and after its right one on the other. Paths 1 and 7,
+# by columns from the two left corners, do the same above and below (`python zigma.py` counts the pairs that K
+# paths cover). And the token a path starts from sees no other: with K = 1 or 2, every layer starts top-left,
+# so that token never sees another. At K = 8, the paper's best, layers 0 to 7 start from all four corners. The
+# model takes each layer's TokenOrder from layer_orders, at the end of this section.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
 # Path k starts at CORNERS[k // 2], by rows for even k.
@@ -90,7 +92,7 @@ def zigzag_paths(height: int, width: int) -> torch.Tensor:
     columns, every other line backwards."""
     paths = []
     for from_corner in from_each_corner(height, width):
-        for lines in (from_corner, from_corner.t()):  # read row by row, then column by column
+        for lines in (from_corner, from_corner.t()):  # by rows, then by columns (the transpose's rows)
             lines = lines.clone()  # else the write below would change from_corner
             lines[1::2] = lines[1::2].flip(1)  # every other line backwards
             paths.append(lines.reshape(-1))
@@ -113,6 +115,7 @@ class TokenOrder(nn.Module):
         assert sorted(path.tolist()) == list(range(length)), f"a {axis} path permutes {length} tokens"
         self.grid, self.axis = grid, axis
         self.register_buffer("path", path.long(), persistent=False)  # not saved: rebuilt from the config
+        # argsort(path)[token] is the step at which path reads token: the inverse permutation
         self.register_buffer("inverse", torch.argsort(path).long(), persistent=False)
 
     def to_sequences(self, x: torch.Tensor) -> torch.Tensor:  # (B, T*H*W, D)
@@ -140,7 +143,7 @@ def family_paths(family: str, height: int, width: int) -> torch.Tensor:
     sweeps or Hilbert curves, which baselines.py builds (a first reading can skip it)."""
     if family == "zigzag":
         return zigzag_paths(height, width)
-    import baselines
+    import baselines  # here, not at the top: baselines.py builds on from_each_corner, in this file
     build = baselines.sweep_paths if family == "sweep" else baselines.hilbert_paths
     return build(height, width)
 
@@ -287,7 +290,7 @@ class ZigMaBlock(nn.Module):
     """
     # Official: model_zigma.py's Block.forward is Mamba's pre-norm block. With r the residual stream and o
     # the last block's output:
-    #     official:  r = r + o;  n = Norm(r);  o = n + gate * mixer(modulate(n))
+    #     official:  r = r + o;  n = RMSNorm(r);  o = n + gate * mixer(modulate(n))
     #     here:      x = x + gate * mixer(modulate(LayerNorm(x)))
     # So each official layer adds its normalised input n to the stream, whatever its gate. DiT's residual,
     # kept here, makes a block with zero gates the identity, so that the whole stack starts as the identity.
@@ -452,8 +455,9 @@ def flow_loss(model: ZigMa, x: torch.Tensor, y=None, context=None, context_mask=
               noise: torch.Tensor | None = None, t: torch.Tensor | None = None) -> torch.Tensor:
     """SiT's velocity loss for data x, on the interpolant x_t = (1 - t) noise + t x, with one t per example.
 
-    noise (like x) and t (B,) are drawn unless given: t uniform on [0, 1], as in SiT and the paper. For
-    guidance, each example's label and context are dropped together with probability drop_prob.
+    noise (like x) and t (B,) are drawn unless given: t uniform on [0, 1], as in SiT and the paper (train.py
+    passes its own t, logit-normal by default: --time-sampling). For guidance, each example's label and
+    context are dropped together with probability drop_prob.
     """
     batch = x.shape[0]
     noise = torch.randn_like(x) if noise is None else noise
@@ -514,8 +518,9 @@ except ImportError:  # zigma.py on its own: the layers run selective_scan_refere
 
 
 def selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=False):
-    """The scan the layers run: selective_scan_reference's function, by the fastest exact implementation.
-    Each computes in float32 (float64 for float64 inputs), autocast or not, and returns u's dtype."""
+    """The scan the layers run: selective_scan_reference's function, by the fastest implementation at hand.
+    Each agrees with the reference to rounding, computes in float32 (float64 for float64 inputs), autocast or
+    not, and returns u's dtype."""
     precision = torch.promote_types(A.dtype, torch.float32)  # the kernel takes A, D and delta_bias in float32
     A, D, delta_bias = A.to(precision), D.to(precision), delta_bias.to(precision)
     if fused_selective_scan is not None and u.is_cuda and u.dtype != torch.float64:  # mamba-ssm's kernel
@@ -597,8 +602,8 @@ class CrossAttention(nn.Module):
 
 # Appendix: the presets --------------------------------------------------------------------------------------
 # DiT's widths, at twice DiT's depth. A ZigMa layer has about 9.25 D^2 parameters (in_proj 4, out_proj 2,
-# x_proj and dt_proj 0.25, adaLN 3), about half a DiT block's 18 D^2 (attention 4, MLP 8, adaLN 6). So the
-# sizes match DiT's.
+# x_proj and dt_proj 0.25, adaLN 3), about half a DiT block's 18 D^2 (attention 4, MLP 8, adaLN 6). So,
+# without cross-attention, the sizes come close to DiT's.
 PRESET_SHAPES = {
     "Tiny": dict(dim=128, depth=8),  # small enough to train on a CPU
     "S": dict(dim=384, depth=24),
