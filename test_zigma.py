@@ -1875,6 +1875,11 @@ def test_the_readmes_benchmark_commands_fill_every_row(options, column, value):
     assert finished.returncode == 0, finished.stderr[-2000:]
     cells = markdown_column(finished.stdout, column)
     assert cells and all(re.fullmatch(value, cell) for cell in cells), f"column {column!r}:\n{finished.stdout}"
+    if "scan" in options:
+        # At L=16 each scan's tensors are a few MiB (materialising's (B, E, L, N) ones, 6 MiB each): what the
+        # measured pass adds, and not what a first use imports (torch._dynamo's 100 MiB).
+        memory = markdown_column(finished.stdout, "extra memory")
+        assert all(cell.endswith(" MiB") and int(cell.split()[0]) < 50 for cell in memory), finished.stdout
 
 
 def test_quality_table_measures_every_stage_and_keeps_the_runs(tmp_path):
