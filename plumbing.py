@@ -543,7 +543,8 @@ class RunLog:
 
 def save_checkpoint(checkpoint: dict, path: Path, keep: int) -> None:
     """Write the checkpoint atomically. With keep > 0, also as ckpt_STEP.pt (a hard link: no more disk), keeping
-    only the last `keep` of those."""
+    only the last `keep` of those up to this step. Those of later steps, left by an earlier run in the same
+    folder, stay."""
     save_atomically(checkpoint, path)
     if not keep:
         return
@@ -553,8 +554,13 @@ def save_checkpoint(checkpoint: dict, path: Path, keep: int) -> None:
         os.link(path, numbered)
     except OSError:  # a file system without hard links
         written_atomically(numbered, lambda temporary: temporary.write_bytes(path.read_bytes()))
-    for old in sorted(path.parent.glob(f"{path.stem}_[0-9]*{path.suffix}"))[:-keep]:
-        old.unlink()
+    numbered_by_step = {}
+    for other in path.parent.glob(f"{path.stem}_*{path.suffix}"):
+        step = other.stem.removeprefix(f"{path.stem}_")
+        if step.isdigit() and int(step) <= checkpoint["step"]:
+            numbered_by_step[int(step)] = other
+    for step in sorted(numbered_by_step)[:-keep]:  # by number: step 10,000,000 comes after 9,999,999
+        numbered_by_step[step].unlink()
 
 
 #################################################################################

@@ -2914,6 +2914,21 @@ def test_numbered_checkpoints_logged_lr_and_gradient_norm_and_no_preview(tmp_pat
     assert all(math.isfinite(line["grad_norm"]) and line["grad_norm"] > 0 for line in lines)
 
 
+def test_numbered_checkpoints_are_pruned_by_step_and_an_earlier_runs_stay(tmp_path):
+    # An earlier, longer run left ckpt_0009000.pt and ckpt_0010000.pt, and its ckpt.pt was removed to start over.
+    for step in (9000, 10000):
+        torch.save({"step": step}, tmp_path / f"ckpt_{step:07d}.pt")
+    for step in (500, 1000, 1500):
+        plumbing.save_checkpoint({"step": step}, tmp_path / "ckpt.pt", keep=2)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == [
+        "ckpt_0001000.pt", "ckpt_0001500.pt", "ckpt_0009000.pt", "ckpt_0010000.pt"]
+    # Past step 9,999,999 the names get an eighth digit: the order is still by step.
+    for step in (9_999_999, 10_000_000, 10_000_001):
+        plumbing.save_checkpoint({"step": step}, tmp_path / "ckpt.pt", keep=2)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_10000000.pt", "ckpt_10000001.pt"]
+    assert torch.load(tmp_path / "ckpt_10000001.pt")["step"] == 10_000_001
+
+
 def test_tensorboard_gets_the_scalars_and_the_sample_grids(tmp_path, monkeypatch):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     out = tmp_path / "out"
