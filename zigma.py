@@ -408,8 +408,8 @@ class ZigMa(nn.Module):
             if context is None:
                 context = self.null_context.expand(batch, 1, -1)  # (B, 1, context_dim)
             elif drop is not None:
-                # A dropped row becomes S copies of the null token, all unmasked. Attention over S equal
-                # tokens returns that token, so the row reads as the single null token of a missing context.
+                # A dropped row's context becomes the null token, repeated S times and all unmasked.
+                # Attention over equal tokens returns that token, as over the one null token of no context.
                 context = torch.where(drop[:, None, None], self.null_context, context)  # (B, S, context_dim)
                 context_mask = None if context_mask is None else context_mask | drop[:, None]  # (B, S)
         return y, context, context_mask
