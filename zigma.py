@@ -12,8 +12,9 @@ within each frame and temporal layers read each position through time. Volume la
 alternative (not in the official code), read a whole clip as one sequence.
 
 Sections: 1. token orders, 2. the selective scan, 3. the Mamba mixer, 4. the ZigMa block, 5. the model,
-6. flow matching. Appendices: the scan the layers run, DiT's parts, the presets, a demo (`python zigma.py`).
-The idea itself is two lines marked in ZigMaBlock.forward. The paper's baselines are in baselines.py.
+6. flow matching. Appendices: the scan the layers run, DiT's parts, the paper's baselines (built in
+baselines.py), the presets, a demo (`python zigma.py`). The idea itself is two lines marked in
+ZigMaBlock.forward.
 docs/official-code.md lists every difference from the official code (github.com/CompVis/zigma), with the
 reasons; a few comments here ("Official:") mark those a reader of that code would trip on.
 
@@ -135,19 +136,6 @@ class TokenOrder(nn.Module):
         return x  # (B, T*H*W, D)
 
 
-PATH_FAMILIES = ("zigzag", "sweep", "hilbert")  # the names ZigMaConfig.path_family takes
-
-
-def family_paths(family: str, height: int, width: int) -> torch.Tensor:
-    """The eight 2D paths of a family, (8, H*W): the zigzags, or one of the paper's two baselines, raster
-    sweeps or Hilbert curves, which baselines.py builds (a first reading can skip it)."""
-    if family == "zigzag":
-        return zigzag_paths(height, width)
-    import baselines  # here, not at the top: baselines.py builds on from_each_corner, in this file
-    build = baselines.sweep_paths if family == "sweep" else baselines.hilbert_paths
-    return build(height, width)
-
-
 def volume_path(path: torch.Tensor, frames: int, reverse_odd_frames: bool) -> torch.Tensor:
     """A 2D path extended through a clip, (T*H*W,): frame f reads f*H*W + path, backwards in odd frames if
     reverse_odd_frames.
@@ -166,8 +154,9 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
                  pattern: str) -> list[TokenOrder]:
     """The token order of every layer.
 
-    `family` names the 2D paths (PATH_FAMILIES). `num_paths` is K. `pattern` has one letter per layer and
-    repeats over the depth (images use "s"). j counts the layers of each kind from 0.
+    `family` names the 2D paths: zigzag, or a baseline (family_paths, an appendix). `num_paths` is K.
+    `pattern` has one letter per layer and repeats over the depth (images use "s"). j counts the layers of
+    each kind from 0.
     - s, spatial: the j-th spatial layer reads 2D path j mod K.
     - t, temporal: the j-th temporal layer reads time forwards if j is even, backwards if j is odd.
     - v, volume: the layers come in pairs. Pair p reads 2D path p mod K carried through the frames, first
@@ -598,6 +587,21 @@ class CrossAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, T*H*W, D / heads)
         out = rearrange(out, "b heads tokens head_dim -> b tokens (heads head_dim)")  # (B, T*H*W, D)
         return self.proj(out)
+
+
+# Appendix: the paper's baselines ---------------------------------------------------------------------------
+
+PATH_FAMILIES = ("zigzag", "sweep", "hilbert")  # the names ZigMaConfig.path_family takes
+
+
+def family_paths(family: str, height: int, width: int) -> torch.Tensor:
+    """The eight 2D paths of a family, (8, H*W): the zigzags, or one of the paper's two baselines, raster
+    sweeps or Hilbert curves, which baselines.py builds (a first reading can skip it)."""
+    if family == "zigzag":
+        return zigzag_paths(height, width)
+    import baselines  # here, not at the top: baselines.py builds on from_each_corner, in this file
+    build = baselines.sweep_paths if family == "sweep" else baselines.hilbert_paths
+    return build(height, width)
 
 
 # Appendix: the presets --------------------------------------------------------------------------------------
