@@ -306,13 +306,16 @@ class StopRequest:
 
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    def __init__(self):
-        self.name = None
+    def __init__(self, rank: int):
+        self.name, self.rank = None, rank
         self.before = {s: signal.signal(s, self.note) for s in self.signals}
 
     def note(self, signum, frame):
         self.name = signal.Signals(signum).name
         self.restore()
+        if self.rank == 0:  # said at once, since a sample grid under way may take minutes
+            Terminal().write(f"\n{self.name}: stopping after the step under way, with a checkpoint; a second "
+                             f"{self.name} stops at once, without one\n")
 
     def restore(self):
         for s, handler in self.before.items():

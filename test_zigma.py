@@ -1953,7 +1953,7 @@ def test_divergence_stops_the_run_and_keeps_the_good_checkpoint(tmp_path):
     out = tmp_path / "out"
     train.main(["--out", str(out), "--steps", "2", *TINY_RUN])
     good = data.load_checkpoint(out / "ckpt.pt")
-    with pytest.raises(UserError, match=r"training diverged at step \d+: the loss was nan.*kept as it was at step 2\. "
+    with pytest.raises(UserError, match=r"training diverged at step \d+: the loss was nan.*holds step 2\. "
                                         r"Train with a lower --lr than 1000"):
         train.main(["--out", str(out), "--steps", "40", "--lr", "1e3", "--warmup", "0", "--ckpt-every", "1", *TINY_RUN])
     after = data.load_checkpoint(out / "ckpt.pt")
@@ -2034,8 +2034,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_like_ctrl_c(tmp_path):
     _, stderr = run.communicate(timeout=60)
     step = data.load_checkpoint(out / "ckpt.pt")["step"]
     assert run.returncode != 0 and step >= 3
-    assert stderr.count("is kept as it was") == 1, stderr[-2000:]
-    assert f"stopped by SIGTERM at step {step}; {out / 'ckpt.pt'} is kept as it was at step {step}: re-run" in stderr
+    assert stderr.count("holds step") == 1, stderr[-2000:]
+    assert "SIGTERM: stopping after the step under way, with a checkpoint" in stderr, "said when the signal comes"
+    assert f"stopped by SIGTERM at step {step}; {out / 'ckpt.pt'} holds step {step}: re-run" in stderr
     assert "Traceback" not in stderr
 
 
@@ -2054,11 +2055,29 @@ def test_a_data_worker_killed_by_the_same_ctrl_c_saves_the_steps_taken(tmp_path,
 
     monkeypatch.setattr(plumbing.Batches, "__next__", dying_worker)
     out = tmp_path / "out"
-    with pytest.raises(UserError, match=f"stopped by SIGINT at step 2; {re.escape(str(out / 'ckpt.pt'))} is kept as it was at step 2"):
+    with pytest.raises(UserError, match=f"stopped by SIGINT at step 2; {re.escape(str(out / 'ckpt.pt'))} holds step 2"):
         train.main(["--out", str(out), "--steps", "10", *TINY_RUN, "--ckpt-every", "100", "--sample-every", "100"])
     checkpoint = data.load_checkpoint(out / "ckpt.pt")
     optimizer_steps = {int(state["step"]) for state in checkpoint["optimizer"]["state"].values()}
     assert checkpoint["step"] == 2 and optimizer_steps == {2}, (checkpoint["step"], optimizer_steps)
+
+
+def test_ctrl_c_is_said_at_once_and_skips_the_sample_grid_then_due(tmp_path, monkeypatch, capsys):
+    # A grid can take minutes: one asked for after the signal is not drawn, and the signal is acknowledged at once.
+    steps = []
+
+    def interrupted_loss(*args, **kwargs):
+        steps.append(None)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # during step 2, whose grid is due
+        return zigma.flow_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "flow_loss", interrupted_loss)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=f"stopped by SIGINT at step 2; {re.escape(str(out / 'ckpt.pt'))} holds step 2"):
+        train.main(["--out", str(out), "--steps", "10", *TINY_RUN, "--sample-every", "2"])
+    assert "SIGINT: stopping after the step under way, with a checkpoint" in capsys.readouterr().err
+    assert not list(out.glob("samples_*")) and data.load_checkpoint(out / "ckpt.pt")["step"] == 2
 
 
 def test_ctrl_c_to_the_whole_process_group_keeps_the_steps_taken_with_real_workers(tmp_path):
@@ -2102,7 +2121,8 @@ def test_sigterm_under_torchrun_saves_once(tmp_path):
     run.send_signal(signal.SIGTERM)  # torchrun's agent passes it on to its workers
     _, stderr = run.communicate(timeout=90)
     step = data.load_checkpoint(out / "ckpt.pt")["step"]
-    assert step >= 2 and stderr.count(f"stopped by SIGTERM at step {step}; {out / 'ckpt.pt'} is kept") == 1, stderr[-3000:]
+    assert step >= 2 and stderr.count(f"stopped by SIGTERM at step {step}; {out / 'ckpt.pt'} holds step") == 1, stderr[-3000:]
+    assert stderr.count("SIGTERM: stopping after the step under way") == 1, "said once, by the first process"
 
 
 def test_symlinked_folders_are_followed_once_and_loops_are_not(tmp_path):
@@ -2369,7 +2389,7 @@ def test_a_step_that_ruins_the_weights_never_replaces_the_checkpoint(tmp_path):
     good = data.load_checkpoint(out / "ckpt.pt")
     # One step at lr 1e3 multiplies the weights without making the loss or the gradients NaN first.
     with pytest.raises(UserError, match=r"training diverged at step 6: the loss of its weights is .* against .* over the "
-                                        r"last steps; .*ckpt.pt is kept as it was at step 5\. Train with a lower --lr"):
+                                        r"last steps; .*ckpt.pt holds step 5\. Train with a lower --lr"):
         train.main(["--out", str(out), "--steps", "12", *TINY_RUN, "--lr", "1e3", "--warmup", "0", "--ckpt-every", "6"])
     kept = data.load_checkpoint(out / "ckpt.pt")
     assert kept["step"] == 5 and all(torch.equal(kept["model"][k], v) for k, v in good["model"].items())
@@ -2608,8 +2628,8 @@ def test_a_nan_preview_stops_every_process_by_itself(tmp_path):
     (tmp_path / "nan_preview.py").write_text(NAN_PREVIEW)
     out = tmp_path / "out"
     said = two_processes(tmp_path / "nan_preview.py", "--device", "cpu", "--out", str(out), "--steps", "4", *TINY_RUN)
-    assert said[0].strip().splitlines()[-1] == (f"train.py: the samples of step 2 are NaN or infinite; {out / 'ckpt.pt'} is "
-                                                f"kept as it was at step 2"), said[0][-2000:]
+    assert said[0].strip().splitlines()[-1] == (f"train.py: the samples of step 2 are NaN or infinite; {out / 'ckpt.pt'} "
+                                                f"holds step 2"), said[0][-2000:]
     assert not (out / "samples_0000002.png").exists() and data.load_checkpoint(out / "ckpt.pt")["step"] == 2
 
 
@@ -2731,7 +2751,7 @@ def test_a_worker_killed_in_one_process_stops_every_process_after_the_same_step(
     said = two_processes(tmp_path / "dying_worker.py", "--device", "cpu", "--out", str(out), "--steps", "10", *TINY_RUN,
                          "--ckpt-every", "100", "--sample-every", "100")
     assert said[0].strip().splitlines()[-1] == (f"train.py: stopped by a signal to another process at step 2; "
-                                                f"{out / 'ckpt.pt'} is kept as it was at step 2: re-run the same command "
+                                                f"{out / 'ckpt.pt'} holds step 2: re-run the same command "
                                                 f"to resume"), said[0][-2000:]
     checkpoint = data.load_checkpoint(out / "ckpt.pt")
     optimizer_steps = {int(state["step"]) for state in checkpoint["optimizer"]["state"].values()}

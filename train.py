@@ -169,7 +169,7 @@ def train(args, rank: int, world: int, device: torch.device):
 
     if checkpoint is not None:  # the weights, the EMA, AdamW's moments, fp16's loss scale, the position in the data
         start, position = resume(checkpoint, ckpt_path, networks, ema, optimizer, scaler, config, conditioning)
-        kept = f"{ckpt_path} is kept as it was at step {start}"
+        kept = f"{ckpt_path} holds step {start}"
         print(f"resuming from {ckpt_path} at step {start}")
     batches = Batches(dataset, args.batch_size, args.workers, args.seed, rank, world, device, position)  # endless
     log = RunLog(args.out, start, args.tensorboard) if rank == 0 else None  # a fresh run starts a new log
@@ -199,11 +199,13 @@ def train(args, rank: int, world: int, device: torch.device):
                  "conditioning": conditioning, "vae": args.vae, "args": saved_arguments(args),
                  "recent_loss": sum(meter.recent) / len(meter.recent)}
         on_first(lambda: save_checkpoint(state, ckpt_path, args.keep_checkpoints), rank, world)  # a full disk stops them all
-        return f"{ckpt_path} is kept as it was at step {step}"
+        return f"{ckpt_path} holds step {step}"
 
     preview_labels, preview_captions = preview_conditions(dataset, 16)
 
     def save_preview(step: int):
+        if stop.name:  # a stop was asked for: no grid to wait for
+            return
         noise = torch.randn(16, *config.input_shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
         y = preview_labels.to(device) if preview_labels is not None else None
         with autocast:
@@ -218,7 +220,7 @@ def train(args, rank: int, world: int, device: torch.device):
 
     progress = tqdm(total=args.steps, initial=start, dynamic_ncols=True, disable=rank > 0, file=Terminal())
     threads = CPUThreads() if device.type == "cpu" else None  # the cores other processes leave free
-    stop = StopRequest()  # Ctrl-C, SIGTERM and SIGHUP stop after the step under way, with a checkpoint
+    stop = StopRequest(rank)  # Ctrl-C, SIGTERM and SIGHUP stop after the step under way, with a checkpoint
     unsaved = None  # (step, batch, data position after it) of the last step taken, while no checkpoint holds it
     try:
         for step in range(start + 1, args.steps + 1):
