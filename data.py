@@ -721,6 +721,8 @@ def save_atomically(contents: dict, path: Path) -> None:
 
 def check_writable(folder: Path, option: str) -> None:
     """Make folder if need be and write a file in it, so that a folder that cannot be written fails before any work."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{option} {folder} is a file; name a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from data import (IMAGE_EXTENSIONS, RENAMED_CONFIG_FIELDS, VAE, CaptionEncoder, ClipFolder, ImageFolder, MovingShapes,
                   SmileyFaces, Terminal, UserError, check_writable, checkpoint_config, image_transform, load_weights,
-                  make_grid, pick_device, read_text, save_atomically, warn, written_atomically)
+                  make_grid, pick_device, plural, read_text, save_atomically, warn, written_atomically)
 from zigma import PRESETS, ZigMaConfig, flow_loss, guided_velocity
 
 MAX_IMAGE_SIZE = 8192  # pixels a side: 1024 x 1024 latent cells, far past the paper's largest model
@@ -625,6 +625,10 @@ def output_path(args, video: bool) -> Path:
     check_writable(grid.parent, "--grid's folder")
     if args.out_dir is not None:
         check_writable(args.out_dir, "--out-dir")
+        earlier = sorted(args.out_dir.glob("[0-9][0-9][0-9][0-9][0-9][0-9].*"))  # as sample.py names its files
+        if earlier:  # some would be overwritten, and the rest mixed with the new ones
+            raise UserError(f"--out-dir {args.out_dir} already holds {plural(len(earlier), 'sample')} ({earlier[0].name} "
+                            f"first), which would be overwritten or mixed with these; name a new or empty folder")
     for name in ("npz", "fid"):
         if getattr(args, name) is not None and video:
             raise UserError(f"{args.ckpt} is a video model; --{name} is for images")

@@ -2812,6 +2812,22 @@ def test_outputs_inside_the_data_they_learn_from_are_refused(tmp_path, trained_r
     assert not (folder / "out").exists() and not (folder / "a" / "samples").exists()
 
 
+def test_an_out_dir_that_holds_samples_or_is_a_file_is_refused_before_sampling(tmp_path, trained_run, monkeypatch):
+    # A second run into the same folder would overwrite the first files and leave the rest: two models mixed.
+    monkeypatch.setattr(sample_script, "sample", lambda *args, **kwargs: pytest.fail("sample.py began to sample"))
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for i in range(3):
+        (earlier / f"{i:06d}.png").write_bytes(b"an earlier sample")
+    (tmp_path / "notes.txt").write_text("")
+    run = ["--ckpt", str(trained_run), "--grid", str(tmp_path / "s.png"), "--n", "2"]
+    with pytest.raises(UserError, match=r"--out-dir .*earlier already holds 3 samples \(000000.png first\)"):
+        sample_script.main([*run, "--out-dir", str(earlier)])
+    with pytest.raises(UserError, match=r"--out-dir .*notes.txt is a file; name a folder"):
+        sample_script.main([*run, "--out-dir", str(tmp_path / "notes.txt")])
+    assert all((earlier / f"{i:06d}.png").read_bytes() == b"an earlier sample" for i in range(3))
+
+
 # ---------------------------------------------------------------------------- conventions of DiT, SiT and nanoGPT
 
 def test_no_flip_never_shows_a_mirrored_image_and_a_changed_setting_is_said(tmp_path, monkeypatch, capsys):
