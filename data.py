@@ -160,6 +160,10 @@ def class_names_of(root: Path, paths: list[Path]) -> list[str]:
     names = {p.relative_to(root).parts[0] for p in paths}
     if not names:
         raise UserError(f"--class-cond needs one subfolder per class in {root}")
+    empty = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in names and not d.name.startswith("."))
+    if empty:
+        warn(f"--class-cond: {', '.join(empty)} in {root} {'holds' if len(empty) == 1 else 'hold'} no images, so "
+             f"{'is not a class' if len(empty) == 1 else 'are not classes'}")
     if len(names) == 1:
         warn(f"--class-cond: {root} has one class only ({next(iter(names))}); a label that never changes teaches nothing")
     return sorted(names)

@@ -153,7 +153,7 @@ def build_dataset(args, vae=None):
 
 
 # What sets each field of the model's config, for the message when a resumed checkpoint differs.
-MODEL_OPTIONS = ["model", "image_size", "vae", "path_family", "num_paths", "frames", "video_pattern", "class_cond", "captions",
+MODEL_OPTIONS = ["image_size", "vae", "model", "path_family", "num_paths", "frames", "video_pattern", "class_cond", "captions",
                  "text_encoder"]
 # Options that may change when a run resumes: they take effect, and a line says so.
 TRAINING_OPTIONS = ["data", "seed", "frame_stride", "batch_size", "lr", "warmup", "time_sampling", "weight_decay",
@@ -578,8 +578,9 @@ def check_sampling_arguments(args: argparse.Namespace) -> argparse.Namespace:
     if args.sample_steps is not None and args.method == "dopri5":
         raise UserError("--sample-steps applies to --method euler and heun: dopri5 picks its own steps; leave it out")
     args.sample_steps = 50 if args.sample_steps is None else args.sample_steps
-    if args.n < 1 or args.sample_steps < 1 or args.batch_size < 1:
-        raise UserError("--num-samples, --sample-steps and --batch-size must be 1 or more")
+    for option, value in (("--num-samples", args.n), ("--sample-steps", args.sample_steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise UserError(f"{option} must be 1 or more, not {value}")
     if args.sample_steps > MAX_ODE_STEPS:
         raise UserError(f"--sample-steps must be {MAX_ODE_STEPS} or less, not {args.sample_steps}")
     if not 0 <= args.seed < 2 ** 63:

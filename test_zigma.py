@@ -1151,6 +1151,14 @@ def test_resuming_with_another_model_names_the_option(tmp_path, trained_run, opt
         train.main(arguments)
 
 
+def test_resuming_at_another_image_size_names_it_not_the_default_model_it_implies(tmp_path):
+    # Without --model, the preset follows the image size: the option the user changed is the one to name.
+    out, without_model = tmp_path / "out", TINY_RUN[2:]
+    train.main(["--out", str(out), "--steps", "1", *without_model, "--image-size", "16"])  # ZigMa-Tiny/2: 8 x 8 tokens
+    with pytest.raises(UserError, match="was trained with --image-size 16, but this run has --image-size 32"):
+        train.main(["--out", str(out), "--steps", "2", *without_model, "--image-size", "32"])  # would be ZigMa-Tiny/4
+
+
 def test_a_checkpoint_that_names_the_path_family_paths_resumes(tmp_path, trained_run):
     # Checkpoints written before the field was path_family call it paths, in the config and the arguments.
     out = tmp_path / "out"
@@ -1267,7 +1275,9 @@ def test_bad_sampling_options_are_refused_before_sampling(tmp_path, trained_run,
         (["--grid", str(tmp_path)], "--grid {} is a folder".format(tmp_path)),
         (["--out", str(tmp_path)], "--grid {} is a folder".format(tmp_path)),  # the older name of --grid
         (["--cfg", "-1"], "--cfg must be 0 or more"),
-        (["--n", "0"], "must be 1 or more"),
+        (["--n", "0"], "--num-samples must be 1 or more, not 0"),
+        (["--sample-steps", "0"], "--sample-steps must be 1 or more, not 0"),
+        (["--batch-size", "-1"], "--batch-size must be 1 or more, not -1"),
         (["--rtol", "1e-4"], "--rtol applies to --method dopri5 only: add it, or leave --rtol out"),
         (["--method", "heun", "--atol", "1e-4"], "--atol applies to --method dopri5 only"),
         (["--method", "dopri5", "--sample-steps", "20"], "--sample-steps applies to --method euler and heun"),
@@ -2310,6 +2320,10 @@ def test_data_that_teaches_little_is_said(tmp_path, capsys):
     shutil.rmtree(folder / "dogs")
     data.ImageFolder(folder, 8, class_cond=True)
     assert "one class only (cats)" in capsys.readouterr().err
+    (folder / "birds" / "empty").mkdir(parents=True)  # a class folder with no image in it
+    (folder / ".cache").mkdir()  # hidden: no class
+    data.ImageFolder(folder, 8, class_cond=True)
+    assert f"--class-cond: birds in {folder} holds no images, so is not a class" in capsys.readouterr().err
     for p in data.image_files(folder):
         p.with_suffix(".txt").write_text(" , ")
     data.ImageFolder(folder, 8, captions=True)
