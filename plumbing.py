@@ -280,6 +280,8 @@ def only_writer(out: Path, rank: int, world: int):
     """Hold OUT/train.lock while training, so that a second run on the same --out is refused, not left to crash.
     The first process takes it, and tells the others whether it could before any of them goes on."""
 
+    made = not out.exists()  # a folder this run makes, and removes again if it ends with nothing else in it
+
     def take_lock():
         check_writable(out, "--out")
         try:
@@ -296,6 +298,10 @@ def only_writer(out: Path, rank: int, world: int):
         yield
     finally:
         if lock:
+            with contextlib.suppress(OSError):
+                if made and [p.name for p in out.iterdir()] == ["train.lock"]:  # refused before it wrote anything
+                    (out / "train.lock").unlink()
+                    out.rmdir()
             lock.close()
 
 
@@ -578,9 +584,9 @@ def check_sampling_arguments(args: argparse.Namespace) -> argparse.Namespace:
     if args.sample_steps is not None and args.method == "dopri5":
         raise UserError("--sample-steps applies to --method euler and heun: dopri5 picks its own steps; leave it out")
     args.sample_steps = 50 if args.sample_steps is None else args.sample_steps
-    for option, value in (("--num-samples", args.n), ("--sample-steps", args.sample_steps), ("--batch-size", args.batch_size)):
+    for flag, value in (("--num-samples", args.n), ("--sample-steps", args.sample_steps), ("--batch-size", args.batch_size)):
         if value < 1:
-            raise UserError(f"{option} must be 1 or more, not {value}")
+            raise UserError(f"{flag} must be 1 or more, not {value}")
     if args.sample_steps > MAX_ODE_STEPS:
         raise UserError(f"--sample-steps must be {MAX_ODE_STEPS} or less, not {args.sample_steps}")
     if not 0 <= args.seed < 2 ** 63:

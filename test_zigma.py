@@ -1027,6 +1027,11 @@ def test_bad_data_folder_is_a_clear_error(tmp_path, files, message):
             (folder / name).write_text(text)
     with pytest.raises(UserError, match=message):
         train.main(["--data", str(folder), "--out", str(tmp_path / "out"), *TINY_RUN])
+    assert not (tmp_path / "out").exists(), "a refused run leaves no folder behind"
+    (tmp_path / "earlier").mkdir()  # a folder the user made: it stays, without a lock file
+    with pytest.raises(UserError, match=message):
+        train.main(["--data", str(folder), "--out", str(tmp_path / "earlier"), *TINY_RUN])
+    assert (tmp_path / "earlier").is_dir()
 
 
 @pytest.mark.parametrize("options, model", [
