@@ -62,17 +62,21 @@ from torch.utils.checkpoint import checkpoint
 #
 # Paths 4 to 7 do the same from the top-right and bottom-left corners.
 #
-# Why several paths: Mamba is causal, and its convolution's window and its state's decay favour the tokens
-# read just before. Along one path, a token comes right after only one of its neighbours (token 5 after 6 on
-# path 0, after 9 on path 1). Paths 0 and 4, by rows from the two top corners, read each row once each way:
-# each token comes right after its left neighbour on one and after its right one on the other. Paths 1 and 7,
-# by columns from the two left corners, do the same above and below (`python zigma.py` counts the pairs that K
-# paths cover). And the token a path starts from sees no other: with K = 1 or 2, every layer starts top-left,
-# so that token never sees another. At K = 8, the paper's best, layers 0 to 7 start from all four corners. The
-# model takes each layer's TokenOrder from layer_orders, at the end of this section.
+# Why several paths:
+# - Mamba is causal, and its convolution's window and its state's decay favour the tokens read just before.
+#   Along one path, a token comes right after only one of its neighbours (token 5 after 6 on path 0, after 9
+#   on path 1). Paths 0 and 4, by rows from the two top corners, read each row once each way: each token comes
+#   right after its left neighbour on one and after its right one on the other. Paths 1 and 7, by columns from
+#   the two left corners, do the same above and below (`python zigma.py` counts the pairs that K paths cover).
+# - The token a path starts from sees no other token in that layer. With K = 1 or 2, every layer starts
+#   top-left, so that token never sees another. At K = 8, the paper's best, layers 0 to 7 start from all four
+#   corners.
+# - layer_orders, at the end of this section, gives each layer its TokenOrder: spatial layer j reads path
+#   j mod K.
 
 # Where the paths start, as (rows flipped, columns flipped): top-left, bottom-right, top-right, bottom-left.
-# Path k starts at CORNERS[k // 2], by rows for even k.
+# Path k starts at CORNERS[k // 2], by rows for even k. Opposite corners come first, so that at K = 8 spatial
+# layers 2 and 3 start from the corner facing that of layers 0 and 1.
 # Official: top-left, top-right, bottom-left, bottom-right; at K = 8, the same eight paths in another order.
 CORNERS = [(False, False), (True, True), (False, True), (True, False)]
 
@@ -165,8 +169,8 @@ def layer_orders(grid: tuple[int, int, int], depth: int, family: str, num_paths:
     """
     frames, height, width = grid
     paths_2d = family_paths(family, height, width)[:num_paths]  # (K, H*W)
-    # Odd frames backwards, so that each frame starts where the last ended. The sweep baseline jumps from
-    # frame to frame as it jumps from line to line.
+    # For volume layers: odd frames backwards, so that each frame starts where the last ended. The sweep
+    # baseline jumps from frame to frame, as it jumps from line to line.
     reverse_odd_frames = family != "sweep"
     count = {"s": 0, "t": 0, "v": 0}  # the layers of each kind so far
     orders = []
@@ -258,7 +262,7 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log)  # (e, n), negative
         delta, B, C, z = (a.transpose(1, 2) for a in (delta, B, C, z))  # delta, z (b, e, l); B, C (b, n, l)
         y = selective_scan(u, delta, A, B, C, self.D, z, delta_bias=self.dt_proj.bias, delta_softplus=True)
-        return self.out_proj(y.transpose(1, 2))  # (b, e, l) -> (b, l, d)
+        return self.out_proj(y.transpose(1, 2))  # (b, l, d)
 
 
 # 4. ZigMa block: the paper's Zigzag Mamba block ------------------------------------------------------------
@@ -294,7 +298,8 @@ class ZigMaBlock(nn.Module):
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             # Heads of width 64, or one head where 64 does not divide dim.
             self.cross_attention = CrossAttention(dim, context_dim, heads=dim // 64 if dim % 64 == 0 else 1)
-        self.branches = 2 if context_dim else 1  # the mixer, and cross-attention if any: shift, scale, gate
+        # The branches: the mixer, and cross-attention if any. Each takes a shift, a scale and a gate from c.
+        self.branches = 2 if context_dim else 1
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * self.branches * dim))
         nn.init.zeros_(self.adaLN_modulation[-1].weight)  # adaLN-Zero: the gates start at zero
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
