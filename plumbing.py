@@ -171,19 +171,17 @@ def saved_arguments(args) -> dict:
     return {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()}
 
 
-def check_resumed_options(checkpoint: dict, path: Path, args) -> None:
-    """Refuse to resume a checkpoint trained with other model options, naming the option; say which training
-    options changed."""
+def check_resumed_options(checkpoint: dict, path: Path, args) -> list[str]:
+    """Refuse to resume a checkpoint trained with other model options, naming the option; returns a line for
+    each training option that changed, to print once the resume is sure."""
     before = {RENAMED_CONFIG_FIELDS.get(name, name): value for name, value in checkpoint.get("args", {}).items()}
     now = saved_arguments(args)
     for name in MODEL_OPTIONS:
         if name in before and before[name] != now[name]:
             raise UserError(f"{path} was trained with {as_option(name, before[name])}, but this run has "
                             f"{as_option(name, now[name])}; pass the options it was trained with, or another --out")
-    for name in TRAINING_OPTIONS:
-        if name in before and before[name] != now[name]:
-            print(f"resuming with {as_option(name, now[name])} (the checkpoint was trained with "
-                  f"{as_option(name, before[name])})")
+    return [f"resuming with {as_option(name, now[name])} (the checkpoint was trained with {as_option(name, before[name])})"
+            for name in TRAINING_OPTIONS if name in before and before[name] != now[name]]
 
 
 def check_resumed_model(checkpoint: dict, path: Path, config: ZigMaConfig, conditioning: dict) -> None:

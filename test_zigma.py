@@ -1194,6 +1194,7 @@ def test_resuming_with_a_new_learning_rate_uses_it_and_says_so(tmp_path, trained
     assert checkpoint["args"]["lr"] == 0.0003 and checkpoint["step"] == 2
     with pytest.raises(UserError, match="trained on the classes smiling, frowning, but --data has cats, dogs"):
         train.main(["--out", str(out), "--steps", "3", *TINY_RUN, "--class-cond", "--data", str(folder)])
+    assert "resuming" not in capsys.readouterr().out, "a refused resume does not say it resumes"
 
 
 def test_resuming_on_other_data_says_so(tmp_path, capsys):

@@ -140,7 +140,7 @@ def train(args, rank: int, world: int, device: torch.device):
     if vae and args.model is None:
         args.model = default_model(args.image_size // vae.factor)  # for the side of the latents
     if checkpoint is not None:
-        check_resumed_options(checkpoint, ckpt_path, args)
+        changed = check_resumed_options(checkpoint, ckpt_path, args)  # the training options that changed
 
     # Data: a folder, or the built-in faces or shapes; with --vae, their latents, encoded once
     dataset = build_dataset(args, vae)
@@ -170,7 +170,7 @@ def train(args, rank: int, world: int, device: torch.device):
     if checkpoint is not None:  # the weights, the EMA, AdamW's moments, fp16's loss scale, the position in the data
         start, position = resume(checkpoint, ckpt_path, networks, ema, optimizer, scaler, config, conditioning)
         kept = f"{ckpt_path} holds step {start}"
-        print(f"resuming from {ckpt_path} at step {start}")
+        print("\n".join([f"resuming from {ckpt_path} at step {start}", *changed]))
     batches = Batches(dataset, args.batch_size, args.workers, args.seed, rank, world, device, position)  # endless
     log = RunLog(args.out, start, args.tensorboard) if rank == 0 else None  # a fresh run starts a new log
     meter = LossMeter(checkpoint.get("recent_loss") if checkpoint else None)  # the losses that logs and checks use
