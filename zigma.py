@@ -257,7 +257,8 @@ class MambaMixer(nn.Module):
         u = F.silu(self.conv1d(x_inner.transpose(1, 2))[..., :length])  # (b, e, l), causal: the first l
         # delta_r (b, l, r), B and C (b, l, n)
         delta_r, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], -1)
-        # dt_proj without its bias: the scan adds the bias before the softplus, as mamba-ssm's does
+        # delta = softplus(dt_proj(delta_r)), with the bias and the softplus left to the scan, which applies
+        # them in float32 (so does mamba-ssm's Mamba)
         delta = delta_r @ self.dt_proj.weight.t()  # (b, l, e)
         A = -torch.exp(self.A_log)  # (e, n), negative
         delta, B, C, z = (a.transpose(1, 2) for a in (delta, B, C, z))  # delta, z (b, e, l); B, C (b, n, l)
