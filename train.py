@@ -7,9 +7,9 @@
     python train.py --data ./ffhq --vae stabilityai/sd-vae-ft-ema --model ZigMa-B/2 --out out-ffhq   # 256 px latents
     torchrun --standalone --nproc_per_node 8 train.py --data ./faces --model ZigMa-B/2 --batch-size 256 --out out-ddp
 
-Everything goes to --out (default out/): ckpt.pt, samples_0000500.png (from the EMA weights), log.jsonl,
-train.lock (one run at a time) and, with --vae, latents.pt. Re-running a command resumes from OUT/ckpt.pt; a larger --steps trains on. Under torchrun
-each process trains on its share of every batch (DistributedDataParallel); the first writes the files.
+Everything goes to --out (default out/): ckpt.pt, samples_0000500.png (from the EMA weights), log.jsonl, train.lock (one
+run at a time) and, with --vae, latents.pt. Re-running a command resumes from OUT/ckpt.pt; a larger --steps trains on.
+Under torchrun each process trains on its share of every batch (DistributedDataParallel); the first writes the files.
 """
 
 import signal
