@@ -110,6 +110,8 @@ def check_training_arguments(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--text-encoder applies to captions only: add --captions, or leave it out")
     if args.frame_stride is not None and args.frame_stride < 1:
         raise UserError(f"--frame-stride must be 1 or more, not {args.frame_stride}")
+    if args.frame_stride is not None and args.data is None:
+        raise UserError("--frame-stride applies to --data: the built-in clips are drawn frame by frame; leave it out")
     if args.video_pattern is not None and (not args.video_pattern or set(args.video_pattern) - set("stv")):
         raise UserError(f"--video-pattern takes the letters s, t and v, not {args.video_pattern!r}")
     if args.tensorboard:
@@ -639,6 +641,8 @@ def output_path(args, video: bool) -> Path:
             raise UserError(f"{args.ckpt} is a video model; --{name} is for images")
     if args.npz is not None:
         check_writable(args.npz.parent, "--npz's folder")
+        if args.npz.exists():  # it may hold 50,000 samples of another run
+            raise UserError(f"--npz {args.npz} already exists; name a new file, or remove it")
     return grid
 
 
@@ -667,7 +671,8 @@ class Conditions:
             prompts += [line.strip() for line in read_text(args.prompts).splitlines() if line.strip()]
         captioned = bool(conditioning["vocabulary"] or conditioning["text_encoder"])
         if prompts and not captioned:
-            raise UserError(f"{args.ckpt} was trained without captions; leave out --prompt")
+            given = " and ".join(name for name, value in (("--prompt", args.prompt), ("--prompts", args.prompts)) if value)
+            raise UserError(f"{args.ckpt} was trained without captions; leave out {given}")
         if conditioning["vocabulary"]:
             unknown = sorted({word for prompt in prompts for word in CaptionEncoder.words(prompt)}
                              - set(conditioning["vocabulary"]))

@@ -1118,6 +1118,7 @@ def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):
     (["--scan-paths", "3"], "invalid choice: 3"),
     (["--video-scan", "st"], "--video-pattern applies to clips only: add --frames"),
     (["--frame-stride", "2"], "--frame-stride applies to clips only: add --frames"),
+    (["--frames", "4", "--frame-stride", "2"], "--frame-stride applies to --data: the built-in clips are drawn"),
     (["--text-encoder", "bert"], "--text-encoder applies to captions only: add --captions"),
     (["--no-flip"], "--no-flip applies to --data: the built-in data is drawn afresh, never flipped"),
     (["--flip"], "--flip applies to --data"),
@@ -1515,8 +1516,11 @@ def test_class_conditional_run_keeps_class_names_and_samples_by_name(tmp_path):
                             "--grid", str(tmp_path / "s.png"), *(["--class", chosen] if chosen else [])])
     with pytest.raises(UserError, match="unknown class 'birds'; the classes are cats, dogs"):
         sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--class", "birds"])
-    with pytest.raises(UserError, match="trained without captions"):
+    with pytest.raises(UserError, match="trained without captions; leave out --prompt$"):
         sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--prompt", "a cat"])
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    with pytest.raises(UserError, match="trained without captions; leave out --prompts$"):
+        sample_script.main(["--ckpt", str(out / "ckpt.pt"), "--prompts", str(tmp_path / "prompts.txt")])
 
 
 def test_class_cond_needs_class_folders(tmp_path):
@@ -2832,7 +2836,7 @@ def test_outputs_inside_the_data_they_learn_from_are_refused(tmp_path, trained_r
     assert not (folder / "out").exists() and not (folder / "a" / "samples").exists()
 
 
-def test_an_out_dir_that_holds_samples_or_is_a_file_is_refused_before_sampling(tmp_path, trained_run, monkeypatch):
+def test_an_out_dir_that_holds_samples_an_npz_that_exists_or_a_file_are_refused_before_sampling(tmp_path, trained_run, monkeypatch):
     # A second run into the same folder would overwrite the first files and leave the rest: two models mixed.
     monkeypatch.setattr(sample_script, "sample", lambda *args, **kwargs: pytest.fail("sample.py began to sample"))
     earlier = tmp_path / "earlier"
@@ -2845,6 +2849,10 @@ def test_an_out_dir_that_holds_samples_or_is_a_file_is_refused_before_sampling(t
         sample_script.main([*run, "--out-dir", str(earlier)])
     with pytest.raises(UserError, match=r"--out-dir .*notes.txt is a file; name a folder"):
         sample_script.main([*run, "--out-dir", str(tmp_path / "notes.txt")])
+    (tmp_path / "earlier.npz").write_bytes(b"50,000 samples of another run")
+    with pytest.raises(UserError, match=r"--npz .*earlier.npz already exists; name a new file, or remove it"):
+        sample_script.main([*run, "--npz", str(tmp_path / "earlier.npz")])
+    assert (tmp_path / "earlier.npz").read_bytes() == b"50,000 samples of another run"
     assert all((earlier / f"{i:06d}.png").read_bytes() == b"an earlier sample" for i in range(3))
 
 
