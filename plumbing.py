@@ -247,6 +247,12 @@ def start_processes(device_name: str | None, batch_size: int | None = None) -> t
     return dist.get_rank(), world, device
 
 
+def exit_message(message: str) -> str | int:
+    """What a script exits with after an error: the message in the first process (or alone), and a bare status of 1
+    in the others, which under torchrun would print the same sentence again."""
+    return message if int(os.environ.get("RANK", "0")) == 0 else 1
+
+
 def end_processes() -> None:
     """Leave the process group, if there is one. Unless an error is on its way out, first wait for every process
     to get here: a process that tears the group down while another still uses it can abort at exit (gloo)."""

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from data import (ArgumentParser, Terminal, UserError, load_checkpoint, load_pretrained_text_encoder,
                   networks_from_checkpoint, save_samples)
 from plumbing import (FID, GRID_LIMIT, PRECISIONS, Conditions, CountedCalls, autocast_dtype, check_sampling_arguments,
-                      end_processes, gather, in_any_process, on_first, output_path, precision_name, process_shares,
+                      end_processes, exit_message, gather, in_any_process, on_first, output_path, precision_name, process_shares,
                       sample_adaptive, sample_noise, start_processes, to_bytes, vae_for, write_npz)
 from zigma import sample
 
@@ -139,8 +139,8 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as error:
-        sys.exit(f"sample.py: {error}")
+        sys.exit(exit_message(f"sample.py: {error}"))  # said by the first process only, under torchrun
     except KeyboardInterrupt:
-        sys.exit("sample.py: interrupted; the files written so far are kept")
+        sys.exit(exit_message("sample.py: interrupted; the files written so far are kept"))
     finally:
         end_processes()

@@ -2625,14 +2625,14 @@ RUN_TRAIN_PY = """
 try:
     train.main(sys.argv[2:])
 except train.UserError as error:
-    sys.exit(f"train.py: {error}")
+    sys.exit(train.exit_message(f"train.py: {error}"))
 """  # the end of the scripts below, which change train.py's world first
 
 RUN_SAMPLE_PY = """
 try:
     sample.main(sys.argv[2:])
 except sample.UserError as error:
-    sys.exit(f"sample.py: {error}")
+    sys.exit(sample.exit_message(f"sample.py: {error}"))
 finally:
     sample.end_processes()
 """  # as sample.py's own ending
@@ -2655,6 +2655,16 @@ def test_a_nan_preview_stops_every_process_by_itself(tmp_path):
     assert said[0].strip().splitlines()[-1] == (f"train.py: the samples of step 2 are NaN or infinite; {out / 'ckpt.pt'} "
                                                 f"holds step 2"), said[0][-2000:]
     assert not (out / "samples_0000002.png").exists() and data.load_checkpoint(out / "ckpt.pt")["step"] == 2
+    assert "train.py:" not in said[1], "the first process speaks for all"
+
+
+def test_a_refusal_before_the_process_group_is_said_once(tmp_path):
+    # Each process refuses a batch that does not split, before there is a group; only the first says so.
+    script = tmp_path / "as_main.py"  # train.py itself, run as __main__, as torchrun runs it
+    script.write_text("import runpy, sys\nsys.path.insert(0, sys.argv[1])\nsys.argv = [sys.argv[1] + '/train.py', *sys.argv[2:]]\n"
+                      "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    said = two_processes(script, "--device", "cpu", "--out", str(tmp_path / "out"), "--batch-size", "3")
+    assert said[0].strip() == "train.py: --batch-size 3 does not split evenly across 2 processes" and not said[1].strip(), said
 
 
 FID_PROBE = """
@@ -2701,6 +2711,7 @@ def test_an_fid_folder_refused_under_torchrun_stops_every_process_with_one_sente
                          "--grid", str(tmp_path / "s.png"), "--fid", str(real))
     assert said[0].strip().splitlines()[-1] == f"sample.py: --fid {real} holds one image; FID needs two or more, and " \
                                                f"thousands to mean much", said[0][-2000:]
+    assert "sample.py:" not in said[1], "the first process speaks for all"
 
 
 WORKER_DIES_IN_THE_SECOND_PROCESS = """

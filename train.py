@@ -33,7 +33,7 @@ from data import (VAE, ArgumentParser, CaptionEncoder, CPUThreads, Latents, Term
                   load_checkpoint, load_pretrained_text_encoder, plural, save_samples)
 from plumbing import (PRECISIONS, TIME_SAMPLING, Batches, LossMeter, RunLog, StopRequest, autocast_dtype, build_dataset, check_resumed_options,
                       check_training_arguments, check_weights_are_sane, default_model, draw_times, on_first, only_writer, precision_name,
-                      derived_seed, end_processes, preview_conditions, resume, save_checkpoint, saved_arguments, start_processes)
+                      derived_seed, end_processes, exit_message, preview_conditions, resume, save_checkpoint, saved_arguments, start_processes)
 from zigma import PATH_FAMILIES, PRESETS, flow_loss, fused_selective_scan, preset_config, sample
 
 if QUIET_START:
@@ -121,10 +121,6 @@ def main(argv=None):
     try:
         with only_writer(args.out, rank, world):  # OUT/train.lock: one run per --out
             train(args, rank, world, device)
-    except UserError:
-        if rank > 0:
-            sys.exit(1)  # the first process says what happened
-        raise
     finally:
         end_processes()
 
@@ -284,6 +280,7 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as error:
-        sys.exit(f"train.py: {error}")
+        sys.exit(exit_message(f"train.py: {error}"))  # said by the first process only, under torchrun
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
-        sys.exit("train.py: interrupted; nothing more was saved (re-run the same command to resume from the last checkpoint)")
+        sys.exit(exit_message("train.py: interrupted; nothing more was saved (re-run the same command to resume from the "
+                              "last checkpoint)"))
