@@ -309,8 +309,11 @@ def scan_table(args, device: torch.device):
             ratio = ""
             if baseline and method != "materialising":
                 base = baseline[1]
-                ratio = (f"{base['seconds'] / result['seconds']:.1f}x faster, "
-                         f"{base['extra_bytes'] / max(result['extra_bytes'], 1):.1f}x less memory")
+                speed = base["seconds"] / result["seconds"]
+                ratio = f"{speed:.1f}x faster" if speed >= 1 else f"{1 / speed:.1f}x slower"
+                if min(base["extra_bytes"], result["extra_bytes"]) >= 2 ** 20:  # below 1 MiB, a ratio says nothing
+                    memory = base["extra_bytes"] / result["extra_bytes"]
+                    ratio += f", {memory:.1f}x less memory" if memory >= 1 else f", {1 / memory:.1f}x more memory"
             operations = "" if result["operations"] is None else f"{result['operations']:,}"
             print(f"| {length} | {method} | {seconds(result['seconds'])} | {gib(result['extra_bytes'])} | "
                   f"{operations} | {ratio} |")

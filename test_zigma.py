@@ -1900,6 +1900,12 @@ def test_the_readmes_benchmark_commands_fill_every_row(options, column, value):
         # measured pass adds, and not what a first use imports (torch._dynamo's 100 MiB).
         memory = markdown_column(finished.stdout, "extra memory")
         assert all(cell.endswith(" MiB") and int(cell.split()[0]) < 50 for cell in memory), finished.stdout
+        # A ratio under 1 reads the other way ("2.0x slower", not "0.5x faster"), and none divides by about nothing.
+        rows = [dict(zip(["memory", "ratio"], (memory, ratio))) for memory, ratio in
+                zip(memory, markdown_column(finished.stdout, "vs materialising"))]
+        ratios = [row for row in rows if row["ratio"]]
+        assert ratios and all(re.fullmatch(r"[1-9]\d*\.\dx (faster|slower)(, [1-9]\d*\.\dx (less|more) memory)?", row["ratio"])
+                              and ("memory" not in row["ratio"] or row["memory"] != "0 MiB") for row in ratios), finished.stdout
 
 
 def test_quality_table_measures_every_stage_and_keeps_the_runs(tmp_path):
