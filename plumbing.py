@@ -92,8 +92,6 @@ def check_training_arguments(args: argparse.Namespace) -> argparse.Namespace:
     if args.model and args.image_size % PRESETS[args.model]["patch_size"]:  # with --vae: build_dataset
         raise UserError(f"--image-size {args.image_size} is not a multiple of {args.model}'s patch size "
                         f"{PRESETS[args.model]['patch_size']}")
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} is a file; name a folder")
     if args.data is not None and args.out.resolve().is_relative_to(args.data.resolve()):
         raise UserError(f"--out {args.out} is inside --data {args.data}: its sample grids would become training images; "
                         f"pass an --out outside it")

@@ -2866,6 +2866,8 @@ def test_an_out_dir_that_holds_samples_an_npz_that_exists_or_a_file_are_refused_
         sample_script.main([*run, "--out-dir", str(earlier)])
     with pytest.raises(UserError, match=r"--out-dir .*notes.txt is a file; name a folder"):
         sample_script.main([*run, "--out-dir", str(tmp_path / "notes.txt")])
+    with pytest.raises(UserError, match=r"--out .*notes.txt is a file; name a folder"):  # the same check, in train.py
+        train.main(["--out", str(tmp_path / "notes.txt"), *TINY_RUN])
     (tmp_path / "earlier.npz").write_bytes(b"50,000 samples of another run")
     with pytest.raises(UserError, match=r"--npz .*earlier.npz already exists; name a new file, or remove it"):
         sample_script.main([*run, "--npz", str(tmp_path / "earlier.npz")])
